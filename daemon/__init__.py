@@ -1,0 +1,1 @@
+"""offloadd: the compute host side of offloadfs (daemon, broker)."""

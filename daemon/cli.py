@@ -1,0 +1,63 @@
+"""``offloadd``: the host side's command line (serve, status)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from offloadfs.config import ConfigError
+
+from .config import ServeConfig
+
+log = logging.getLogger("offloadd")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of ``offloadd``."""
+    p = argparse.ArgumentParser(prog="offloadd", description="Run offloaded jobs on this host.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    s = sub.add_parser("serve", help="serve jobs from clients")
+    s.add_argument("-c", "--config", help="TOML file (default /etc/offloadfs/offloadd.toml)")
+    s.add_argument("--listen", help="ZeroMQ endpoint to bind (default tcp://0.0.0.0:7788)")
+    s.add_argument("--slots", type=int, help="jobs run at once (default: number of CPUs)")
+    s.add_argument("--tag", action="append", help="a tag this host offers (repeatable)")
+    s.add_argument("--command", action="append", metavar="NAME=/abs/path",
+                   help="allow a command (repeatable)")
+    s.add_argument("--allow-root", action="store_true", help="run jobs that claim uid 0")
+    s.add_argument("--name", help="host name reported to clients")
+    s.add_argument("--client-timeout", type=float, help="seconds of client silence before "
+                   "its jobs are killed (default 5)")
+    s.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``offloadd``."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="offloadd: %(levelname)s %(message)s")
+    try:
+        return {"serve": serve}[args.cmd](args)
+    except ConfigError as exc:
+        print(f"offloadd: {exc}", file=sys.stderr)
+        return 2
+
+
+def serve(args) -> int:
+    """``offloadd serve``: bind and run jobs until SIGTERM."""
+    import zmq
+
+    from .server import Server
+    config = ServeConfig.from_file(args.config).apply_flags(args)
+    try:
+        server = Server(config)
+    except zmq.ZMQError as exc:
+        print(f"offloadd: cannot listen on {config.listen}: {exc}", file=sys.stderr)
+        return 1
+    server.run()
+    return 0
+
+
+def entry() -> None:
+    """Console-script entry point of ``offloadd``."""
+    sys.exit(main())

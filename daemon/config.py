@@ -1,0 +1,77 @@
+"""The host side's settings: /etc/offloadfs/offloadd.toml, overridden by ``offloadd`` flags."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from offloadfs.config import ConfigError, load_toml, section, typed
+
+from . import policy
+
+DAEMON_CONFIG = "/etc/offloadfs/offloadd.toml"
+DEFAULT_LISTEN = "tcp://0.0.0.0:7788"
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """What ``offloadd serve`` needs; built from the file, then the flags."""
+
+    listen: str = DEFAULT_LISTEN
+    slots: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    allow_root: bool = False
+    commands: dict[str, str] = dataclasses.field(default_factory=dict)
+    tags: list[str] = dataclasses.field(default_factory=list)
+    env_pass: list[str] = dataclasses.field(default_factory=lambda: list(policy.DEFAULT_PASS))
+    heartbeat: float = 1.0
+    client_timeout: float = 5.0
+    name: str = ""
+
+    @classmethod
+    def from_file(cls, path: str | None) -> "ServeConfig":
+        """Read the [serve], [commands] and [env] tables of ``path`` (or the system file)."""
+        data = load_toml(path, DAEMON_CONFIG)
+        serve, cfg = section(data, "serve"), cls()
+        cfg.listen = typed(serve, "listen", str, cfg.listen)
+        cfg.slots = typed(serve, "slots", int, cfg.slots)
+        cfg.allow_root = typed(serve, "allow_root", bool, cfg.allow_root)
+        cfg.tags = [str(t) for t in typed(serve, "tags", list, cfg.tags)]
+        cfg.heartbeat = float(typed(serve, "heartbeat", (int, float), cfg.heartbeat))
+        cfg.client_timeout = float(typed(serve, "client_timeout", (int, float), cfg.client_timeout))
+        cfg.name = typed(serve, "name", str, cfg.name)
+        cfg.commands = {str(k): str(v) for k, v in section(data, "commands").items()}
+        cfg.env_pass += [str(x) for x in typed(section(data, "env"), "pass", list, [])]
+        return cfg
+
+    def apply_flags(self, args) -> "ServeConfig":
+        """Override with the command-line flags that were given."""
+        for name in ("listen", "slots", "name", "client_timeout"):
+            value = getattr(args, name, None)
+            if value is not None:
+                setattr(self, name, value)
+        self.allow_root = self.allow_root or bool(args.allow_root)
+        self.tags += args.tag or []
+        self.commands.update(_commands(args.command or []))
+        return self.check()
+
+    def check(self) -> "ServeConfig":
+        """Refuse settings that cannot work, with one clear line."""
+        if self.slots < 1:
+            raise ConfigError(f"slots = {self.slots}: must be at least 1")
+        if not self.listen.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"listen = {self.listen}: expected tcp://ADDR:PORT")
+        try:
+            policy.Allowlist(self.commands)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return self
+
+
+def _commands(items: list[str]) -> dict[str, str]:
+    """NAME=/abs/path flags as a dict."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--command {item}: expected NAME=/abs/path")
+        out[name] = path
+    return out

@@ -1,0 +1,93 @@
+"""A client's connection to one daemon or broker: a DEALER socket, the hello, heartbeats.
+
+A :class:`Channel` belongs to one thread, the client loop's (``offld``'s main thread, or the
+mount's agent thread). It keeps a fixed routing id, so a reconnect after a network blip is the
+same peer to the daemon and the jobs survive it.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+
+import zmq
+
+from . import protocol
+from .protocol import Message, ProtocolError
+from .states import HostState, advance_host
+
+
+class OffloadError(Exception):
+    """An error of the offload itself (no host, refused, protocol, lost contact): exit 255."""
+
+    def __init__(self, text: str, kind: str = "offload", started: bool = False):
+        """``started`` tells whether a job may have run (then it must never be retried)."""
+        super().__init__(text)
+        self.kind = kind
+        self.started = started
+
+
+class Channel:
+    """One DEALER socket to ``endpoint``."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str):
+        """Connect (ZeroMQ connects in the background; :meth:`hello` proves the peer is there)."""
+        self.endpoint = endpoint
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, b"c" + secrets.token_bytes(11))
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(endpoint)
+        self.heard = 0.0
+        self.state = HostState.UNKNOWN
+        self.welcome: Message | None = None
+
+    @property
+    def host(self) -> str:
+        """The peer's host name once welcomed, else the endpoint."""
+        return self.welcome["host"] if self.welcome else self.endpoint
+
+    def send(self, frames: list) -> None:
+        """Send one message's frames."""
+        self.sock.send_multipart(frames, copy=len(frames) == 1)
+
+    def recv(self) -> Message | None:
+        """One decoded message if one is waiting, else None; bad input raises OffloadError."""
+        try:
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        self.heard = time.monotonic()
+        self.state = advance_host(self.state, "heard")
+        try:
+            return protocol.decode(frames)
+        except ProtocolError as exc:
+            raise OffloadError(f"{self.host} sent a bad message: {exc}", "protocol") from None
+
+    def hello(self, timeout: float) -> Message:
+        """Say hello and wait up to ``timeout`` s for the welcome, or raise OffloadError."""
+        self.send(protocol.encode("hello"))
+        msg = self.wait(timeout, {"welcome", "error"})
+        if msg is None:
+            self.state = advance_host(self.state, "expired")
+            raise OffloadError(f"no answer from {self.endpoint} within {timeout:g}s", "no-host")
+        if msg.kind == "error":
+            raise OffloadError(f"{self.endpoint}: {msg['text']}", msg["kind"])
+        self.welcome = msg
+        return msg
+
+    def wait(self, timeout: float, kinds: set[str]) -> Message | None:
+        """The next message of one of ``kinds`` within ``timeout`` s (others are dropped)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.sock.poll(left * 1000, zmq.POLLIN):
+                return None
+            msg = self.recv()
+            if msg is not None and msg.kind in kinds:
+                return msg
+        return None
+
+    def close(self) -> None:
+        """Close the socket (pending messages get LINGER ms to leave)."""
+        self.sock.close()

@@ -1,0 +1,95 @@
+"""Configuration files (TOML) and the VM side's settings.
+
+``load_toml`` is shared with the daemon. :class:`ClientConfig` is what ``offld``, ``offloadfs
+run`` and the mount's agent read; command-line flags override the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+
+CLIENT_CONFIG = "/etc/offloadfs/offloadfs.toml"
+DEFAULT_PORT = 7788
+
+
+class ConfigError(Exception):
+    """A configuration file or flag that cannot be used; the text is one line for the user."""
+
+
+def load_toml(path: str | None, default: str | None = None) -> dict:
+    """The TOML file at ``path`` (must exist), or ``default`` if it exists, or {}."""
+    chosen = path or default
+    if chosen is None or (path is None and not os.path.exists(chosen)):
+        return {}
+    try:
+        with open(chosen, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{chosen}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{chosen}: {exc}") from None
+
+
+def section(data: dict, name: str) -> dict:
+    """A table of the config, {} if absent; an error if it is not a table."""
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def typed(table: dict, key: str, kind: type | tuple, default):
+    """``table[key]`` checked to be of ``kind``, or ``default``."""
+    value = table.get(key, default)
+    if value is not default and not isinstance(value, kind):
+        raise ConfigError(f"{key} = {value!r}: expected {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def host_endpoint(text: str, default_port: int = DEFAULT_PORT) -> str:
+    """HOST[:PORT] or tcp://HOST:PORT as a ZeroMQ endpoint."""
+    if text.startswith(("tcp://", "ipc://", "inproc://")):
+        return text
+    host, sep, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+    if not sep:
+        host, port = text, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{text}: expected HOST[:PORT]")
+    return f"tcp://{host}:{port}"
+
+
+def state_dir() -> str:
+    """Where the VM side keeps its job log and state: $XDG_STATE_HOME/offloadfs."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "offloadfs")
+
+
+@dataclasses.dataclass
+class ClientConfig:
+    """Settings of the VM side's client: where to send jobs and how to behave."""
+
+    hosts: list[str] = dataclasses.field(default_factory=lambda: [f"tcp://127.0.0.1:{DEFAULT_PORT}"])
+    brokers: list[str] = dataclasses.field(default_factory=list)
+    connect_timeout: float = 5.0
+    heartbeat: float = 1.0
+    liveness: float = 10.0
+    env_pass: list[str] = dataclasses.field(default_factory=list)
+    job_log: str = ""
+
+    @classmethod
+    def load(cls, path: str | None) -> "ClientConfig":
+        """Read ``path`` (or the system file if it exists) into a ClientConfig."""
+        data = load_toml(path, CLIENT_CONFIG)
+        client = section(data, "client")
+        cfg = cls()
+        hosts = typed(client, "hosts", list, None)
+        if hosts is not None:
+            cfg.hosts = [host_endpoint(str(h)) for h in hosts]
+        cfg.brokers = [host_endpoint(str(b)) for b in typed(client, "brokers", list, [])]
+        cfg.connect_timeout = float(typed(client, "connect_timeout", (int, float), 5.0))
+        cfg.heartbeat = float(typed(client, "heartbeat", (int, float), 1.0))
+        cfg.liveness = float(typed(client, "liveness", (int, float), 10.0))
+        cfg.job_log = typed(client, "job_log", str, "") or os.path.join(state_dir(), "jobs.jsonl")
+        cfg.env_pass = [str(x) for x in typed(section(data, "env"), "pass", list, [])]
+        return cfg

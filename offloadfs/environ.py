@@ -1,0 +1,22 @@
+"""Which environment variables travel with a job; shared by client and daemon, no I/O."""
+from __future__ import annotations
+
+import fnmatch
+import os
+
+DEFAULT_PASS = ("LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "COLUMNS", "LINES", "NO_COLOR",
+                "OMP_NUM_THREADS", "MAGICK_*")
+NEVER_PASS = ("PATH", "LD_*", "PYTHON*", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "HOME",
+              "USER", "LOGNAME", "SHELL", "MAIL", "TMPDIR", "GCONV_PATH", "HOSTALIASES",
+              "LOCPATH", "MALLOC_*", "NLSPATH", "RESOLV_*", "OFFLOAD*")
+
+
+def matches(name: str, patterns) -> bool:
+    """True when ``name`` matches one of the glob ``patterns``."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def passing(env: dict[bytes, bytes], patterns) -> dict[bytes, bytes]:
+    """The variables of ``env`` on the pass list and not on NEVER_PASS."""
+    return {k: v for k, v in env.items()
+            if matches(os.fsdecode(k), patterns) and not matches(os.fsdecode(k), NEVER_PASS)}

@@ -1,0 +1,297 @@
+"""One job on the client side, from submit to exit status: stdio pumps, credit, signals.
+
+The client loop thread (``offld``'s main thread, later the agent's loop) owns every
+:class:`JobRun` and calls all its methods. Output is written to the caller's fds by one
+:class:`Sink` thread per stream, because a blocking write to a slow reader must not stop the
+loop's heartbeats; sinks report progress through the wake-up pipe, and the loop turns it into
+credit for the daemon. Stdin is read on the loop thread only after poll() says it is readable,
+so the caller's fds are never switched to non-blocking (a tty is shared with the shell).
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import queue
+import secrets
+import signal
+import stat
+import threading
+import time
+
+import zmq
+
+from . import protocol
+from .channel import Channel, OffloadError
+from .protocol import Message
+from .states import JobState, advance
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+             signal.SIGUSR2, signal.SIGWINCH)
+ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+@dataclasses.dataclass
+class JobSpec:
+    """What the caller asks to run."""
+
+    argv: list[bytes]
+    cwd: bytes
+    uid: int
+    gid: int
+    groups: list[int]
+    env: dict[bytes, bytes]
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How a job ended: its exit status, or the offload error that ended it."""
+
+    status: int
+    host: str = ""
+    error: OffloadError | None = None
+    timings: dict = dataclasses.field(default_factory=dict)
+    rusage: dict = dataclasses.field(default_factory=dict)
+
+
+class Sink(threading.Thread):
+    """Writes one stream's chunks to a fd, blocking, off the loop thread.
+
+    The loop thread calls :meth:`put`, :meth:`end` and :meth:`take`; the sink thread writes
+    and pokes ``wake_fd`` after each chunk so that the loop returns credit promptly.
+    """
+
+    def __init__(self, name: str, fd: int, wake_fd: int):
+        """A sink for ``fd`` named after its stream."""
+        super().__init__(name=f"offloadfs-{name}-sink", daemon=True)
+        self.fd, self.wake_fd = fd, wake_fd
+        self.chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.written = 0
+        self.broken = False
+
+    def put(self, data: bytes) -> None:
+        """Queue a chunk for writing."""
+        self.chunks.put(data)
+
+    def end(self) -> None:
+        """No more chunks: the thread ends after the queued ones."""
+        self.chunks.put(None)
+
+    def take(self) -> int:
+        """Bytes written (or discarded after EPIPE) since the last call."""
+        with self.lock:
+            n, self.written = self.written, 0
+        return n
+
+    def run(self) -> None:
+        """Write chunks until :meth:`end`."""
+        while (data := self.chunks.get()) is not None:
+            if not self.broken:
+                self.broken = not _write_all(self.fd, data)
+            with self.lock:
+                self.written += len(data)
+            _poke(self.wake_fd)
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write all of ``data`` to ``fd``; False when the reader is gone (EPIPE) or fd is bad."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            _wait_writable(fd)
+        except OSError:
+            return False
+    return True
+
+
+def _wait_writable(fd: int) -> None:
+    """Block until ``fd`` (someone else's non-blocking fd) takes data."""
+    poller = zmq.Poller()
+    poller.register(fd, zmq.POLLOUT)
+    poller.poll(1000)
+
+
+def _poke(fd: int) -> None:
+    """Wake the loop thread (a full pipe already means it will wake)."""
+    try:
+        os.write(fd, b"w")
+    except (BlockingIOError, OSError):
+        pass
+
+
+class JobRun:
+    """A job submitted on a channel, relaying stdio between the caller's fds and the daemon."""
+
+    def __init__(self, channel: Channel, spec: JobSpec, stdio: tuple[int, int, int],
+                 wake_fd: int, debug=None):
+        """Prepare the job; nothing is sent until :meth:`submit`."""
+        self.id = secrets.token_hex(8)
+        self.channel, self.spec, self.debug = channel, spec, debug or (lambda text: None)
+        self.stdin_fd = stdio[0] if _readable_fd(stdio[0]) else None
+        self.sinks = {"stdout": Sink("stdout", stdio[1], wake_fd),
+                      "stderr": Sink("stderr", stdio[2], wake_fd)}
+        self.state = JobState.NEW
+        self.credit = 0
+        self.closed: set[str] = set()
+        self.outcome: Outcome | None = None
+        self.submitted = self.last_ping = 0.0
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def submit(self) -> None:
+        """Send the job and start the sinks."""
+        for sink in self.sinks.values():
+            sink.start()
+        s = self.spec
+        self.channel.send(protocol.encode(
+            "submit", self.id, argv=s.argv, cwd=s.cwd, uid=s.uid, gid=s.gid, groups=s.groups,
+            env=s.env, window=protocol.WINDOW, tags=s.tags))
+        self.submitted = self.last_ping = time.monotonic()
+
+    def send(self, kind: str, payload: bytes | None = None, **fields) -> None:
+        """Send a message about this job."""
+        self.channel.send(protocol.encode(kind, self.id, payload, **fields))
+
+    def signal(self, signum: int) -> None:
+        """The caller got a signal: forward it, or give up on a job not yet started."""
+        if self.state == JobState.RUNNING:
+            self.debug(f"forwarding signal {signum} to the job")
+            self.send("signal", signum=signum)
+        elif not self.state.final and signum in ENDING:
+            self.send("cancel")
+            self._finish(Outcome(128 + signum, self.channel.host))
+
+    def cancel(self) -> None:
+        """Tell the daemon to drop the job (the caller is going away)."""
+        if not self.state.final:
+            self.send("cancel")
+
+    # --- the loop's callbacks ------------------------------------------------------------------
+
+    def want(self, poller: zmq.Poller) -> None:
+        """Register stdin when the daemon has granted credit for more."""
+        if self.state == JobState.RUNNING and self.stdin_fd is not None and self.credit > 0:
+            poller.register(self.stdin_fd, zmq.POLLIN)
+
+    def stdin_ready(self) -> None:
+        """Read what stdin has (poll said it would not block) and send it."""
+        try:
+            data = os.read(self.stdin_fd, min(protocol.CHUNK, self.credit))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.credit -= len(data)
+            self.send("stdin", payload=data)
+        else:
+            self.stdin_fd = None
+            self.send("stdin-eof")
+
+    def woken(self) -> None:
+        """Sinks made progress: return credit; a sink whose reader left closes its stream."""
+        n = sum(sink.take() for sink in self.sinks.values())
+        if n and not self.state.final:
+            self.send("credit", n=n)
+        for name, sink in self.sinks.items():
+            if sink.broken and name not in self.closed and not self.state.final:
+                self.closed.add(name)
+                self.send("close", stream=name)
+
+    def tick(self, now: float, heartbeat: float, liveness: float) -> None:
+        """Heartbeat the daemon; fail the job when the daemon has been silent too long."""
+        if self.state.final:
+            return
+        if now - self.last_ping >= heartbeat:
+            self.last_ping = now
+            self.channel.send(protocol.encode("ping", jobs=[self.id]))
+        silent = now - max(self.channel.heard, self.submitted)
+        if silent > liveness:
+            started = self.state != JobState.NEW and self.state != JobState.QUEUED
+            self._fail(OffloadError(
+                f"lost contact with {self.channel.host} (silent for {silent:.0f}s)"
+                + ("; the job's outcome is unknown" if started else ""), "lost", started))
+
+    def on_message(self, msg: Message) -> None:
+        """A message from the daemon about this job."""
+        handler = getattr(self, "_on_" + msg.kind.replace("-", "_"), None)
+        if handler is None:
+            self._fail(OffloadError(f"{self.channel.host} sent an unexpected {msg.kind}",
+                                    "protocol", True))
+        elif not self.state.final:
+            handler(msg)
+
+    def _on_queued(self, msg: Message) -> None:
+        """The job waits for a slot."""
+        self.state = advance(self.state, "queued")
+        self.debug(f"queued at position {msg['position']} on {self.channel.host}")
+
+    def _on_started(self, msg: Message) -> None:
+        """The job runs; stdin may flow."""
+        self.state = advance(self.state, "started")
+        self.credit = msg["window"]
+        self.debug(f"started on {msg['host']} as pid {msg['pid']}")
+
+    def _on_stdout(self, msg: Message) -> None:
+        """Output for the caller's stdout."""
+        self.sinks["stdout"].put(msg.payload)
+
+    def _on_stderr(self, msg: Message) -> None:
+        """Output for the caller's stderr."""
+        self.sinks["stderr"].put(msg.payload)
+
+    def _on_credit(self, msg: Message) -> None:
+        """The daemon wrote stdin to the job: more may come."""
+        self.credit += msg["n"]
+
+    def _on_exit(self, msg: Message) -> None:
+        """The job ended with a status."""
+        self.state = advance(self.state, "exit")
+        self._finish(Outcome(msg["status"], self.channel.host, None, dict(msg.get("timings", {})),
+                             dict(msg.get("rusage", {}))))
+
+    def _on_error(self, msg: Message) -> None:
+        """The daemon refused or lost the job."""
+        started = self.state not in (JobState.NEW, JobState.QUEUED)
+        self._fail(OffloadError(f"{self.channel.host}: {msg['text']}", msg["kind"], started))
+
+    def _fail(self, error: OffloadError) -> None:
+        """End the job with an offload error (exit 255)."""
+        if not self.state.final:
+            self.state = advance(self.state, "error")
+        self._finish(Outcome(255, self.channel.host, error))
+
+    def _finish(self, outcome: Outcome) -> None:
+        """Record the outcome once and let the sinks end after what they hold."""
+        if self.outcome is None:
+            self.outcome = outcome
+            if not self.state.final:
+                self.state = advance(self.state, "cancel")
+            for sink in self.sinks.values():
+                sink.end()
+
+    def join(self) -> None:
+        """Wait for the sinks to write everything they were given."""
+        for sink in self.sinks.values():
+            if sink.is_alive():
+                sink.join()
+
+
+def _readable_fd(fd: int) -> bool:
+    """True if ``fd`` is open and worth reading: not a tty of a background process group."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    if stat.S_ISCHR(mode) and os.isatty(fd):
+        try:
+            return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError as exc:
+            return exc.errno != errno.ENOTTY
+    return True

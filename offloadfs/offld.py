@@ -1,0 +1,165 @@
+"""``offld`` (and ``offloadfs run``): run one command on a compute host as if it ran here.
+
+Follow one job: :func:`main` parses the thesis's options, :func:`run` connects
+(``client.connect``), builds the JobSpec from this process's argv, cwd, credentials and
+environment, submits it (``jobrun.JobRun``), drives it (``client.ClientLoop``) and exits with
+the job's status; errors of the offload itself print one ``offld: ...`` line and exit 255.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import zmq
+
+from . import environ, joblog
+from .channel import OffloadError
+from .client import ClientLoop, connect
+from .config import DEFAULT_PORT, ClientConfig, ConfigError, host_endpoint
+from .jobrun import JobRun, JobSpec, Outcome
+
+OFFLOAD_ERROR = 255
+STAGES = ("connect", "queue", "attach", "run", "drain", "total")
+
+
+def parser(prog: str = "offld") -> argparse.ArgumentParser:
+    """The thesis's options, ``--`` ending them."""
+    p = argparse.ArgumentParser(prog=prog, description="Run COMMAND on a compute host.",
+                                usage=f"{prog} [options] [--] COMMAND [ARGS...]")
+    p.add_argument("-c", "--config", metavar="FILE", help="read settings from FILE")
+    p.add_argument("-p", "--profile", action="store_true", help="print the time of each stage")
+    p.add_argument("-H", "--host", metavar="HOST[:PORT]", action="append",
+                   help=f"run the job on this host (port {DEFAULT_PORT}); repeat to try several")
+    p.add_argument("-L", "--load-balancer", metavar="BROKER[:PORT]", action="append",
+                   help="ask this broker for a host; repeat to try several")
+    p.add_argument("-n", "--no-mount", action="store_true",
+                   help="do not use the mounted tree (send files instead)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the job's stdout to FILE")
+    p.add_argument("-Q", "--no-logging", action="store_true", help="write no job log entry")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing of its own "
+                   "but a fatal error")
+    p.add_argument("-d", "--debug", action="store_true", help="print debug messages")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "offld") -> int:
+    """Entry point of ``offld``."""
+    opts = parser(prog).parse_args(argv)
+    command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
+    if not command:
+        print(f"{prog}: no command given (try {prog} -h)", file=sys.stderr)
+        return 2
+    say = Reporter(prog, opts.quiet, opts.debug or os.environ.get("OFFLOADFS_DEBUG") == "1")
+    try:
+        return run(command, opts, say)
+    except (OffloadError, ConfigError) as exc:
+        say.error(str(exc))
+        return OFFLOAD_ERROR
+
+
+class Reporter:
+    """Prints the client's own lines on stderr: errors always, the rest unless quiet."""
+
+    def __init__(self, prog: str, quiet: bool, debug: bool):
+        """Remember how talkative to be."""
+        self.prog, self.quiet, self.debugging = prog, quiet, debug and not quiet
+
+    def error(self, text: str) -> None:
+        """One line for a fatal error of the offload."""
+        print(f"{self.prog}: {text}", file=sys.stderr, flush=True)
+
+    def info(self, text: str) -> None:
+        """A line unless quiet."""
+        if not self.quiet:
+            print(f"{self.prog}: {text}", file=sys.stderr, flush=True)
+
+    def debug(self, text: str) -> None:
+        """A line with -d only."""
+        if self.debugging:
+            print(f"{self.prog}: debug: {text}", file=sys.stderr, flush=True)
+
+
+def endpoints(opts, cfg: ClientConfig) -> list[str]:
+    """Where to send the job: -L brokers, then -H hosts, else the config's."""
+    given = (opts.load_balancer or []) + (opts.host or [])
+    return [host_endpoint(e) for e in given] or (cfg.brokers + cfg.hosts)
+
+
+def spec_here(command: list[str], cfg: ClientConfig) -> JobSpec:
+    """The job as this process would run it: its argv, cwd, credentials and environment."""
+    env = environ.passing(dict(os.environb), list(environ.DEFAULT_PASS) + cfg.env_pass)
+    return JobSpec(argv=[os.fsencode(a) for a in command], cwd=os.fsencode(os.getcwd()),
+                   uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), env=env)
+
+
+def run(command: list[str], opts, say: Reporter) -> int:
+    """Connect, submit, relay, report; the job's exit status."""
+    cfg = ClientConfig.load(opts.config)
+    started = time.monotonic()
+    out_fd = _output_fd(opts.output)
+    ctx = zmq.Context()
+    try:
+        channel = connect(ctx, endpoints(opts, cfg), cfg.connect_timeout, say.debug)
+        connected = time.monotonic()
+        outcome = _drive(channel, spec_here(command, cfg), out_fd, cfg, say)
+        channel.close()
+    finally:
+        ctx.term()
+    outcome.timings["connect"] = connected - started
+    outcome.timings["total"] = time.monotonic() - started
+    _derive_drain(outcome.timings)
+    _report(command, outcome, opts, cfg, say)
+    return outcome.status
+
+
+def _drive(channel, spec: JobSpec, out_fd: int, cfg: ClientConfig, say: Reporter) -> Outcome:
+    """Submit the job on ``channel`` and run the loop until it ends."""
+    loop = ClientLoop(cfg.heartbeat, cfg.liveness)
+    try:
+        job = JobRun(channel, spec, (0, out_fd, 2), loop.wake_w, say.debug)
+        job.submit()
+        loop.add(job)
+        (outcome,) = loop.run()
+    finally:
+        loop.close()
+    return outcome
+
+
+def _output_fd(path: str | None) -> int:
+    """The fd for the job's stdout: -o FILE or our own stdout."""
+    if not path:
+        return 1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+
+
+def _derive_drain(timings: dict) -> None:
+    """Drain: the daemon's drain plus what the stages leave unaccounted (transport)."""
+    known = sum(timings.get(k, 0.0) for k in ("connect", "queue", "attach", "run"))
+    timings["drain"] = max(timings.get("drain", 0.0), timings["total"] - known)
+
+
+def _report(command, outcome: Outcome, opts, cfg: ClientConfig, say: Reporter) -> None:
+    """The error line, the -p profile, the job log entry."""
+    if outcome.error is not None:
+        say.error(str(outcome.error))
+    if opts.profile and not opts.quiet:
+        say.info(profile_line(outcome))
+    if not opts.no_logging:
+        joblog.append(cfg.job_log, command, outcome)
+
+
+def profile_line(outcome: Outcome) -> str:
+    """``host H: connect 1.2 ms | queue ... | total ... ms`` from an outcome's timings."""
+    parts = [f"{k} {outcome.timings.get(k, 0.0) * 1000:.1f} ms" for k in STAGES]
+    return f"profile on {outcome.host}: " + " | ".join(parts)
+
+
+def entry() -> None:
+    """Console-script entry point of ``offld``."""
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""The offloadfs wire protocol: one module, one version, shared by client, daemon and broker.
+
+Transport: ZeroMQ. The client (``offld``, the mount's agent) holds a DEALER socket; the daemon
+(``offloadd serve``) and the broker hold ROUTER sockets, so on their side every message is
+preceded by the peer's routing identity frame, which this module never sees.
+
+Frame layout of one message (ZeroMQ multipart)::
+
+    frame 0   header   msgpack map  {"v": VERSION, "t": KIND, "job": JOB-ID?, ...fields}
+    frame 1   payload  raw bytes    only for KIND in {stdin, stdout, stderr}; never msgpack
+
+Strings are msgpack str (UTF-8); argv, cwd and environment values are msgpack bin, because
+Unix paths and arguments are bytes, and bytes stay bytes. Every header carries the protocol
+version; a peer speaking another version gets an ``error`` of kind ``version``.
+
+Messages, by stage (C = client, D = daemon or broker on the client's behalf)::
+
+    C->D hello        {}                                    ask who is there
+    D->C welcome      {host, commands, slots, tags, busy, queued}
+    C->D submit       job, argv[bin], cwd bin, uid, gid, groups[int], env{bin:bin},
+                      window int (output credit granted up front), tags[str]?, data map?
+    D->C queued       job, position int (1 = next to start)
+    D->C started      job, host str, pid int, window int (stdin credit granted up front)
+    C->D stdin        job + payload                        (spends stdin credit)
+    C->D stdin-eof    job
+    D->C stdout       job + payload                        (spends output credit)
+    D->C stderr       job + payload                        (spends output credit)
+    *->* credit       job, n int                           grant n more bytes of the peer's stream
+    C->D close        job, stream "stdout"|"stderr"        the reader went away (EPIPE)
+    C->D signal       job, signum int
+    C->D cancel       job                                  the client gives up on the job
+    D->C exit         job, status int, signal int|nil, rusage map, timings map
+    D->C error        job?, kind str, text str
+    *->* ping         jobs[str]                            heartbeat; lists the sender's live jobs
+    C->D status       {}
+    D->C status-reply {host, slots, busy, queued, commands, tags, jobs[map], done, failed}
+
+Flow control is credit based: a sender never has more than the granted number of payload bytes
+in flight per stream, so memory stays bounded whatever the producer's speed.
+
+Every malformed input raises a subclass of :class:`ProtocolError`; nothing here asserts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+
+MAX_HEADER = 4 * 1024 * 1024       # bytes in frame 0
+MAX_PAYLOAD = 1024 * 1024          # bytes in frame 1
+MAX_FRAMES = 2
+MAX_ARGV_BYTES = 2 * 1024 * 1024   # sum of argv lengths, like Linux ARG_MAX
+MAX_ARGS = 65536
+MAX_ENV_BYTES = 256 * 1024
+MAX_GROUPS = 1024
+MAX_TEXT = 64 * 1024
+CHUNK = 256 * 1024                 # payload size senders use for stream data
+WINDOW = 4 * 1024 * 1024           # default credit window per stream
+
+JOB_ID_MAX = 64
+STREAMS = ("stdout", "stderr")
+PAYLOAD_KINDS = frozenset({"stdin", "stdout", "stderr"})
+
+
+class ProtocolError(Exception):
+    """Bad input from the wire; ``kind`` names the class of fault for the ``error`` reply."""
+
+    kind = "protocol"
+
+
+class FrameError(ProtocolError):
+    """Wrong number or size of frames."""
+
+    kind = "frame"
+
+
+class DecodeError(ProtocolError):
+    """Frame 0 is not a msgpack map."""
+
+    kind = "decode"
+
+
+class VersionError(ProtocolError):
+    """The peer speaks another protocol version."""
+
+    kind = "version"
+
+
+class KindError(ProtocolError):
+    """Unknown message kind."""
+
+    kind = "kind"
+
+
+class FieldError(ProtocolError):
+    """A field is missing, of the wrong type, or out of range."""
+
+    kind = "field"
+
+
+class TooLarge(ProtocolError):
+    """A size limit was exceeded."""
+
+    kind = "too-large"
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """One decoded message: its kind, job id (or None), fields, and payload (or None)."""
+
+    kind: str
+    job: str | None = None
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    payload: bytes | None = None
+
+    def __getitem__(self, name: str) -> Any:
+        """Return field ``name``."""
+        return self.fields[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Return field ``name`` or ``default``."""
+        return self.fields.get(name, default)
+
+
+# --- field checkers: each returns the value or raises FieldError ------------------------------
+
+def _is_int(v: Any) -> bool:
+    """True for a msgpack integer (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(lo: int, hi: int):
+    """Checker for an integer in [lo, hi]."""
+    def check(v: Any) -> int:
+        if not _is_int(v) or not lo <= v <= hi:
+            raise FieldError(f"expected an integer in [{lo}, {hi}], got {_show(v)}")
+        return v
+    return check
+
+
+def _str(max_len: int = MAX_TEXT):
+    """Checker for a str of bounded length."""
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or len(v) > max_len:
+            raise FieldError(f"expected a string of at most {max_len} chars, got {_show(v)}")
+        return v
+    return check
+
+
+def _bin(max_len: int):
+    """Checker for bytes of bounded length."""
+    def check(v: Any) -> bytes:
+        if not isinstance(v, bytes) or len(v) > max_len:
+            raise FieldError(f"expected bytes of at most {max_len}, got {_show(v)}")
+        return v
+    return check
+
+
+def _opt(checker):
+    """Checker that also accepts None."""
+    def check(v: Any) -> Any:
+        return None if v is None else checker(v)
+    return check
+
+
+def _list(item, max_items: int):
+    """Checker for a list of items, each passing ``item``."""
+    def check(v: Any) -> list:
+        if not isinstance(v, (list, tuple)) or len(v) > max_items:
+            raise FieldError(f"expected a list of at most {max_items} items, got {_show(v)}")
+        return [item(x) for x in v]
+    return check
+
+
+def _map(key, value, max_items: int):
+    """Checker for a map with checked keys and values."""
+    def check(v: Any) -> dict:
+        if not isinstance(v, dict) or len(v) > max_items:
+            raise FieldError(f"expected a map of at most {max_items} entries, got {_show(v)}")
+        return {key(k): value(x) for k, x in v.items()}
+    return check
+
+
+def _number(v: Any) -> float:
+    """Checker for an int or float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise FieldError(f"expected a number, got {_show(v)}")
+    return v
+
+
+def _argv(v: Any) -> list[bytes]:
+    """Checker for argv: 1..MAX_ARGS byte strings, total under MAX_ARGV_BYTES, no NUL."""
+    args = _list(_bin(MAX_ARGV_BYTES), MAX_ARGS)(v)
+    if not args:
+        raise FieldError("argv is empty")
+    if sum(map(len, args)) > MAX_ARGV_BYTES:
+        raise TooLarge(f"argv is larger than {MAX_ARGV_BYTES} bytes")
+    if any(b"\0" in a for a in args) or not args[0]:
+        raise FieldError("argv holds a NUL byte or an empty command name")
+    return args
+
+
+def _env(v: Any) -> dict[bytes, bytes]:
+    """Checker for the environment: bytes to bytes, bounded, names without '=' or NUL."""
+    env = _map(_bin(MAX_ENV_BYTES), _bin(MAX_ENV_BYTES), 4096)(v)
+    if sum(len(k) + len(x) for k, x in env.items()) > MAX_ENV_BYTES:
+        raise TooLarge(f"environment is larger than {MAX_ENV_BYTES} bytes")
+    if any(not k or b"=" in k or b"\0" in k or b"\0" in x for k, x in env.items()):
+        raise FieldError("environment holds an empty name, '=' in a name, or a NUL byte")
+    return env
+
+
+def _path(v: Any) -> bytes:
+    """Checker for an absolute path as bytes without NUL."""
+    p = _bin(4096)(v)
+    if not p.startswith(b"/") or b"\0" in p:
+        raise FieldError("cwd must be an absolute path without NUL bytes")
+    return p
+
+
+def _stream(v: Any) -> str:
+    """Checker for an output stream name."""
+    if v not in STREAMS:
+        raise FieldError(f"stream must be one of {STREAMS}, got {_show(v)}")
+    return v
+
+
+def _any_map(v: Any) -> dict:
+    """Checker for a small map of str to plain values (timings, rusage, data descriptors)."""
+    plain = (int, float, str, bytes, bool, type(None))
+    scalar = _map(_str(256), lambda x: x if isinstance(x, plain) else _bad(x), 256)
+    return scalar(v)
+
+
+def _bad(v: Any):
+    """Raise FieldError for a value that may not be nested."""
+    raise FieldError(f"unexpected value {_show(v)}")
+
+
+def _show(v: Any) -> str:
+    """A short, safe description of a bad value for error texts."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_ID = _int(0, 2**32 - 1)
+_JOB = _str(JOB_ID_MAX)
+_POS = _int(0, 2**31)
+_TAGS = _list(_str(64), 64)
+_CMDS = _list(_str(255), 4096)
+
+# kind -> (needs a job id, required fields, optional fields)
+SCHEMA: dict[str, tuple[bool, dict, dict]] = {
+    "hello": (False, {}, {}),
+    "welcome": (False, {"host": _str(255), "commands": _CMDS, "slots": _POS},
+                {"tags": _TAGS, "busy": _POS, "queued": _POS}),
+    "submit": (True, {"argv": _argv, "cwd": _path, "uid": _ID, "gid": _ID,
+                      "groups": _list(_ID, MAX_GROUPS), "env": _env, "window": _int(1, 2**30)},
+               {"tags": _TAGS, "data": _opt(_any_map)}),
+    "queued": (True, {"position": _POS}, {}),
+    "started": (True, {"host": _str(255), "pid": _int(0, 2**31), "window": _int(0, 2**30)}, {}),
+    "stdin": (True, {}, {}),
+    "stdin-eof": (True, {}, {}),
+    "stdout": (True, {}, {}),
+    "stderr": (True, {}, {}),
+    "credit": (True, {"n": _int(0, 2**30)}, {"stream": _opt(_str(16))}),
+    "close": (True, {"stream": _stream}, {}),
+    "signal": (True, {"signum": _int(1, 64)}, {}),
+    "cancel": (True, {}, {}),
+    "exit": (True, {"status": _int(0, 255)},
+             {"signal": _opt(_int(1, 64)), "rusage": _any_map, "timings": _any_map}),
+    "error": (False, {"kind": _str(64), "text": _str()}, {}),
+    "ping": (False, {}, {"jobs": _list(_JOB, 65536)}),
+    "status": (False, {}, {}),
+    "status-reply": (False, {"host": _str(255), "slots": _POS, "busy": _POS, "queued": _POS},
+                     {"commands": _CMDS, "tags": _TAGS, "jobs": _list(_any_map, 1024),
+                      "done": _POS, "failed": _POS}),
+}
+
+
+def encode(kind: str, job: str | None = None, payload: bytes | None = None, /,
+           **fields) -> list:
+    """Encode one message as a list of frames, checking it against the schema."""
+    header = {"v": VERSION, "t": kind, **fields}
+    if job is not None:
+        header["job"] = job
+    decode_header(header, payload)
+    frame0 = msgpack.packb(header, use_bin_type=True)
+    return [frame0] if payload is None else [frame0, payload]
+
+
+def decode(frames: list) -> Message:
+    """Decode the frames of one message (without routing identity), or raise ProtocolError."""
+    if not 1 <= len(frames) <= MAX_FRAMES:
+        raise FrameError(f"expected 1 or 2 frames, got {len(frames)}")
+    raw = [bytes(f) for f in frames]
+    if len(raw[0]) > MAX_HEADER:
+        raise TooLarge(f"header frame of {len(raw[0])} bytes exceeds {MAX_HEADER}")
+    payload = raw[1] if len(raw) == 2 else None
+    return decode_header(_unpack(raw[0]), payload)
+
+
+def _unpack(frame: bytes) -> dict:
+    """Unpack frame 0 into a dict, with bounded cost, or raise DecodeError."""
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_no_ext)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"frame 0 is not valid msgpack: {type(exc).__name__}") from None
+    if not isinstance(header, dict):
+        raise DecodeError(f"frame 0 is not a map but {type(header).__name__}")
+    return header
+
+
+def _no_ext(code: int, data: bytes):
+    """Reject msgpack extension types."""
+    raise ValueError(f"extension type {code}")
+
+
+def decode_header(header: dict, payload: bytes | None) -> Message:
+    """Check a header map and payload against the schema; return the Message."""
+    version = header.get("v")
+    if version != VERSION:
+        raise VersionError(f"protocol version {_show(version)} is not {VERSION}")
+    kind = header.get("t")
+    if not isinstance(kind, str) or kind not in SCHEMA:
+        raise KindError(f"unknown message kind {_show(kind)}")
+    needs_job, required, optional = SCHEMA[kind]
+    _check_payload(kind, payload)
+    job = _job_of(header, needs_job)
+    fields = _fields(header, required, optional)
+    return Message(kind, job, fields, payload)
+
+
+def _check_payload(kind: str, payload: bytes | None) -> None:
+    """Payload frames go with stream kinds only and are bounded."""
+    if (payload is not None) != (kind in PAYLOAD_KINDS):
+        raise FrameError(f"{kind} {'needs' if kind in PAYLOAD_KINDS else 'takes no'} payload")
+    if payload is not None and len(payload) > MAX_PAYLOAD:
+        raise TooLarge(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+
+
+def _job_of(header: dict, needs_job: bool) -> str | None:
+    """The job id of a header, required or absent as the kind says."""
+    job = header.get("job")
+    if job is None:
+        if needs_job:
+            raise FieldError("missing job id")
+        return None
+    if not isinstance(job, str) or not 0 < len(job) <= JOB_ID_MAX:
+        raise FieldError(f"bad job id {_show(job)}")
+    return job
+
+
+def _fields(header: dict, required: dict, optional: dict) -> dict:
+    """Check required and optional fields; unknown fields are dropped (forward compatible)."""
+    out = {}
+    for name, check in required.items():
+        if name not in header:
+            raise FieldError(f"missing field {name!r}")
+        out[name] = _checked(name, check, header[name])
+    for name, check in optional.items():
+        if name in header:
+            out[name] = _checked(name, check, header[name])
+    return out
+
+
+def _checked(name: str, check, value: Any) -> Any:
+    """Run one checker, naming the field in the error."""
+    try:
+        return check(value)
+    except FieldError as exc:
+        raise FieldError(f"field {name!r}: {exc}") from None
+
+
+def error_frames(exc: ProtocolError, job: str | None = None) -> list:
+    """The frames of an ``error`` reply describing ``exc``."""
+    return encode("error", job, kind=exc.kind, text=str(exc)[:MAX_TEXT])
