@@ -93,7 +93,7 @@ class Server:
 
     def run(self) -> None:
         """Serve until :meth:`stop`; then kill running jobs, tell their clients, close."""
-        old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        old = {s: signal.signal(s, self._stop_signal) for s in STOP_SIGNALS}
         old_fd = signal.set_wakeup_fd(self._wake_w)
         log.info("listening on %s as %s, %d slots, commands: %s", self.endpoint,
                  self.hostname, self.config.slots, " ".join(self.allow.names()) or "(none)")
@@ -113,7 +113,7 @@ class Server:
         except OSError:
             pass
 
-    def _on_signal(self, signum, frame) -> None:
+    def _stop_signal(self, signum, frame) -> None:
         """Stop on SIGTERM, SIGINT or SIGHUP."""
         log.info("stopping on %s", signal.Signals(signum).name)
         self.stop()

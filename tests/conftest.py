@@ -1,0 +1,178 @@
+"""Shared test harness: real daemons on ephemeral loopback ports, and leak checks.
+
+Every test gets ``leak_check`` (autouse): at teardown no process may still run with its cwd or
+command line inside the test's tmp_path, and the test process has no extra threads or fds.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+OFFLD = str(BIN / "offld")
+OFFLOADD = str(BIN / "offloadd")
+DATA = Path(__file__).parent / "data"
+CONVERT = "/usr/bin/convert"
+COMMANDS = {"sh": "/bin/sh", "cat": "/bin/cat", "true": "/bin/true", "convert": CONVERT,
+            "sleep": "/bin/sleep", "head": "/usr/bin/head", "env": "/usr/bin/env"}
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Daemon:
+    """An ``offloadd serve`` process on an ephemeral loopback port."""
+
+    def __init__(self, workdir: Path, *args: str, commands: dict | None = None,
+                 allow_root: bool = True, prefix: list[str] | None = None):
+        """Start the daemon and wait for its 'listening on' line."""
+        self.log_path = workdir / f"offloadd-{time.monotonic_ns()}.log"
+        cmds = [f"--command={k}={v}" for k, v in (COMMANDS if commands is None else commands).items()]
+        argv = (prefix or []) + [OFFLOADD, "serve", "--listen", "tcp://127.0.0.1:0", *cmds,
+                                 *(["--allow-root"] if allow_root else []), *args]
+        self.log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     cwd=workdir, start_new_session=True)
+        match = wait_for(self._listening, 20, "offloadd to listen")
+        self.endpoint = match.group(0)
+        self.port = int(match.group(1))
+        self.hostport = f"127.0.0.1:{self.port}"
+
+    def _listening(self):
+        """The 'listening on' match, or None; fails at once if the daemon died."""
+        if self.proc.poll() is not None:
+            pytest.fail(f"offloadd exited {self.proc.returncode}: {self.log()}")
+        return re.search(r"tcp://127\.0\.0\.1:(\d+)", self.log())
+
+    def log(self) -> str:
+        """The daemon's log so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def vmhwm_mb(self) -> float:
+        """Peak resident memory of the daemon in MB."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+
+    def stop(self) -> int:
+        """SIGTERM, then wait (bounded); returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail("offloadd did not stop within 15s of SIGTERM")
+        self.log_file.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(autouse=True)
+def leak_check(tmp_path, monkeypatch):
+    """Fail a test that leaves processes, threads or fds behind; isolate the job log."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    threads = threading.active_count()
+    fds = len(os.listdir("/proc/self/fd"))
+    yield
+    leftovers = lambda: _processes_in(tmp_path)  # noqa: E731
+    if leftovers():
+        try:
+            wait_for(lambda: not leftovers(), 5, "processes to go")
+        except pytest.fail.Exception:
+            left = leftovers()
+            for pid in left:
+                _kill(pid)
+            pytest.fail(f"leftover processes: {left}")
+    assert threading.active_count() == threads, "leftover threads"
+    assert len(os.listdir("/proc/self/fd")) == fds, "leftover file descriptors"
+
+
+def _processes_in(path: Path) -> dict[int, str]:
+    """Processes (not zombies) whose cwd or command line is inside ``path``."""
+    found, me = {}, os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me or not alive(int(entry)):
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd.startswith(str(path)) or str(path) in cmd:
+            found[int(entry)] = cmd.strip()
+    return found
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL, ignoring a process already gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    """Factory for daemons; each is stopped at teardown and must exit cleanly."""
+    started: list[Daemon] = []
+
+    def start(*args, **kw) -> Daemon:
+        daemon = Daemon(tmp_path, *args, **kw)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    codes = {d.proc.pid: d.stop() for d in started}
+    assert all(c in (0, -signal.SIGKILL) for c in codes.values()), f"daemon exit codes {codes}"
+
+
+@pytest.fixture
+def daemon(start_daemon) -> Daemon:
+    """A daemon that allows the test commands and root."""
+    return start_daemon()
+
+
+@pytest.fixture
+def work(tmp_path) -> Path:
+    """The caller's working directory."""
+    path = tmp_path / "work"
+    path.mkdir()
+    return path
+
+
+def offld_argv(daemon: Daemon, *command: str, opts=()) -> list[str]:
+    """The argv of ``offld`` sending ``command`` to ``daemon``."""
+    return [OFFLD, "-H", daemon.hostport, *opts, "--", *command]
+
+
+def offld(daemon: Daemon, *command: str, cwd: Path, opts=(), **kw) -> subprocess.CompletedProcess:
+    """Run ``offld`` to completion (bounded) and capture its output."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("timeout", 60)
+    return subprocess.run(offld_argv(daemon, *command, opts=opts), cwd=cwd, **kw)
