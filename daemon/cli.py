@@ -28,6 +28,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--client-timeout", type=float, help="seconds of client silence before "
                    "its jobs are killed (default 5)")
     s.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    st = sub.add_parser("status", help="show a host's slots, queue and recent jobs")
+    st.add_argument("-H", "--host", action="append", metavar="HOST[:PORT]",
+                    help="the daemon or broker to ask (default 127.0.0.1:7788; repeatable)")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    st.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return p
 
 
@@ -37,10 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="offloadd: %(levelname)s %(message)s")
     try:
-        return {"serve": serve}[args.cmd](args)
+        return {"serve": serve, "status": status}[args.cmd](args)
     except ConfigError as exc:
         print(f"offloadd: {exc}", file=sys.stderr)
         return 2
+
+
+def status(args) -> int:
+    """``offloadd status``: print what the daemons (or brokers) report."""
+    from offloadfs import status as st
+    from offloadfs.config import host_endpoint
+    endpoints = [host_endpoint(h) for h in (args.host or ["127.0.0.1"])]
+    lines, ok = st.report(endpoints, args.timeout)
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def serve(args) -> int:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import os
 import pwd
 import signal
 import subprocess
 import time
+
+
+PIPE_SIZE = 1024 * 1024
 
 
 class SpawnError(Exception):
@@ -34,6 +38,7 @@ class Process:
                     "stderr": self.popen.stderr.fileno()}
         for fd in self.fds.values():
             os.set_blocking(fd, False)
+            _grow_pipe(fd)
         self.pending: collections.deque[bytes] = collections.deque()
         self.stdin_eof = False
         self.status: int | None = None
@@ -45,14 +50,21 @@ class Process:
         return name in self.fds
 
     def read(self, name: str, n: int) -> bytes | None:
-        """Up to ``n`` bytes of ``name`` (stdout or stderr); b"" at EOF, None if none ready."""
-        try:
-            data = os.read(self.fds[name], n)
-        except BlockingIOError:
-            return None
-        if not data:
-            self.close(name)
-        return data
+        """Up to ``n`` bytes of ``name`` (stdout or stderr) as they are ready, in as few chunks
+        as possible; b"" at EOF, None if none ready."""
+        parts, fd = [], self.fds[name]
+        while n > 0:
+            try:
+                data = os.read(fd, n)
+            except BlockingIOError:
+                break
+            if not data:
+                if not parts:
+                    self.close(name)
+                break
+            parts.append(data)
+            n -= len(data)
+        return b"".join(parts) if parts else (None if name in self.fds else b"")
 
     def feed(self, data: bytes) -> None:
         """Queue stdin data for the process (dropped once its stdin is closed)."""
@@ -140,6 +152,14 @@ class Process:
     def finished(self) -> bool:
         """True when the leader is reaped and its output pipes are at EOF."""
         return self.status is not None and "stdout" not in self.fds and "stderr" not in self.fds
+
+
+def _grow_pipe(fd: int) -> None:
+    """Let a pipe hold up to 1 MiB, so that a chunk is one read, not sixteen (best effort)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
 
 
 def _exited(pid: int) -> bool:

@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from offloadfs import protocol
+from offloadfs import mountinfo, protocol
 from offloadfs.protocol import Message, ProtocolError
 from offloadfs.states import JobState, advance
 
@@ -42,6 +42,7 @@ class Job:
     path: str = ""
     process: Process | None = None
     credit: int = 0
+    owed: int = 0
     received: float = dataclasses.field(default_factory=time.monotonic)
     timings: dict = dataclasses.field(default_factory=dict)
     slot: int = 0
@@ -262,6 +263,9 @@ class Server:
         """Apply the host's policy to a submit; the command's path, or Refused."""
         path = self.allow.resolve(msg["argv"][0])
         policy.check_identity(msg["uid"], msg["gid"], self.config.allow_root, os.getuid())
+        if mountinfo.resolves_into_offloadfs(path):
+            raise policy.Refused("loop", f"{path} lies in an offloadfs mount on {self.hostname}; "
+                                         f"running it would offload again")
         return path
 
     def _on_stdin(self, peer: bytes, msg: Message) -> None:
@@ -383,9 +387,11 @@ class Server:
             self.send(job.peer, protocol.encode(name, job.id, data))
 
     def _credit_back(self, job: Job, n: int) -> None:
-        """Give the client back stdin credit for ``n`` bytes written to the job."""
-        if n:
-            self.send(job.peer, protocol.encode("credit", job.id, n=n))
+        """Give the client back stdin credit for bytes written to the job, in batches."""
+        job.owed += n
+        if job.owed >= protocol.CREDIT_BATCH or (job.owed and not job.process.pending):
+            self.send(job.peer, protocol.encode("credit", job.id, n=job.owed))
+            job.owed = 0
 
     def _maybe_finish(self, job: Job) -> None:
         """When the process is reaped and its output drained, send the exit status."""

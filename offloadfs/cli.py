@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import offld
+from . import joblog, offld
+from . import status as st
+from .config import ClientConfig, ConfigError, host_endpoint
 
 
 def parser() -> argparse.ArgumentParser:
@@ -12,6 +14,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offloadfs", description="Offload commands to compute hosts.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run a command on a host (same as offld)", add_help=False)
+    st = sub.add_parser("status", help="hosts, slots, queue, and the last jobs run from here")
+    st.add_argument("-c", "--config", metavar="FILE", help="read settings from FILE")
+    st.add_argument("-H", "--host", action="append", metavar="HOST[:PORT]",
+                    help="ask this host (default: the configured ones; repeatable)")
+    st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each host")
     return p
 
 
@@ -20,8 +27,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
         return offld.main(argv[1:], prog="offloadfs run")
-    parser().parse_args(argv)
-    return 2
+    args = parser().parse_args(argv)
+    try:
+        return {"status": status}[args.cmd](args)
+    except ConfigError as exc:
+        print(f"offloadfs: {exc}", file=sys.stderr)
+        return 2
+
+
+def status(args) -> int:
+    """``offloadfs status``: the hosts' state, then this machine's last jobs."""
+    cfg = ClientConfig.load(args.config)
+    endpoints = [host_endpoint(h) for h in args.host or []] or cfg.brokers + cfg.hosts
+    lines, ok = st.report(endpoints, args.timeout)
+    recent = [dict(e.get("timings", {}), command=" ".join(e.get("command", []))[:40],
+                   status=e.get("status"), host=e.get("host")) for e in joblog.read(cfg.job_log)]
+    lines += ["last jobs from here:"] + (st.job_lines(recent) or ["  (none)"])
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def entry() -> None:

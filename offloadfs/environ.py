@@ -13,7 +13,16 @@ NEVER_PASS = ("PATH", "LD_*", "PYTHON*", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", 
 
 def matches(name: str, patterns) -> bool:
     """True when ``name`` matches one of the glob ``patterns``."""
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return any(_match(name, p) for p in patterns)
+
+
+def _match(name: str, pattern: str) -> bool:
+    """One glob match; exact names and PREFIX* need no regex (offld starts faster)."""
+    if not any(c in pattern for c in "*?["):
+        return name == pattern
+    if pattern.endswith("*") and not any(c in pattern[:-1] for c in "*?["):
+        return name.startswith(pattern[:-1])
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 def passing(env: dict[bytes, bytes], patterns) -> dict[bytes, bytes]:

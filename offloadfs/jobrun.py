@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import os
 import queue
 import secrets
@@ -134,10 +135,11 @@ class JobRun:
         self.id = secrets.token_hex(8)
         self.channel, self.spec, self.debug = channel, spec, debug or (lambda text: None)
         self.stdin_fd = stdio[0] if _readable_fd(stdio[0]) else None
+        _grow_pipe(self.stdin_fd)
         self.sinks = {"stdout": Sink("stdout", stdio[1], wake_fd),
                       "stderr": Sink("stderr", stdio[2], wake_fd)}
         self.state = JobState.NEW
-        self.credit = 0
+        self.credit = self.owed = 0
         self.closed: set[str] = set()
         self.outcome: Outcome | None = None
         self.submitted = self.last_ping = 0.0
@@ -195,10 +197,11 @@ class JobRun:
             self.send("stdin-eof")
 
     def woken(self) -> None:
-        """Sinks made progress: return credit; a sink whose reader left closes its stream."""
-        n = sum(sink.take() for sink in self.sinks.values())
-        if n and not self.state.final:
-            self.send("credit", n=n)
+        """Sinks made progress: return credit in batches; a sink whose reader left closes it."""
+        self.owed += sum(sink.take() for sink in self.sinks.values())
+        if self.owed >= protocol.CREDIT_BATCH and not self.state.final:
+            self.send("credit", n=self.owed)
+            self.owed = 0
         for name, sink in self.sinks.items():
             if sink.broken and name not in self.closed and not self.state.final:
                 self.closed.add(name)
@@ -281,6 +284,15 @@ class JobRun:
         for sink in self.sinks.values():
             if sink.is_alive():
                 sink.join()
+
+
+def _grow_pipe(fd: int | None) -> None:
+    """Let a stdin pipe hold a whole chunk, so one poll gives one full read (best effort)."""
+    try:
+        if fd is not None and stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, protocol.CHUNK)
+    except OSError:
+        pass
 
 
 def _readable_fd(fd: int) -> bool:

@@ -57,8 +57,9 @@ MAX_ARGS = 65536
 MAX_ENV_BYTES = 256 * 1024
 MAX_GROUPS = 1024
 MAX_TEXT = 64 * 1024
-CHUNK = 256 * 1024                 # payload size senders use for stream data
-WINDOW = 4 * 1024 * 1024           # default credit window per stream
+CHUNK = 1024 * 1024                # payload size senders use for stream data (at most)
+WINDOW = 8 * 1024 * 1024           # default credit window per stream
+CREDIT_BATCH = WINDOW // 8         # receivers return credit in batches of at least this
 
 JOB_ID_MAX = 64
 STREAMS = ("stdout", "stderr")
@@ -306,7 +307,8 @@ def decode(frames: list) -> Message:
 def _unpack(frame: bytes) -> dict:
     """Unpack frame 0 into a dict, with bounded cost, or raise DecodeError."""
     try:
-        header = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_no_ext)
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_no_ext,
+                                 list_hook=_no_timestamp, object_hook=_no_timestamp)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError, UnicodeDecodeError) as exc:
         raise DecodeError(f"frame 0 is not valid msgpack: {type(exc).__name__}") from None
@@ -320,10 +322,18 @@ def _no_ext(code: int, data: bytes):
     raise ValueError(f"extension type {code}")
 
 
+def _no_timestamp(container):
+    """Reject the timestamp extension (type -1), which msgpack decodes without ``ext_hook``."""
+    values = container.values() if isinstance(container, dict) else container
+    if any(isinstance(x, msgpack.Timestamp) for x in values):
+        raise ValueError("extension type -1")
+    return container
+
+
 def decode_header(header: dict, payload: bytes | None) -> Message:
     """Check a header map and payload against the schema; return the Message."""
     version = header.get("v")
-    if version != VERSION:
+    if not _is_int(version) or version != VERSION:
         raise VersionError(f"protocol version {_show(version)} is not {VERSION}")
     kind = header.get("t")
     if not isinstance(kind, str) or kind not in SCHEMA:

@@ -1,0 +1,52 @@
+"""Which paths lie inside an offloadfs mount (to refuse loops and skip our own shims).
+
+Reads /proc/self/mountinfo; callers on any thread. The daemon refuses a command whose path
+resolves into such a mount, and the shim's local fallback skips such PATH entries.
+"""
+from __future__ import annotations
+
+import os
+
+FSTYPE = "fuse.offloadfs"
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def _unescape(field: str) -> str:
+    """Undo mountinfo's octal escapes (\\040 for a space, and so on)."""
+    if "\\" not in field:
+        return field
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
+
+
+def parse(text: str) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every line of a mountinfo text."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if sep and len(fields) >= 5 and right.split():
+            mounts.append((_unescape(fields[4]), right.split()[0]))
+    return mounts
+
+
+def offloadfs_mounts(path: str = MOUNTINFO) -> list[str]:
+    """Mount points of offloadfs filesystems seen by this process."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError:
+        return []
+    return [mnt for mnt, fstype in parse(text) if fstype == FSTYPE]
+
+
+def inside(path: str, mounts: list[str]) -> bool:
+    """True if ``path`` is one of ``mounts`` or below one."""
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def resolves_into_offloadfs(path: str, mountinfo: str = MOUNTINFO) -> bool:
+    """True if ``path`` (after symlinks) or its directory lies in an offloadfs mount."""
+    mounts = offloadfs_mounts(mountinfo)
+    if not mounts:
+        return False
+    return inside(os.path.abspath(path), mounts) or inside(os.path.realpath(path), mounts)

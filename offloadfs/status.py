@@ -1,0 +1,63 @@
+"""``offloadfs status`` and ``offloadd status``: ask hosts for slots, queue and recent jobs.
+
+Runs on the caller's thread with its own short-lived ZeroMQ context.
+"""
+from __future__ import annotations
+
+import zmq
+
+from . import protocol
+from .channel import Channel, OffloadError
+from .protocol import Message
+
+
+def fetch(endpoint: str, timeout: float) -> Message:
+    """The status-reply of the daemon or broker at ``endpoint``, or OffloadError."""
+    ctx = zmq.Context()
+    channel = Channel(ctx, endpoint)
+    try:
+        channel.send(protocol.encode("status"))
+        msg = channel.wait(timeout, {"status-reply", "error"})
+    finally:
+        channel.close()
+        ctx.term()
+    if msg is None:
+        raise OffloadError(f"no answer from {endpoint} within {timeout:g}s", "no-host")
+    if msg.kind == "error":
+        raise OffloadError(f"{endpoint}: {msg['text']}", msg["kind"])
+    return msg
+
+
+def host_lines(endpoint: str, msg: Message) -> list[str]:
+    """A host's summary: address, slots in use, queue, counts, commands, tags."""
+    tags = ",".join(msg.get("tags", [])) or "-"
+    return [f"{msg['host']} ({endpoint}): {msg['busy']}/{msg['slots']} slots busy, "
+            f"{msg['queued']} queued, {msg.get('done', 0)} done, {msg.get('failed', 0)} failed, "
+            f"tags {tags}",
+            "  commands: " + (" ".join(msg.get("commands", [])) or "(none)")]
+
+
+def job_lines(jobs: list[dict], last: int = 10) -> list[str]:
+    """Recent jobs, newest last: where, status, stage timings in ms."""
+    lines = []
+    for job in jobs[-last:]:
+        stages = " ".join(f"{k} {float(job[k]) * 1000:.1f}" for k in
+                          ("connect", "queue", "attach", "run", "drain", "total") if k in job)
+        where = job.get("host") or ""
+        lines.append(f"  {job.get('command', '?')!s:<12} status {job.get('status', '?')!s:>3} "
+                     f"{where} {stages} ms".rstrip())
+    return lines
+
+
+def report(endpoints: list[str], timeout: float) -> tuple[list[str], bool]:
+    """Status lines for every endpoint; False if any did not answer."""
+    lines, ok = [], True
+    for endpoint in endpoints:
+        try:
+            msg = fetch(endpoint, timeout)
+        except OffloadError as exc:
+            lines.append(f"{endpoint}: {exc}")
+            ok = False
+            continue
+        lines += host_lines(endpoint, msg) + job_lines(msg.get("jobs", []))
+    return lines, ok
