@@ -6,9 +6,14 @@ import os
 
 DEFAULT_PASS = ("LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "COLUMNS", "LINES", "NO_COLOR",
                 "OMP_NUM_THREADS", "MAGICK_*")
-NEVER_PASS = ("PATH", "LD_*", "PYTHON*", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "HOME",
-              "USER", "LOGNAME", "SHELL", "MAIL", "TMPDIR", "GCONV_PATH", "HOSTALIASES",
-              "LOCPATH", "MALLOC_*", "NLSPATH", "RESOLV_*", "OFFLOAD*")
+# Variables that change how an interpreter or the loader behaves would let a caller run code
+# beyond the allowlisted command; they never pass, whatever a pass list says.
+NEVER_PASS = ("PATH", "LD_*", "PYTHON*", "IFS", "ENV", "BASH_ENV", "BASH_FUNC_*", "SHELLOPTS",
+              "BASHOPTS", "PS4", "CDPATH", "HOME", "USER", "LOGNAME", "SHELL", "MAIL", "TMPDIR",
+              "GCONV_PATH", "GLIBC_TUNABLES", "HOSTALIASES", "LOCPATH", "MALLOC_*", "NLSPATH",
+              "RESOLV_*", "PERL5*", "PERLLIB", "PERL_*", "RUBYOPT", "RUBYLIB", "NODE_OPTIONS",
+              "NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "OFFLOAD*",
+              "MAGICK_CONFIGURE_PATH", "MAGICK_CODER_MODULE_PATH", "MAGICK_FILTER_MODULE_PATH")
 
 
 def matches(name: str, patterns) -> bool:

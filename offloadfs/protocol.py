@@ -267,7 +267,7 @@ SCHEMA: dict[str, tuple[bool, dict, dict]] = {
     "stdin-eof": (True, {}, {}),
     "stdout": (True, {}, {}),
     "stderr": (True, {}, {}),
-    "credit": (True, {"n": _int(0, 2**30)}, {"stream": _opt(_str(16))}),
+    "credit": (True, {"n": _int(0, 2**30)}, {}),
     "close": (True, {"stream": _stream}, {}),
     "signal": (True, {"signum": _int(1, 64)}, {}),
     "cancel": (True, {}, {}),
