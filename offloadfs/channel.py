@@ -6,7 +6,7 @@ same peer to the daemon and the jobs survive it.
 """
 from __future__ import annotations
 
-import secrets
+import os
 import time
 
 import zmq
@@ -14,6 +14,9 @@ import zmq
 from . import protocol
 from .protocol import Message, ProtocolError
 from .states import HostState, advance_host
+
+
+REFUSED = protocol.Message("refused")  # what wait() returns when the peer refused the connection
 
 
 class OffloadError(Exception):
@@ -33,7 +36,7 @@ class Channel:
         """Connect (ZeroMQ connects in the background; :meth:`hello` proves the peer is there)."""
         self.endpoint = endpoint
         self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, b"c" + secrets.token_bytes(11))
+        self.sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(11))
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)
         self.sock.setsockopt(zmq.SNDHWM, 0)
@@ -66,24 +69,40 @@ class Channel:
             raise OffloadError(f"{self.host} sent a bad message: {exc}", "protocol") from None
 
     def hello(self, timeout: float) -> Message:
-        """Say hello and wait up to ``timeout`` s for the welcome, or raise OffloadError."""
-        self.send(protocol.encode("hello"))
-        msg = self.wait(timeout, {"welcome", "error"})
+        """Say hello and wait up to ``timeout`` s for the welcome, or raise OffloadError.
+
+        A refused connection fails at once instead of waiting out the timeout."""
+        monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECT_RETRIED)
+        try:
+            self.send(protocol.encode("hello"))
+            msg = self.wait(timeout, {"welcome", "error"}, monitor)
+        finally:
+            self.sock.disable_monitor()
+            monitor.close(linger=0)
         if msg is None:
             self.state = advance_host(self.state, "expired")
             raise OffloadError(f"no answer from {self.endpoint} within {timeout:g}s", "no-host")
+        if msg == REFUSED:
+            self.state = advance_host(self.state, "expired")
+            raise OffloadError(f"{self.endpoint}: connection refused", "no-host")
         if msg.kind == "error":
             raise OffloadError(f"{self.endpoint}: {msg['text']}", msg["kind"])
         self.welcome = msg
         return msg
 
-    def wait(self, timeout: float, kinds: set[str]) -> Message | None:
-        """The next message of one of ``kinds`` within ``timeout`` s (others are dropped)."""
+    def wait(self, timeout: float, kinds: set[str], monitor: zmq.Socket | None = None):
+        """The next message of one of ``kinds`` within ``timeout`` s (others are dropped);
+        None on timeout; REFUSED if ``monitor`` reports a refused connection first."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            if not self.sock.poll(left * 1000, zmq.POLLIN):
-                return None
-            msg = self.recv()
+            ready = dict(poller.poll(left * 1000))
+            if monitor in ready:
+                return REFUSED
+            msg = self.recv() if self.sock in ready else None
             if msg is not None and msg.kind in kinds:
                 return msg
         return None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 
 CLIENT_CONFIG = "/etc/offloadfs/offloadfs.toml"
 DEFAULT_PORT = 7788
@@ -22,6 +21,8 @@ def load_toml(path: str | None, default: str | None = None) -> dict:
     chosen = path or default
     if chosen is None or (path is None and not os.path.exists(chosen)):
         return {}
+    import tomllib  # only when there is a file: offld starts faster without one
+
     try:
         with open(chosen, "rb") as f:
             return tomllib.load(f)

@@ -14,7 +14,6 @@ import errno
 import fcntl
 import os
 import queue
-import secrets
 import signal
 import stat
 import threading
@@ -132,7 +131,7 @@ class JobRun:
     def __init__(self, channel: Channel, spec: JobSpec, stdio: tuple[int, int, int],
                  wake_fd: int, debug=None):
         """Prepare the job; nothing is sent until :meth:`submit`."""
-        self.id = secrets.token_hex(8)
+        self.id = os.urandom(8).hex()
         self.channel, self.spec, self.debug = channel, spec, debug or (lambda text: None)
         self.stdin_fd = stdio[0] if _readable_fd(stdio[0]) else None
         _grow_pipe(self.stdin_fd)

@@ -14,14 +14,13 @@ import time
 
 import zmq
 
-from . import environ, joblog
+from . import environ, joblog, protocol
 from .channel import OffloadError
 from .client import ClientLoop, connect
 from .config import DEFAULT_PORT, ClientConfig, ConfigError, host_endpoint
 from .jobrun import JobRun, JobSpec, Outcome
 
 OFFLOAD_ERROR = 255
-STAGES = ("connect", "queue", "attach", "run", "drain", "total")
 
 
 def parser(prog: str = "offld") -> argparse.ArgumentParser:
@@ -97,8 +96,9 @@ def spec_here(command: list[str], cfg: ClientConfig) -> JobSpec:
 
 def run(command: list[str], opts, say: Reporter) -> int:
     """Connect, submit, relay, report; the job's exit status."""
-    cfg = ClientConfig.load(opts.config)
     started = time.monotonic()
+    age = process_age()
+    cfg = ClientConfig.load(opts.config)
     out_fd = _output_fd(opts.output)
     ctx = zmq.Context()
     try:
@@ -108,8 +108,9 @@ def run(command: list[str], opts, say: Reporter) -> int:
         channel.close()
     finally:
         ctx.term()
+    outcome.timings["start"] = age
     outcome.timings["connect"] = connected - started
-    outcome.timings["total"] = time.monotonic() - started
+    outcome.timings["total"] = time.monotonic() - started + age
     _derive_drain(outcome.timings)
     _report(command, outcome, opts, cfg, say)
     return outcome.status
@@ -139,9 +140,22 @@ def _output_fd(path: str | None) -> int:
 
 
 def _derive_drain(timings: dict) -> None:
-    """Drain: the daemon's drain plus what the stages leave unaccounted (transport)."""
-    known = sum(timings.get(k, 0.0) for k in ("connect", "queue", "attach", "run"))
-    timings["drain"] = max(timings.get("drain", 0.0), timings["total"] - known)
+    """Drain: the daemon's drain plus what the stages leave unaccounted (transport); only for
+    a job that ran to its exit (an aborted job has no daemon timings to subtract)."""
+    if "run" in timings:
+        known = sum(timings.get(k, 0.0) for k in ("start", "connect", "queue", "attach", "run"))
+        timings["drain"] = max(timings.get("drain", 0.0), timings["total"] - known)
+
+
+def process_age() -> float:
+    """Seconds since this process started (interpreter and imports included; 10 ms steps)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+    return max(0.0, since_boot - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def _report(command, outcome: Outcome, opts, cfg: ClientConfig, say: Reporter) -> None:
@@ -156,7 +170,7 @@ def _report(command, outcome: Outcome, opts, cfg: ClientConfig, say: Reporter) -
 
 def profile_line(outcome: Outcome) -> str:
     """``host H: connect 1.2 ms | queue ... | total ... ms`` from an outcome's timings."""
-    parts = [f"{k} {outcome.timings.get(k, 0.0) * 1000:.1f} ms" for k in STAGES]
+    parts = [f"{k} {outcome.timings.get(k, 0.0) * 1000:.1f} ms" for k in protocol.STAGES]
     return f"profile on {outcome.host}: " + " | ".join(parts)
 
 

@@ -62,6 +62,9 @@ WINDOW = 8 * 1024 * 1024           # default credit window per stream
 CREDIT_BATCH = WINDOW // 8         # receivers return credit in batches of at least this
 
 JOB_ID_MAX = 64
+# Stage timings, in the order a job goes through them: exit carries queue, attach, run, drain
+# (the daemon's); the client adds start (its own process start-up), connect and total.
+STAGES = ("start", "connect", "queue", "attach", "run", "drain", "total")
 STREAMS = ("stdout", "stderr")
 PAYLOAD_KINDS = frozenset({"stdin", "stdout", "stderr"})
 

@@ -41,8 +41,7 @@ def job_lines(jobs: list[dict], last: int = 10) -> list[str]:
     """Recent jobs, newest last: where, status, stage timings in ms."""
     lines = []
     for job in jobs[-last:]:
-        stages = " ".join(f"{k} {float(job[k]) * 1000:.1f}" for k in
-                          ("connect", "queue", "attach", "run", "drain", "total") if k in job)
+        stages = " ".join(f"{k} {float(job[k]) * 1000:.1f}" for k in protocol.STAGES if k in job)
         where = job.get("host") or ""
         lines.append(f"  {job.get('command', '?')!s:<12} status {job.get('status', '?')!s:>3} "
                      f"{where} {stages} ms".rstrip())

@@ -173,15 +173,36 @@ def test_job_runs_as_the_callers_uid_gid_and_groups(daemon):
     assert out.split() == [b"65534", b"65534", b"65534", b"100"]
 
 
-def test_unknown_host_fails_fast_with_one_line(tmp_path, work):
-    """No daemon at the address: exit 255 and one line within the connect timeout."""
+def test_refused_connection_fails_at_once_with_one_line(work):
+    """No daemon at the address: exit 255 and one line, without waiting out the timeout."""
+    port = _free_port()
+    got = subprocess.run([OFFLD, "-H", f"127.0.0.1:{port}", "--", "true"],
+                         cwd=work, capture_output=True, timeout=4)
+    assert got.returncode == 255 and got.stderr.count(b"\n") == 1
+    assert b"connection refused" in got.stderr
+
+
+def test_silent_host_fails_after_the_connect_timeout(tmp_path, work):
+    """A host that accepts but never answers: exit 255 with one line after connect_timeout."""
+    import socket
     cfg = tmp_path / "c.toml"
     cfg.write_text("[client]\nconnect_timeout = 1.0\n")
-    port = _free_port()
-    got = subprocess.run([OFFLD, "-c", str(cfg), "-H", f"127.0.0.1:{port}", "--", "true"],
-                         cwd=work, capture_output=True, timeout=20)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        got = subprocess.run([OFFLD, "-c", str(cfg), "-H", f"127.0.0.1:{port}", "--", "true"],
+                             cwd=work, capture_output=True, timeout=20)
     assert got.returncode == 255 and got.stderr.count(b"\n") == 1
     assert b"no answer" in got.stderr
+
+
+def test_second_host_is_tried_when_the_first_refuses(daemon, work):
+    """-H twice: a refusing first host is skipped, the job runs on the second."""
+    got = subprocess.run([OFFLD, "-H", f"127.0.0.1:{_free_port()}", "-H", daemon.hostport,
+                          "--", "sh", "-c", "echo second"], cwd=work, capture_output=True,
+                         timeout=20)
+    assert got.returncode == 0 and got.stdout == b"second\n"
 
 
 def test_daemon_survives_2000_malformed_messages(daemon, work):
@@ -250,7 +271,7 @@ def test_profile_prints_every_stage(daemon, work):
     """-p prints the stage timings on stderr after the job."""
     got = offld(daemon, "true", cwd=work, opts=["-p"])
     line = got.stderr.decode()
-    for stage in ("connect", "queue", "attach", "run", "drain", "total"):
+    for stage in protocol.STAGES:
         assert f"{stage} " in line
     assert got.returncode == 0 and line.count("\n") == 1
 

@@ -1,0 +1,10 @@
+"""Benchmarks of offloadfs: ``python -m bench NAME [--quick]``, results in bench/results/.
+
+Each benchmark is one module with a docstring (its help line), an optional
+``add_arguments(parser)`` and ``run(opts) -> dict``; register it in :data:`BENCHMARKS`.
+"""
+from . import overhead
+
+BENCHMARKS = {
+    "overhead": overhead,
+}

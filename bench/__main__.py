@@ -1,0 +1,54 @@
+"""``python -m bench NAME [--quick]``: run one registered benchmark, or ``all`` of them."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from . import BENCHMARKS
+from .common import BenchError
+
+
+def parser() -> argparse.ArgumentParser:
+    """One subcommand per registered benchmark, plus ``all``."""
+    p = argparse.ArgumentParser(prog="python -m bench",
+                                description="Run a benchmark of offloadfs, or all of them.")
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--quick", action="store_true", help="fewer runs (a smoke test)")
+    sub = p.add_subparsers(dest="name", required=True, metavar="NAME")
+    for name, module in BENCHMARKS.items():
+        s = sub.add_parser(name, parents=[shared], help=module.__doc__.splitlines()[0])
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(s)
+    sub.add_parser("all", parents=[shared], help="run every benchmark with its defaults")
+    return p
+
+
+def run_one(name: str, argv: list[str]) -> bool:
+    """Run benchmark ``name`` with its own options parsed from ``argv``; False if it failed."""
+    opts = parser().parse_args([name, *argv])
+    try:
+        BENCHMARKS[name].run(opts)
+    except BenchError as exc:
+        print(f"bench {name}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0 if every benchmark run succeeded."""
+    argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # run finally:s
+    opts = parser().parse_args(argv)
+    names = list(BENCHMARKS) if opts.name == "all" else [opts.name]
+    rest = ["--quick"] if opts.name == "all" and opts.quick else argv[1:]
+    failed = [name for name in names if not run_one(name, rest)]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        sys.exit(130)
