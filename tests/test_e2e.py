@@ -375,3 +375,16 @@ def _raw_job(daemon, argv: list[bytes], uid: int, gid: int, groups: list[int]) -
         ctx.term()
     assert got[-1].kind == "exit", got[-1]
     return got
+
+
+def test_oversize_frame_is_refused_without_buffering_it(daemon, work):
+    """A 64 MiB frame is cut off at the size limit: the daemon neither dies nor buffers it."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 2000
+    sock.connect(daemon.endpoint)
+    sock.send_multipart([b"\x81" + b"x" * (64 << 20)])
+    sock.close()
+    ctx.term()
+    assert offld(daemon, "sh", "-c", "echo alive", cwd=work).stdout == b"alive\n"
+    assert daemon.vmhwm_mb() < 64
