@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import joblog, offld
+from . import joblog, mount, offld
 from . import status as st
 from .config import ClientConfig, ConfigError, host_endpoint
 
@@ -14,6 +14,17 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offloadfs", description="Offload commands to compute hosts.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run a command on a host (same as offld)", add_help=False)
+    m = sub.add_parser("mount", help="mount the shims at MOUNTPOINT")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.add_argument("-c", "--config", metavar="FILE", help="read settings from FILE")
+    m.add_argument("-H", "--host", action="append", metavar="HOST[:PORT]",
+                   help="offload to this host (repeatable)")
+    m.add_argument("-L", "--load-balancer", action="append", metavar="BROKER[:PORT]",
+                   help="offload through this broker (repeatable)")
+    m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    m.add_argument("-d", "--debug", action="store_true", help="log debug messages")
+    u = sub.add_parser("umount", help="unmount MOUNTPOINT")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
     st = sub.add_parser("status", help="hosts, slots, queue, and the last jobs run from here")
     st.add_argument("-c", "--config", metavar="FILE", help="read settings from FILE")
     st.add_argument("-H", "--host", action="append", metavar="HOST[:PORT]",
@@ -29,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return offld.main(argv[1:], prog="offloadfs run")
     args = parser().parse_args(argv)
     try:
-        return {"status": status}[args.cmd](args)
+        return {"status": status, "mount": mount.mount, "umount": mount.umount}[args.cmd](args)
     except ConfigError as exc:
         print(f"offloadfs: {exc}", file=sys.stderr)
         return 2

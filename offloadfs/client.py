@@ -1,8 +1,9 @@
-"""The client loop: polls channels, the caller's stdin and a wake-up pipe, and drives JobRuns.
+"""The client loop: polls channels, the callers' stdin and a wake-up pipe, and drives JobRuns.
 
-One :class:`ClientLoop` lives on one thread (``offld``'s main thread), which is the only one
-to touch its channels and jobs; sink threads and signal handlers only write to its wake-up
-pipe. ``connect`` finds the first host that answers.
+A :class:`ClientLoop` lives on one thread, the only one to touch its channels and jobs: ``offld``
+runs one on its main thread (:meth:`ClientLoop.run`, which also forwards the signals ``offld``
+gets), the mount's agent subclasses it on its own thread. Sink threads, signal handlers and
+other threads only write to the wake-up pipe. ``connect`` finds the first host that answers.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import time
 import zmq
 
 from .channel import Channel, OffloadError
-from .jobrun import FORWARDED, JobRun, Outcome
+from .jobrun import FORWARDED, JobRun, Outcome, Timing
+from .protocol import Message
 
 
 def connect(ctx: zmq.Context, endpoints: list[str], timeout: float, debug) -> Channel:
@@ -36,74 +38,92 @@ def connect(ctx: zmq.Context, endpoints: list[str], timeout: float, debug) -> Ch
 
 
 class ClientLoop:
-    """Drives jobs to their end; forwards the signals the caller gets."""
+    """Drives jobs to their end. Subclasses add poll items and react to what jobs leave."""
 
-    def __init__(self, heartbeat: float = 1.0, liveness: float = 10.0):
+    def __init__(self, timing: Timing):
         """A loop with its wake-up pipe; jobs are added with :meth:`add`."""
-        self.heartbeat, self.liveness = heartbeat, liveness
+        self.timing = timing
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.jobs: list[JobRun] = []
+        self.jobs: dict[str, JobRun] = {}
         self.pending_signals: list[int] = []
 
     def add(self, job: JobRun) -> None:
         """Take charge of a submitted job."""
-        self.jobs.append(job)
+        self.jobs[job.id] = job
+
+    def poke(self) -> None:
+        """Wake the loop from another thread."""
+        try:
+            os.write(self.wake_w, b"p")
+        except (BlockingIOError, OSError):
+            pass
+
+    # --- offld: one thread, signals forwarded -------------------------------------------------
 
     def run(self) -> list[Outcome]:
         """Run until every job has an outcome, with the caller's signals forwarded."""
+        jobs = list(self.jobs.values())
         old = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
         old_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         try:
-            while any(j.outcome is None for j in self.jobs):
-                self._step()
+            while self.jobs:
+                self.step(self.timing.heartbeat / 2)
         finally:
             signal.set_wakeup_fd(old_fd)
             for s, h in old.items():
                 signal.signal(s, h)
-        for job in self.jobs:
+        for job in jobs:
             job.join()
-        return [job.outcome for job in self.jobs]
+        return [job.outcome for job in jobs]
 
     def _on_signal(self, signum, frame) -> None:
         """Remember a signal; the loop forwards it (the wake-up fd interrupts poll)."""
         self.pending_signals.append(signum)
 
-    def _step(self) -> None:
-        """One round: poll, dispatch, forward signals, heartbeat."""
+    # --- one round ------------------------------------------------------------------------------
+
+    def step(self, timeout: float) -> None:
+        """Poll, route messages, pump stdin, collect sink progress, heartbeat, reap jobs."""
         poller = zmq.Poller()
         poller.register(self.wake_r, zmq.POLLIN)
-        by_fd: dict[int, JobRun] = {}
-        for job in self._live():
-            poller.register(job.channel.sock, zmq.POLLIN)
+        for channel in self.channels():
+            poller.register(channel.sock, zmq.POLLIN)
+        stdin = {}
+        for job in self.jobs.values():
             job.want(poller)
             if job.stdin_fd is not None:
-                by_fd[job.stdin_fd] = job
-        ready = dict(poller.poll(self.heartbeat * 1000 / 2))
-        for job in self._live():
-            self._receive(job)
-        for fd, job in by_fd.items():
+                stdin[job.stdin_fd] = job
+        self.register(poller)
+        ready = dict(poller.poll(timeout * 1000))
+        for channel in self.channels():
+            self._receive(channel)
+        for fd, job in stdin.items():
             if fd in ready and job.outcome is None:
                 job.stdin_ready()
         if self.wake_r in ready:
             self._woken()
+        self.ready(ready)
         now = time.monotonic()
-        for job in self._live():
-            job.tick(now, self.heartbeat, self.liveness)
+        for job in list(self.jobs.values()):
+            job.tick(now, self.timing)
+        self.tick(now)
+        self._reap()
 
-    def _live(self) -> list[JobRun]:
-        """Jobs without an outcome yet."""
-        return [j for j in self.jobs if j.outcome is None]
+    def channels(self) -> list[Channel]:
+        """Channels to poll: those of the jobs (subclasses add their own)."""
+        return list({id(j.channel): j.channel for j in self.jobs.values()}.values())
 
-    def _receive(self, job: JobRun) -> None:
-        """Hand each waiting message to its job; other messages concern the channel."""
+    def _receive(self, channel: Channel) -> None:
+        """Route each waiting message to its job; the rest goes to :meth:`unrouted`."""
         try:
-            while (msg := job.channel.recv()) is not None:
-                if msg.job == job.id:
+            while (msg := channel.recv()) is not None:
+                job = self.jobs.get(msg.job) if msg.job else None
+                if job is not None and job.channel is channel:
                     job.on_message(msg)
-                elif msg.kind == "error" and msg.job is None:
-                    job.on_message(msg)
+                else:
+                    self.unrouted(channel, msg)
         except OffloadError as exc:
-            job._fail(exc)
+            self.channel_failed(channel, exc)
 
     def _woken(self) -> None:
         """Drain the wake-up pipe; forward signals; let jobs collect sink progress."""
@@ -113,10 +133,42 @@ class ClientLoop:
         except BlockingIOError:
             pass
         signals, self.pending_signals = self.pending_signals, []
-        for job in self.jobs:
+        for job in list(self.jobs.values()):
             for signum in signals:
                 job.signal(signum)
             job.woken()
+
+    def _reap(self) -> None:
+        """Hand jobs that have an outcome to :meth:`finished`."""
+        for job in [j for j in self.jobs.values() if j.outcome is not None]:
+            del self.jobs[job.id]
+            self.finished(job)
+
+    # --- hooks ----------------------------------------------------------------------------------
+
+    def unrouted(self, channel: Channel, msg: Message) -> None:
+        """A message for no live job: a channel-wide error fails the channel's jobs."""
+        if msg.kind == "error" and msg.job is None:
+            self.channel_failed(channel, OffloadError(f"{channel.host}: {msg['text']}",
+                                                      msg["kind"]))
+
+    def channel_failed(self, channel: Channel, error: OffloadError) -> None:
+        """A channel is unusable: its jobs end with ``error``."""
+        for job in self.jobs.values():
+            if job.channel is channel:
+                job.fail(error)
+
+    def register(self, poller: zmq.Poller) -> None:
+        """Register extra poll items (subclasses)."""
+
+    def ready(self, ready: dict) -> None:
+        """Handle extra poll items that are ready (subclasses)."""
+
+    def tick(self, now: float) -> None:
+        """Periodic work after each round (subclasses)."""
+
+    def finished(self, job: JobRun) -> None:
+        """A job got its outcome (subclasses)."""
 
     def close(self) -> None:
         """Close the wake-up pipe."""

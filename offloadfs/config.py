@@ -77,6 +77,15 @@ class ClientConfig:
     liveness: float = 10.0
     env_pass: list[str] = dataclasses.field(default_factory=list)
     job_log: str = ""
+    forget_after: float = 3600.0
+    allow: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    deny: list[str] = dataclasses.field(default_factory=list)
+    state_file: str = ""
+
+    def timing(self):
+        """Heartbeat, liveness and acknowledgement limits for job runs."""
+        from .jobrun import Timing
+        return Timing(self.heartbeat, self.liveness, self.connect_timeout)
 
     @classmethod
     def load(cls, path: str | None) -> "ClientConfig":
@@ -93,4 +102,11 @@ class ClientConfig:
         cfg.liveness = float(typed(client, "liveness", (int, float), 10.0))
         cfg.job_log = typed(client, "job_log", str, "") or os.path.join(state_dir(), "jobs.jsonl")
         cfg.env_pass = [str(x) for x in typed(section(data, "env"), "pass", list, [])]
+        cfg.forget_after = float(typed(client, "forget_after", (int, float), 3600.0))
+        commands = section(data, "commands")
+        cfg.allow = [str(x) for x in typed(commands, "allow", list, ["*"])]
+        cfg.deny = [str(x) for x in typed(commands, "deny", list, [])]
+        default_state = "/var/lib/offloadfs/state.json" if os.getuid() == 0 else \
+            os.path.join(state_dir(), "state.json")
+        cfg.state_file = typed(section(data, "mount"), "state_file", str, default_state)
         return cfg

@@ -44,6 +44,15 @@ class JobSpec:
     tags: list[str] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How often to heartbeat a daemon and how long its silence is tolerated (seconds)."""
+
+    heartbeat: float = 1.0
+    liveness: float = 10.0
+    ack_timeout: float = 5.0
+
+
 @dataclasses.dataclass
 class Outcome:
     """How a job ended: its exit status, or the offload error that ended it."""
@@ -53,6 +62,7 @@ class Outcome:
     error: OffloadError | None = None
     timings: dict = dataclasses.field(default_factory=dict)
     rusage: dict = dataclasses.field(default_factory=dict)
+    signal: int | None = None
 
 
 class Sink(threading.Thread):
@@ -129,11 +139,13 @@ class JobRun:
     """A job submitted on a channel, relaying stdio between the caller's fds and the daemon."""
 
     def __init__(self, channel: Channel, spec: JobSpec, stdio: tuple[int, int, int],
-                 wake_fd: int, debug=None):
-        """Prepare the job; nothing is sent until :meth:`submit`."""
+                 wake_fd: int, debug=None, stdin_pgrp: int | None = None):
+        """Prepare the job; nothing is sent until :meth:`submit`. ``stdin_pgrp`` is the
+        caller's process group (ours by default), to tell whether it may read a tty."""
         self.id = os.urandom(8).hex()
         self.channel, self.spec, self.debug = channel, spec, debug or (lambda text: None)
-        self.stdin_fd = stdio[0] if _readable_fd(stdio[0]) else None
+        pgrp = os.getpgrp() if stdin_pgrp is None else stdin_pgrp
+        self.stdin_fd = stdio[0] if _readable_fd(stdio[0], pgrp) else None
         _grow_pipe(self.stdin_fd)
         self.sinks = {"stdout": Sink("stdout", stdio[1], wake_fd),
                       "stderr": Sink("stderr", stdio[2], wake_fd)}
@@ -166,7 +178,7 @@ class JobRun:
             self.send("signal", signum=signum)
         elif not self.state.final and signum in ENDING:
             self.send("cancel")
-            self._finish(Outcome(128 + signum, self.channel.host))
+            self._finish(Outcome(128 + signum, self.channel.host, signal=signum))
 
     def cancel(self) -> None:
         """Tell the daemon to drop the job (the caller is going away)."""
@@ -206,17 +218,22 @@ class JobRun:
                 self.closed.add(name)
                 self.send("close", stream=name)
 
-    def tick(self, now: float, heartbeat: float, liveness: float) -> None:
-        """Heartbeat the daemon; fail the job when the daemon has been silent too long."""
+    def tick(self, now: float, timing: "Timing") -> None:
+        """Heartbeat the daemon; fail the job when the daemon has been silent too long, or
+        never acknowledged it (then nothing ran, and the caller may safely run it elsewhere)."""
         if self.state.final:
             return
-        if now - self.last_ping >= heartbeat:
+        if now - self.last_ping >= timing.heartbeat:
             self.last_ping = now
             self.channel.send(protocol.encode("ping", jobs=[self.id]))
         silent = now - max(self.channel.heard, self.submitted)
-        if silent > liveness:
-            started = self.state != JobState.NEW and self.state != JobState.QUEUED
-            self._fail(OffloadError(
+        if self.state == JobState.NEW and silent > timing.ack_timeout:
+            self.cancel()
+            self.fail(OffloadError(f"{self.channel.host} did not acknowledge the job within "
+                                    f"{timing.ack_timeout:g}s", "no-ack", False))
+        elif silent > timing.liveness:
+            started = self.state not in (JobState.NEW, JobState.QUEUED)
+            self.fail(OffloadError(
                 f"lost contact with {self.channel.host} (silent for {silent:.0f}s)"
                 + ("; the job's outcome is unknown" if started else ""), "lost", started))
 
@@ -224,7 +241,7 @@ class JobRun:
         """A message from the daemon about this job."""
         handler = getattr(self, "_on_" + msg.kind.replace("-", "_"), None)
         if handler is None:
-            self._fail(OffloadError(f"{self.channel.host} sent an unexpected {msg.kind}",
+            self.fail(OffloadError(f"{self.channel.host} sent an unexpected {msg.kind}",
                                     "protocol", True))
         elif not self.state.final:
             handler(msg)
@@ -256,14 +273,14 @@ class JobRun:
         """The job ended with a status."""
         self.state = advance(self.state, "exit")
         self._finish(Outcome(msg["status"], self.channel.host, None, dict(msg.get("timings", {})),
-                             dict(msg.get("rusage", {}))))
+                             dict(msg.get("rusage", {})), msg.get("signal")))
 
     def _on_error(self, msg: Message) -> None:
         """The daemon refused or lost the job."""
         started = self.state not in (JobState.NEW, JobState.QUEUED)
-        self._fail(OffloadError(f"{self.channel.host}: {msg['text']}", msg["kind"], started))
+        self.fail(OffloadError(f"{self.channel.host}: {msg['text']}", msg["kind"], started))
 
-    def _fail(self, error: OffloadError) -> None:
+    def fail(self, error: OffloadError) -> None:
         """End the job with an offload error (exit 255)."""
         if not self.state.final:
             self.state = advance(self.state, "error")
@@ -294,15 +311,15 @@ def _grow_pipe(fd: int | None) -> None:
         pass
 
 
-def _readable_fd(fd: int) -> bool:
-    """True if ``fd`` is open and worth reading: not a tty of a background process group."""
+def _readable_fd(fd: int, pgrp: int) -> bool:
+    """True if ``fd`` is open and worth reading: not a tty whose foreground is not ``pgrp``."""
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
         return False
     if stat.S_ISCHR(mode) and os.isatty(fd):
         try:
-            return os.tcgetpgrp(fd) == os.getpgrp()
+            return os.tcgetpgrp(fd) == pgrp
         except OSError as exc:
             return exc.errno != errno.ENOTTY
     return True

@@ -118,7 +118,7 @@ def run(command: list[str], opts, say: Reporter) -> int:
 
 def _drive(channel, spec: JobSpec, out_fd: int, cfg: ClientConfig, say: Reporter) -> Outcome:
     """Submit the job on ``channel`` and run the loop until it ends."""
-    loop = ClientLoop(cfg.heartbeat, cfg.liveness)
+    loop = ClientLoop(cfg.timing())
     try:
         job = JobRun(channel, spec, (0, out_fd, 2), loop.wake_w, say.debug)
         job.submit()

@@ -1,0 +1,376 @@
+"""The client agent inside the mount process: holds the hosts' connections, runs shims' jobs.
+
+Threads: the agent thread (``offloadfs-agent``) owns every ZeroMQ socket, host link and JobRun
+(it is a :class:`~offloadfs.client.ClientLoop`). FUSE worker threads call :meth:`Agent.submit`
+with a :class:`ShimRequest` and then block in :meth:`ShimRequest.reply` until the agent decides
+(offloaded job finished, run locally, or fail closed); the FUSE thread itself then finishes the
+caller's output and builds the shim's reply line. Nothing else crosses threads but the inbox
+queue, the wake-up pipe and each request's Event.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from . import environ, protocol, shim
+from .caller import Caller, pending_signals
+from .channel import Channel, OffloadError
+from .client import ClientLoop
+from .config import ClientConfig
+from .jobrun import FORWARDED, JobRun, JobSpec, Outcome
+from .registry import Registry
+from .states import HostState
+
+log = logging.getLogger("offloadfs")
+
+SIGNAL_POLL = 0.05          # seconds between looks at running callers' pending signals
+HOST_LIVENESS = 3.0         # a host not answering hello this long is dead for new jobs
+FORWARD = frozenset(int(s) for s in FORWARDED)
+
+
+class ShimRequest:
+    """One run of a shim, from its control-file read to the reply line.
+
+    Made and waited on by a FUSE thread; decided by the agent thread, which sets exactly one of
+    ``outcome`` (the job ran), ``local`` (run locally, with the reason) or ``refusal``."""
+
+    def __init__(self, name: str, args: list[bytes], caller: Caller, policy: str,
+                 stdio: tuple[int, int, int] | None):
+        """A request to run ``name`` with ``args`` for ``caller``, whose fds 0-2 we hold as
+        ``stdio`` (the request closes them when it is done)."""
+        self.name, self.args, self.caller, self.policy = name, args, caller, policy
+        self.done = threading.Event()
+        self.stdio = stdio
+        self.job: JobRun | None = None
+        self.outcome: Outcome | None = None
+        self.local: str | None = None
+        self.refusal: str | None = None
+        self.pidfd = -1
+        self.forwarded: set[int] = set()
+
+    def decide_local(self, reason: str) -> None:
+        """Agent thread: run the command locally."""
+        self.local = reason
+        self.done.set()
+
+    def decide_refused(self, text: str) -> None:
+        """Agent thread: fail closed (exit 255 with one line)."""
+        self.refusal = text
+        self.done.set()
+
+    def decide_outcome(self, outcome: Outcome) -> None:
+        """Agent thread: the job ended."""
+        self.outcome = outcome
+        self.done.set()
+
+    def reply(self) -> bytes:
+        """FUSE thread: wait for the decision, finish the caller's output, build the reply."""
+        self.done.wait()
+        if self.job is not None:
+            self.job.join()
+        try:
+            return self._reply()
+        finally:
+            self._close()
+
+    def _reply(self) -> bytes:
+        """The reply line, after any message of ours on the caller's stderr."""
+        if self.local is not None:
+            path = self.caller.local_command(self.name)
+            if path is None:
+                self._say(f"{self.name}: {self.local}, and there is no local {self.name} on PATH")
+                return shim.reply_status(127)
+            self._debug(f"{self.name}: running locally ({self.local}): {path}")
+            return shim.reply_local(path)
+        if self.refusal is not None:
+            self._say(f"{self.name}: {self.refusal}")
+            return shim.reply_status(255)
+        out = self.outcome
+        if out.error is not None:
+            self._say(f"{self.name}: {out.error}")
+            return shim.reply_status(255)
+        self._debug(f"{self.name}: ran on {out.host}, exit {out.status} (policy {self.policy})")
+        return shim.reply_signal(out.signal) if out.signal else shim.reply_status(out.status)
+
+    def _say(self, text: str) -> None:
+        """One line on the caller's stderr."""
+        fd = self.stdio[2] if self.stdio else None
+        if fd is not None:
+            try:
+                os.write(fd, f"offloadfs: {text}\n".encode(errors="replace"))
+            except OSError:
+                pass
+
+    def _debug(self, text: str) -> None:
+        """A line on the caller's stderr with OFFLOADFS_DEBUG=1."""
+        if self.caller.debug():
+            self._say(text)
+
+    def _close(self) -> None:
+        """Close our duplicates of the caller's fds and its pidfd."""
+        for fd in self.stdio or ():
+            os.close(fd)
+        self.stdio = None
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+class HostLink:
+    """The agent's view of one configured host: its channel, monitor and liveness."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str):
+        """Connect and watch the connection."""
+        self.endpoint = endpoint
+        self.channel = Channel(ctx, endpoint)
+        self.monitor = self.channel.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.state = HostState.UNKNOWN
+        self.hello_sent = 0.0
+        self.name = endpoint
+        self.commands: list[str] = []
+        self.in_flight = 0
+        self.dead_since: float | None = None
+
+    def usable(self, name: str) -> bool:
+        """True if this host is up and offers ``name``."""
+        return self.state == HostState.UP and name in self.commands
+
+    def close(self) -> None:
+        """Stop monitoring and close the socket."""
+        self.channel.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.channel.close()
+
+
+class Agent(ClientLoop):
+    """Runs shims' jobs on the configured hosts; see the module docstring for threads."""
+
+    def __init__(self, config: ClientConfig, registry: Registry, endpoints: list[str]):
+        """Links to ``endpoints``; nothing runs until :meth:`start`."""
+        super().__init__(config.timing())
+        self.config, self.registry, self.endpoints = config, registry, endpoints
+        self.ctx: zmq.Context | None = None
+        self.links: list[HostLink] = []
+        self.inbox: queue.SimpleQueue[ShimRequest] = queue.SimpleQueue()
+        self.requests: dict[str, ShimRequest] = {}
+        self.thread = threading.Thread(target=self._main, name="offloadfs-agent", daemon=True)
+        self._stopping = False
+        self._last_signal_poll = 0.0
+
+    # --- any thread -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the agent thread."""
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Ask the agent thread to end and wait for it (running jobs are cancelled)."""
+        self._stopping = True
+        self.poke()
+        if self.thread.is_alive():
+            self.thread.join(10)
+
+    def submit(self, request: ShimRequest) -> None:
+        """Hand a shim's request to the agent thread."""
+        self.inbox.put(request)
+        self.poke()
+
+    # --- the agent thread -----------------------------------------------------------------------
+
+    def _main(self) -> None:
+        """Connect (here, after any daemonizing fork), loop until stopped, then cancel what
+        runs and close every socket."""
+        self.ctx = zmq.Context()
+        self.links = [HostLink(self.ctx, e) for e in self.endpoints]
+        try:
+            while not self._stopping:
+                self.step(SIGNAL_POLL if self.requests else self.timing.heartbeat / 2)
+        except Exception:
+            log.exception("the agent failed; shims fall back to local commands")
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Cancel jobs, release waiting shims, close sockets."""
+        for job in list(self.jobs.values()):
+            job.cancel()
+            job.fail(OffloadError("the offloadfs mount is stopping", "shutdown", True))
+        self._reap()
+        while not self.inbox.empty():
+            self.inbox.get().decide_local("the offloadfs mount is stopping")
+        for link in self.links:
+            link.close()
+        self.ctx.term()
+        self.close()
+
+    def channels(self) -> list[Channel]:
+        """Every host's channel."""
+        return [link.channel for link in self.links]
+
+    def register(self, poller: zmq.Poller) -> None:
+        """Watch host monitors and the pidfds of callers whose jobs run."""
+        for link in self.links:
+            poller.register(link.monitor, zmq.POLLIN)
+        for request in self.requests.values():
+            if request.pidfd >= 0:
+                poller.register(request.pidfd, zmq.POLLIN)
+
+    def ready(self, ready: dict) -> None:
+        """Connection events; callers that died."""
+        for link in self.links:
+            if link.monitor in ready:
+                self._monitor_event(link)
+        for request in list(self.requests.values()):
+            if request.pidfd in ready and request.job is not None:
+                request.job.cancel()
+                request.job.fail(OffloadError("the caller went away", "cancelled", True))
+
+    def _monitor_event(self, link: HostLink) -> None:
+        """A connection came up (say hello now) or went down (no new jobs there)."""
+        try:
+            event = recv_monitor_message(link.monitor, zmq.NOBLOCK)["event"]
+        except zmq.Again:
+            return
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._hello(link, time.monotonic())
+        elif event == zmq.EVENT_DISCONNECTED:
+            self._host_down(link, "disconnected")
+
+    def unrouted(self, channel: Channel, msg) -> None:
+        """Welcomes refresh a host's commands; other stray messages are ignored."""
+        link = next(link for link in self.links if link.channel is channel)
+        if msg.kind == "welcome":
+            self._host_up(link, msg)
+        else:
+            super().unrouted(channel, msg)
+
+    def tick(self, now: float) -> None:
+        """Take new requests, say hello to hosts, expire silent ones, forward signals."""
+        while not self.inbox.empty():
+            self._dispatch(self.inbox.get())
+        for link in self.links:
+            if now - link.hello_sent >= self.timing.heartbeat:
+                self._hello(link, now)
+            if link.state == HostState.UP and now - link.channel.heard > HOST_LIVENESS:
+                self._host_down(link, f"silent for {HOST_LIVENESS:g}s")
+            self._forget(link, now)
+        if now - self._last_signal_poll >= SIGNAL_POLL:
+            self._last_signal_poll = now
+            for request in self.requests.values():
+                self._forward_signals(request)
+
+    def finished(self, job: JobRun) -> None:
+        """A shim's job ended: fall back if it never started and policy allows, else reply."""
+        request = self.requests.pop(job.id)
+        link = next((link for link in self.links if link.channel is job.channel), None)
+        if link is not None:
+            link.in_flight -= 1
+        out = job.outcome
+        error = out.error
+        if error is not None and not error.started and request.policy == "auto" \
+                and error.kind not in ("cancelled",):
+            self.registry.record(request.name, "fallbacks", {})
+            request.decide_local(str(error))
+            return
+        self.registry.record(request.name, "failures" if error else "jobs", out.timings)
+        request.decide_outcome(out)
+
+    # --- decisions ------------------------------------------------------------------------------
+
+    def _dispatch(self, request: ShimRequest) -> None:
+        """Send a request to a host, or decide to run it locally or refuse it."""
+        link = self._pick(request.name)
+        if link is None:
+            self._no_host(request)
+            return
+        try:
+            request.pidfd = os.pidfd_open(request.caller.pid)
+            pgrp = os.getpgid(request.caller.pid)
+        except OSError as exc:
+            request.decide_refused(f"the caller went away: {exc.strerror}")
+            return
+        job = JobRun(link.channel, self._spec(request), request.stdio, self.wake_w,
+                     stdin_pgrp=pgrp)
+        request.job = job
+        self.requests[job.id] = request
+        link.in_flight += 1
+        job.submit()
+        self.add(job)
+
+    def _no_host(self, request: ShimRequest) -> None:
+        """No usable host: local under auto, refusal under always."""
+        if request.policy == "always":
+            self.registry.record(request.name, "failures", {})
+            request.decide_refused("no host is available (policy always)")
+        else:
+            self.registry.record(request.name, "fallbacks", {})
+            request.decide_local("no host offering it answers")
+
+    def _pick(self, name: str) -> HostLink | None:
+        """The usable host with the fewest of our jobs in flight (configuration order on ties)."""
+        usable = [link for link in self.links if link.usable(name)]
+        return min(usable, key=lambda link: link.in_flight) if usable else None
+
+    def _spec(self, request: ShimRequest) -> JobSpec:
+        """The job for a shim request, with the caller's kernel-reported identity."""
+        c = request.caller
+        env = environ.passing(c.env, list(environ.DEFAULT_PASS) + self.config.env_pass)
+        return JobSpec(argv=[os.fsencode(request.name)] + request.args, cwd=c.cwd, uid=c.uid,
+                       gid=c.gid, groups=c.groups, env=env)
+
+    def _forward_signals(self, request: ShimRequest) -> None:
+        """Forward signals newly pending on the caller to its job."""
+        job = request.job
+        if job is None or job.state.final:
+            return
+        pending = pending_signals(request.caller.pid) & FORWARD
+        for signum in sorted(pending - request.forwarded):
+            job.signal(signum)
+        request.forwarded = pending
+
+    # --- hosts ----------------------------------------------------------------------------------
+
+    def _hello(self, link: HostLink, now: float) -> None:
+        """Ask a host who it is (liveness and command refresh)."""
+        link.hello_sent = now
+        link.channel.send(protocol.encode("hello"))
+
+    def _host_up(self, link: HostLink, msg) -> None:
+        """A welcome: the host is up and offers these commands."""
+        if link.state != HostState.UP:
+            log.info("host %s (%s) is up: %s", msg["host"], link.endpoint,
+                     " ".join(msg["commands"]))
+        link.state, link.name, link.commands = HostState.UP, msg["host"], list(msg["commands"])
+        link.channel.welcome = msg
+        self.registry.offer(link.endpoint, link.commands)
+
+    def _host_down(self, link: HostLink, why: str) -> None:
+        """No new jobs go to this host until it answers again. Its shims stay (shells hash
+        command paths: a vanished shim fails instead of falling through PATH) until it has
+        been dead for ``forget_after``; meanwhile they fall back or fail closed by policy."""
+        if link.state == HostState.UP:
+            log.info("host %s (%s) is down: %s", link.name, link.endpoint, why)
+            link.dead_since = time.monotonic()
+        link.state = HostState.DEAD
+
+    def _forget(self, link: HostLink, now: float) -> None:
+        """Withdraw the commands of a host dead for longer than ``forget_after``."""
+        if link.state == HostState.DEAD and link.dead_since is not None \
+                and now - link.dead_since > self.config.forget_after:
+            self.registry.withdraw(link.endpoint)
+            link.dead_since = None
+
+    def host_rows(self) -> list[dict]:
+        """What ``offloadfs status`` shows of the hosts (any thread; a racy but harmless read)."""
+        return [{"endpoint": link.endpoint, "host": link.name, "state": link.state.value,
+                 "commands": list(link.commands), "in_flight": link.in_flight}
+                for link in self.links]
+
+

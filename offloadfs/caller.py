@@ -1,0 +1,143 @@
+"""What the kernel says about the process that ran a shim: identity, cwd, environment, stdio,
+pending signals, and where the local command is.
+
+Called on FUSE worker threads (when a shim's control file is read) and on the agent thread
+(signal polling). Everything here is local /proc and syscalls, never the network. Identity comes
+from the kernel, never from the caller's environment.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+
+from . import mountinfo
+
+SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (generic syscall table)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class CallerGone(Exception):
+    """The caller exited, or its /proc entries cannot be read."""
+
+
+class Caller:
+    """A snapshot of a shim process, taken when it asks for its job."""
+
+    def __init__(self, pid: int):
+        """Read the caller's identity, cwd and environment from /proc."""
+        self.pid = pid
+        try:
+            self.uid, self.gid, self.groups = _identity(pid)
+            self.cwd = os.fsencode(os.readlink(f"/proc/{pid}/cwd"))
+            self.env = _environ(pid)
+        except (OSError, ValueError) as exc:
+            raise CallerGone(f"cannot read /proc/{pid}: {exc}") from None
+
+    def stdio(self) -> tuple[int, int, int]:
+        """Our own duplicates of the caller's fds 0, 1, 2 (the same open files); the caller
+        of this method owns and closes them."""
+        fds: list[int] = []
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError as exc:
+            raise CallerGone(f"pid {self.pid}: {exc.strerror}") from None
+        try:
+            for n in (0, 1, 2):
+                fds.append(_getfd(pidfd, self.pid, n))
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise CallerGone(f"pid {self.pid} fd: {exc.strerror}") from None
+        finally:
+            os.close(pidfd)
+        return fds[0], fds[1], fds[2]
+
+    def local_command(self, name: str) -> str | None:
+        """The command ``name`` the caller's PATH finds after the offloadfs mounts, or None."""
+        cwd = os.fsdecode(self.cwd)
+        mounts = mountinfo.offloadfs_mounts()
+        path = os.fsdecode(self.env.get(b"PATH", b"/usr/local/bin:/usr/bin:/bin"))
+        for entry in path.split(":"):
+            directory = os.path.join(cwd, entry or ".")
+            if mountinfo.inside(os.path.normpath(directory), mounts):
+                continue
+            candidate = os.path.join(directory, name)
+            if _executable(candidate):
+                return candidate
+        return None
+
+    def debug(self) -> bool:
+        """True if the caller asked for debug lines (OFFLOADFS_DEBUG=1)."""
+        return self.env.get(b"OFFLOADFS_DEBUG") == b"1"
+
+
+def pending_signals(pid: int) -> set[int]:
+    """Signals pending for ``pid`` (process-wide and its main thread's); empty if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except OSError:
+        return set()
+    mask = 0
+    for line in text.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            mask |= int(line.split()[1], 16)
+    return {n for n in range(1, 65) if mask & (1 << (n - 1))}
+
+
+def _identity(pid: int) -> tuple[int, int, list[int]]:
+    """(uid, gid, groups) of ``pid``: the real ids from /proc/PID/status."""
+    uid = gid = None
+    groups: list[int] = []
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                uid = int(line.split()[1])
+            elif line.startswith("Gid:"):
+                gid = int(line.split()[1])
+            elif line.startswith("Groups:"):
+                groups = [int(g) for g in line.split()[1:]]
+    if uid is None or gid is None:
+        raise ValueError("no Uid/Gid line")
+    return uid, gid, groups
+
+
+def _environ(pid: int) -> dict[bytes, bytes]:
+    """The environment ``pid`` was started with."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        data = f.read()
+    env = {}
+    for item in data.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key:
+            env[key] = value
+    return env
+
+
+def _getfd(pidfd: int, pid: int, n: int) -> int:
+    """A duplicate of fd ``n`` of the process: pidfd_getfd, or reopening /proc/PID/fd/N."""
+    fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, n, 0)
+    if fd >= 0:
+        return fd
+    err = ctypes.get_errno()
+    if err not in (1, 38):  # EPERM (ptrace policy) or ENOSYS (old kernel): try /proc
+        raise OSError(err, os.strerror(err))
+    return _reopen(pid, n)
+
+
+def _reopen(pid: int, n: int) -> int:
+    """Reopen the caller's fd ``n`` through /proc with its access mode (not for sockets)."""
+    with open(f"/proc/{pid}/fdinfo/{n}") as f:
+        flags = int(next(line for line in f if line.startswith("flags:")).split()[1], 8)
+    mode = flags & os.O_ACCMODE
+    return os.open(f"/proc/{pid}/fd/{n}", mode | os.O_CLOEXEC | (flags & os.O_APPEND))
+
+
+def _executable(path: str) -> bool:
+    """True for a regular file with an execute bit."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o111)

@@ -1,0 +1,288 @@
+"""The FUSE filesystem of shims (fusepy, ``raw_fi`` mode).
+
+libfuse calls these methods on its worker threads. Every answer comes from memory (the
+:class:`~offloadfs.registry.Registry` and the shim text); no callback waits on the network.
+The one callback that blocks is the read of a shim's *control open* (its own file opened
+read-write): that read is the shim waiting for its job, and it returns the reply line once the
+agent (another thread) has decided. Errors are raised as FuseOSError with a specific errno.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+
+from fuse import FuseOSError, Operations, fuse_get_context
+
+from . import registry as reg
+from . import shim
+from .agent import Agent, ShimRequest
+from .caller import Caller, CallerGone
+
+log = logging.getLogger("offloadfs")
+
+MAX_ARGS = 2 * 1024 * 1024   # bytes a shim may write as its arguments (like ARG_MAX)
+
+
+class Session:
+    """A shim's control open: the caller, its stdio, the arguments it wrote, then its reply.
+
+    The caller's fds 0-2 are captured at open time: later the shim's ``read <&3`` points its
+    fd 0 at the control file itself for the length of the read."""
+
+    def __init__(self, name: str, pid: int, dev: int):
+        """A session for shim ``name`` opened by ``pid``; ``dev`` is this filesystem's device."""
+        self.name = name
+        self.args = bytearray()
+        self.reply: bytes | None = None
+        self.pos = 0
+        self.lock = threading.Lock()
+        self.stdio: tuple[int, int, int] | None = None
+        try:
+            self.caller: Caller | None = Caller(pid)
+            self.stdio = _outside(self.caller.stdio(), dev)
+        except CallerGone:
+            self.caller = None
+
+    def take_stdio(self) -> tuple[int, int, int] | None:
+        """Hand the captured fds over (the taker closes them)."""
+        stdio, self.stdio = self.stdio, None
+        return stdio
+
+    def close(self) -> None:
+        """Close captured fds nobody took."""
+        for fd in self.take_stdio() or ():
+            os.close(fd)
+
+
+def _outside(fds: tuple[int, int, int], dev: int) -> tuple[int, int, int] | None:
+    """``fds`` unless one of them is a file of this very filesystem (then None, after closing
+    them): serving the caller's stdio from our own mount could deadlock on ourselves."""
+    if all(os.fstat(fd).st_dev != dev for fd in fds):
+        return fds
+    for fd in fds:
+        os.close(fd)
+    return None
+
+
+class ShimFS(Operations):
+    """A read-only directory of executable shims whose xattrs hold their policy."""
+
+    def __init__(self, registry: reg.Registry, agent: Agent | None, owner: int = 0,
+                 root: str = ""):
+        """Serve ``registry``'s shims at mount point ``root``; ``agent`` runs their jobs
+        (None: always local)."""
+        self.registry, self.agent, self.owner, self.root = registry, agent, owner, root
+        self.dev: int | None = None
+        self._sessions: dict[int, Session] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.mounted = time.time()
+
+    # --- lifecycle (libfuse's thread) -----------------------------------------------------------
+
+    def init(self, path):
+        """Start the agent once libfuse runs (after it has daemonized, if it does)."""
+        if self.agent is not None:
+            self.agent.start()
+
+    def destroy(self, path):
+        """Stop the agent when the filesystem goes away."""
+        if self.agent is not None:
+            self.agent.stop()
+
+    # --- the directory --------------------------------------------------------------------------
+
+    def getattr(self, path, fh=None):
+        """A 0555 directory, or a 0555 regular file per shim."""
+        if path == "/":
+            return self._attrs(stat.S_IFDIR | 0o555, 0, 2)
+        name = self._name(path)
+        return self._attrs(stat.S_IFREG | 0o555, len(shim.script(name)), 1)
+
+    def _attrs(self, mode: int, size: int, nlink: int) -> dict:
+        """Attributes with the mount's time and root as owner."""
+        t = self.mounted
+        return {"st_mode": mode, "st_size": size, "st_nlink": nlink, "st_uid": 0, "st_gid": 0,
+                "st_atime": t, "st_mtime": t, "st_ctime": t}
+
+    def readdir(self, path, fh):
+        """The shims."""
+        if path != "/":
+            raise FuseOSError(errno.ENOTDIR)
+        return [".", ".."] + self.registry.names()
+
+    def access(self, path, amode):
+        """Reading and running are allowed to all; writing to nobody."""
+        if path != "/":
+            self._name(path)
+        if amode & os.W_OK:
+            raise FuseOSError(errno.EACCES)
+        return 0
+
+    def statfs(self, path):
+        """An empty, read-only-looking filesystem."""
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0,
+                "f_bavail": 0, "f_files": len(self.registry.names()), "f_ffree": 0,
+                "f_namemax": 255}
+
+    def _name(self, path: str) -> str:
+        """The shim a path names, or ENOENT."""
+        name = path[1:]
+        if "/" in name or not self.registry.has(name):
+            raise FuseOSError(errno.ENOENT)
+        return name
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def open(self, path, fi):
+        """Read-only opens read the script; read-write opens are a shim asking for its job."""
+        name = self._name(path)
+        mode = fi.flags & os.O_ACCMODE
+        if mode == os.O_RDONLY:
+            fi.keep_cache = 1
+            fi.fh = 0
+            return 0
+        if fi.flags & (os.O_TRUNC | os.O_APPEND):
+            raise FuseOSError(errno.EACCES)
+        _, _, pid = fuse_get_context()
+        session = Session(name, pid, self._dev())
+        with self._lock:
+            fh = next(self._ids)
+            self._sessions[fh] = session
+        fi.fh, fi.direct_io = fh, 1
+        return 0
+
+    def read(self, path, size, offset, fi):
+        """The script, or (control open) the reply line once the job is decided."""
+        if fi.fh == 0:
+            return shim.script(self._name(path))[offset:offset + size]
+        session = self._session(fi.fh)
+        with session.lock:
+            if session.reply is None:
+                session.reply = self._run(session)
+            data = session.reply[session.pos:session.pos + size]
+            session.pos += len(data)
+        return data
+
+    def write(self, path, data, offset, fi):
+        """A shim writes its NUL-terminated arguments to its control open."""
+        if fi.fh == 0:
+            raise FuseOSError(errno.EBADF)
+        session = self._session(fi.fh)
+        if len(session.args) + len(data) > MAX_ARGS:
+            raise FuseOSError(errno.E2BIG)
+        session.args += data
+        return len(data)
+
+    def release(self, path, fi):
+        """Forget a control open."""
+        with self._lock:
+            session = self._sessions.pop(fi.fh, None)
+        if session is not None:
+            session.close()
+        return 0
+
+    def truncate(self, path, length, fh=None):
+        """Shims cannot be changed."""
+        raise FuseOSError(errno.EACCES)
+
+    def chmod(self, path, mode):
+        """Shims cannot be changed."""
+        raise FuseOSError(errno.EPERM)
+
+    def chown(self, path, uid, gid):
+        """Shims cannot be changed."""
+        raise FuseOSError(errno.EPERM)
+
+    def utimens(self, path, times=None):
+        """Shims cannot be changed."""
+        raise FuseOSError(errno.EPERM)
+
+    def _session(self, fh: int) -> Session:
+        """The control session of ``fh``, or EBADF."""
+        with self._lock:
+            session = self._sessions.get(fh)
+        if session is None:
+            raise FuseOSError(errno.EBADF)
+        return session
+
+    def _run(self, session: Session) -> bytes:
+        """Run a shim's job (blocking this FUSE thread only) and return its reply line."""
+        policy = self.registry.policy(session.name)
+        if session.caller is None:
+            return shim.reply_status(255)
+        request = ShimRequest(session.name, shim.parse_args(bytes(session.args)),
+                              session.caller, policy, session.take_stdio())
+        reason = self._local_reason(request)
+        if reason:
+            self.registry.record(session.name, "fallbacks", {})
+            request.decide_local(reason)
+        else:
+            self.agent.submit(request)
+        return request.reply()
+
+    def _local_reason(self, request: ShimRequest) -> str | None:
+        """Why this request runs locally without asking the agent, or None."""
+        if request.policy == "never":
+            return "policy never"
+        if self.agent is None or not self.agent.thread.is_alive():
+            return "the agent is not running"
+        if request.stdio is None:
+            return "its stdio cannot be relayed (a file of the offloadfs mount?)"
+        return None
+
+    def _dev(self) -> int:
+        """The device number of this filesystem (the mount point's, once mounted)."""
+        if self.dev is None:
+            self.dev = os.stat(self.root).st_dev if self.root else -1
+        return self.dev
+
+    # --- xattrs ---------------------------------------------------------------------------------
+
+    def getxattr(self, path, name, position=0):
+        """user.offload.policy, .hosts, .stats; ENODATA for any other name."""
+        shim_name = self._name(path) if path != "/" else None
+        if shim_name is None:
+            raise FuseOSError(errno.ENODATA)
+        try:
+            return self.registry.xattr(shim_name, name)
+        except KeyError:
+            raise FuseOSError(errno.ENODATA) from None
+
+    def listxattr(self, path):
+        """The three offload attributes of a shim."""
+        return list(reg.XATTRS) if path != "/" and self._name(path) else []
+
+    def setxattr(self, path, name, value, options, position=0):
+        """Only the policy is writable, by root or the mount's owner, to auto|always|never."""
+        shim_name = self._name(path)
+        if name not in reg.XATTRS:
+            raise FuseOSError(errno.ENOTSUP)
+        if name != reg.XATTR_POLICY:
+            raise FuseOSError(errno.EPERM)
+        self._check_owner()
+        try:
+            self.registry.set_policy(shim_name, value)
+        except reg.BadValue:
+            raise FuseOSError(errno.EINVAL) from None
+        return 0
+
+    def removexattr(self, path, name):
+        """Removing the policy sets it back to auto."""
+        shim_name = self._name(path)
+        if name != reg.XATTR_POLICY:
+            raise FuseOSError(errno.ENODATA if name not in reg.XATTRS else errno.EPERM)
+        self._check_owner()
+        self.registry.reset_policy(shim_name)
+        return 0
+
+    def _check_owner(self) -> None:
+        """EPERM unless the caller is root or the mount's owner."""
+        uid, _, _ = fuse_get_context()
+        if uid not in (0, self.owner):
+            raise FuseOSError(errno.EPERM)
