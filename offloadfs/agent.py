@@ -41,10 +41,11 @@ class ShimRequest:
     ``outcome`` (the job ran), ``local`` (run locally, with the reason) or ``refusal``."""
 
     def __init__(self, name: str, args: list[bytes], caller: Caller, policy: str,
-                 stdio: tuple[int, int, int] | None):
+                 stdio: tuple[int, int, int] | None, debug: bool = False):
         """A request to run ``name`` with ``args`` for ``caller``, whose fds 0-2 we hold as
-        ``stdio`` (the request closes them when it is done)."""
+        ``stdio`` (the request closes them when it is done); ``debug`` tells where it ran."""
         self.name, self.args, self.caller, self.policy = name, args, caller, policy
+        self.verbose = debug or caller.debug()
         self.done = threading.Event()
         self.stdio = stdio
         self.job: JobRun | None = None
@@ -109,7 +110,7 @@ class ShimRequest:
 
     def _debug(self, text: str) -> None:
         """A line on the caller's stderr with OFFLOADFS_DEBUG=1."""
-        if self.caller.debug():
+        if self.verbose:
             self._say(text)
 
     def _close(self) -> None:
@@ -163,6 +164,7 @@ class Agent(ClientLoop):
         self.thread = threading.Thread(target=self._main, name="offloadfs-agent", daemon=True)
         self._stopping = False
         self._last_signal_poll = 0.0
+        self.recent: list[dict] = []
 
     # --- any thread -----------------------------------------------------------------------------
 
@@ -277,9 +279,12 @@ class Agent(ClientLoop):
         if error is not None and not error.started and request.policy == "auto" \
                 and error.kind not in ("cancelled",):
             self.registry.record(request.name, "fallbacks", {})
+            self._remember(request, "local", str(error), -1, {})
             request.decide_local(str(error))
             return
         self.registry.record(request.name, "failures" if error else "jobs", out.timings)
+        why = str(error) if error else f"policy {request.policy}"
+        self._remember(request, out.host, why, out.status, out.timings)
         request.decide_outcome(out)
 
     # --- decisions ------------------------------------------------------------------------------
@@ -308,9 +313,11 @@ class Agent(ClientLoop):
         """No usable host: local under auto, refusal under always."""
         if request.policy == "always":
             self.registry.record(request.name, "failures", {})
+            self._remember(request, "nowhere", "no host available, policy always", 255, {})
             request.decide_refused("no host is available (policy always)")
         else:
             self.registry.record(request.name, "fallbacks", {})
+            self._remember(request, "local", "no host offering it answers", -1, {})
             request.decide_local("no host offering it answers")
 
     def _pick(self, name: str) -> HostLink | None:
@@ -367,10 +374,23 @@ class Agent(ClientLoop):
             self.registry.withdraw(link.endpoint)
             link.dead_since = None
 
-    def host_rows(self) -> list[dict]:
-        """What ``offloadfs status`` shows of the hosts (any thread; a racy but harmless read)."""
-        return [{"endpoint": link.endpoint, "host": link.name, "state": link.state.value,
-                 "commands": list(link.commands), "in_flight": link.in_flight}
-                for link in self.links]
+    def status(self) -> dict:
+        """What ``offloadfs status`` shows (any thread: a snapshot of plain values)."""
+        hosts = [{"endpoint": link.endpoint, "host": link.name, "state": link.state.value,
+                  "commands": list(link.commands), "in_flight": link.in_flight,
+                  **_load(link.channel.welcome)} for link in list(self.links)]
+        return {"hosts": hosts, "jobs": list(self.recent)}
+
+    def _remember(self, request: ShimRequest, where: str, why: str, status: int,
+                  timings: dict) -> None:
+        """Keep the last jobs for status: where each ran, why, and its stage timings."""
+        entry = {"command": request.name, "where": where, "why": why, "status": status,
+                 "uid": request.caller.uid, **{k: round(v, 6) for k, v in timings.items()}}
+        self.recent = (self.recent + [entry])[-50:]
 
 
+def _load(welcome) -> dict:
+    """Slots, busy slots and queue length from a host's last welcome."""
+    if welcome is None:
+        return {}
+    return {k: welcome.get(k) for k in ("slots", "busy", "queued", "tags")}

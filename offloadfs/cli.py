@@ -47,13 +47,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def status(args) -> int:
-    """``offloadfs status``: the hosts' state, then this machine's last jobs."""
+    """``offloadfs status``: each mount's hosts and jobs, or the hosts asked directly; then
+    this machine's last ``offld`` jobs."""
     cfg = ClientConfig.load(args.config)
-    endpoints = [host_endpoint(h) for h in args.host or []] or cfg.brokers + cfg.hosts
-    lines, ok = st.report(endpoints, args.timeout)
+    mounts = [] if args.host else st.mounted()
+    lines, ok = [], True
+    for mnt in mounts:
+        lines += st.mount_lines(mnt)
+    if not mounts:
+        endpoints = [host_endpoint(h) for h in args.host or []] or cfg.brokers + cfg.hosts
+        lines, ok = st.report(endpoints, args.timeout)
     recent = [dict(e.get("timings", {}), command=" ".join(e.get("command", []))[:40],
                    status=e.get("status"), host=e.get("host")) for e in joblog.read(cfg.job_log)]
-    lines += ["last jobs from here:"] + (st.job_lines(recent) or ["  (none)"])
+    lines += ["last offld jobs from here:"] + (st.job_lines(recent) or ["  (none)"])
     print("\n".join(lines))
     return 0 if ok else 1
 

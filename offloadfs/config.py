@@ -106,7 +106,6 @@ class ClientConfig:
         commands = section(data, "commands")
         cfg.allow = [str(x) for x in typed(commands, "allow", list, ["*"])]
         cfg.deny = [str(x) for x in typed(commands, "deny", list, [])]
-        default_state = "/var/lib/offloadfs/state.json" if os.getuid() == 0 else \
-            os.path.join(state_dir(), "state.json")
-        cfg.state_file = typed(section(data, "mount"), "state_file", str, default_state)
+        cfg.state_file = typed(section(data, "mount"), "state_file", str,
+                               os.path.join(state_dir(), "state.json"))
         return cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import os
 import stat
@@ -26,6 +27,7 @@ from .caller import Caller, CallerGone
 log = logging.getLogger("offloadfs")
 
 MAX_ARGS = 2 * 1024 * 1024   # bytes a shim may write as its arguments (like ARG_MAX)
+XATTR_STATUS = "user.offload.status"
 
 
 class Session:
@@ -73,10 +75,11 @@ class ShimFS(Operations):
     """A read-only directory of executable shims whose xattrs hold their policy."""
 
     def __init__(self, registry: reg.Registry, agent: Agent | None, owner: int = 0,
-                 root: str = ""):
+                 root: str = "", debug: bool = False):
         """Serve ``registry``'s shims at mount point ``root``; ``agent`` runs their jobs
-        (None: always local)."""
+        (None: always local); ``debug`` tells every caller where its job ran and why."""
         self.registry, self.agent, self.owner, self.root = registry, agent, owner, root
+        self.debug = debug
         self.dev: int | None = None
         self._sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
@@ -217,7 +220,7 @@ class ShimFS(Operations):
         if session.caller is None:
             return shim.reply_status(255)
         request = ShimRequest(session.name, shim.parse_args(bytes(session.args)),
-                              session.caller, policy, session.take_stdio())
+                              session.caller, policy, session.take_stdio(), self.debug)
         reason = self._local_reason(request)
         if reason:
             self.registry.record(session.name, "fallbacks", {})
@@ -245,18 +248,21 @@ class ShimFS(Operations):
     # --- xattrs ---------------------------------------------------------------------------------
 
     def getxattr(self, path, name, position=0):
-        """user.offload.policy, .hosts, .stats; ENODATA for any other name."""
-        shim_name = self._name(path) if path != "/" else None
-        if shim_name is None:
-            raise FuseOSError(errno.ENODATA)
+        """user.offload.policy, .hosts, .stats on shims; user.offload.status on the root
+        (hosts and recent jobs, JSON); ENODATA for any other name."""
+        if path == "/":
+            if name != XATTR_STATUS or self.agent is None:
+                raise FuseOSError(errno.ENODATA)
+            return json.dumps(self.agent.status(), sort_keys=True).encode()
+        shim_name = self._name(path)
         try:
             return self.registry.xattr(shim_name, name)
         except KeyError:
             raise FuseOSError(errno.ENODATA) from None
 
     def listxattr(self, path):
-        """The three offload attributes of a shim."""
-        return list(reg.XATTRS) if path != "/" and self._name(path) else []
+        """The three offload attributes of a shim; the status of the root."""
+        return list(reg.XATTRS) if path != "/" and self._name(path) else [XATTR_STATUS]
 
     def setxattr(self, path, name, value, options, position=0):
         """Only the policy is writable, by root or the mount's owner, to auto|always|never."""

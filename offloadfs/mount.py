@@ -43,7 +43,7 @@ def mount(args) -> int:
     registry = Registry(cfg.allow, cfg.deny, cfg.state_file)
     agent = Agent(cfg, registry, endpoints(args, cfg))
     log.info("mounting %s for %s", mnt, " ".join(agent.endpoints) or "(no hosts)")
-    FUSE(ShimFS(registry, agent, owner=os.getuid(), root=mnt), mnt, raw_fi=True,
+    FUSE(ShimFS(registry, agent, os.getuid(), mnt, args.debug), mnt, raw_fi=True,
          foreground=args.foreground, nothreads=False, auto_unmount=True, fsname="offloadfs",
          subtype="offloadfs", attr_timeout=1, entry_timeout=1, **_allow_other())
     log.info("unmounted %s", mnt)

@@ -4,9 +4,12 @@ Runs on the caller's thread with its own short-lived ZeroMQ context.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import zmq
 
-from . import protocol
+from . import mountinfo, protocol
 from .channel import Channel, OffloadError
 from .protocol import Message
 
@@ -38,14 +41,36 @@ def host_lines(endpoint: str, msg: Message) -> list[str]:
 
 
 def job_lines(jobs: list[dict], last: int = 10) -> list[str]:
-    """Recent jobs, newest last: where, status, stage timings in ms."""
+    """Recent jobs, newest last: where, status, why, stage timings in ms."""
     lines = []
     for job in jobs[-last:]:
         stages = " ".join(f"{k} {float(job[k]) * 1000:.1f}" for k in protocol.STAGES if k in job)
-        where = job.get("host") or ""
+        where = job.get("where") or job.get("host") or ""
+        why = f" ({job['why']})" if job.get("why") else ""
         lines.append(f"  {job.get('command', '?')!s:<12} status {job.get('status', '?')!s:>3} "
-                     f"{where} {stages} ms".rstrip())
+                     f"on {where}{why} {stages + ' ms' if stages else ''}".rstrip())
     return lines
+
+
+def mounted() -> list[str]:
+    """Mount points of the offloadfs filesystems this machine has."""
+    return mountinfo.offloadfs_mounts()
+
+
+def mount_lines(mnt: str) -> list[str]:
+    """A mount's hosts (state, slots, queue, commands) and its last jobs."""
+    try:
+        data = json.loads(os.getxattr(mnt, "user.offload.status"))
+    except (OSError, ValueError) as exc:
+        return [f"mount {mnt}: no status ({exc})"]
+    lines = [f"mount {mnt}:"]
+    for h in data.get("hosts", []):
+        lines.append(f"  host {h['host']} ({h['endpoint']}): {h['state']}, "
+                     f"{h.get('busy', '?')}/{h.get('slots', '?')} slots busy, "
+                     f"{h.get('queued', '?')} queued, {h['in_flight']} of ours in flight")
+        lines.append("    commands: " + (" ".join(h["commands"]) or "(none)"))
+    lines.append("  last jobs:")
+    return lines + (job_lines(data.get("jobs", [])) or ["    (none)"])
 
 
 def report(endpoints: list[str], timeout: float) -> tuple[list[str], bool]:

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 OFFLD = str(BIN / "offld")
 OFFLOADD = str(BIN / "offloadd")
+OFFLOADFS = str(BIN / "offloadfs")
 DATA = Path(__file__).parent / "data"
 CONVERT = "/usr/bin/convert"
 COMMANDS = {"sh": "/bin/sh", "cat": "/bin/cat", "true": "/bin/true", "convert": CONVERT,
@@ -91,6 +92,79 @@ class Daemon:
                 pytest.fail("offloadd did not stop within 15s of SIGTERM")
         self.log_file.close()
         return self.proc.returncode
+
+
+def fuse_mounts() -> list[str]:
+    """Mount points of FUSE filesystems on this machine."""
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if " - fuse" in line]
+
+
+class Mount:
+    """An ``offloadfs mount -f`` process serving shims at ``path``."""
+
+    def __init__(self, workdir: Path, *args: str, hosts=(), config: str | None = None,
+                 wait_for_shim: str | None = None):
+        """Mount, and wait until ``wait_for_shim`` (if given) is listed."""
+        self.path = workdir / f"offload-{time.monotonic_ns()}"
+        self.path.mkdir()
+        self.log_path = workdir / f"mount-{time.monotonic_ns()}.log"
+        argv = [OFFLOADFS, "mount", str(self.path), "-f", *args]
+        for host in hosts:
+            argv += ["-H", host]
+        if config:
+            argv += ["-c", config]
+        self.log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     cwd=workdir, start_new_session=True)
+        wait_for(self._mounted, 20, f"{self.path} to be mounted")
+        if wait_for_shim:
+            wait_for(lambda: (self.path / wait_for_shim).exists(), 20,
+                     f"shim {wait_for_shim} to appear")
+
+    def _mounted(self) -> bool:
+        """True once the mount is up; fails at once if the process died."""
+        if self.proc.poll() is not None:
+            pytest.fail(f"offloadfs mount exited {self.proc.returncode}: {self.log()}")
+        return str(self.path) in fuse_mounts()
+
+    def log(self) -> str:
+        """The mount process's log so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def env(self, **extra) -> dict:
+        """An environment with the mount first on PATH."""
+        return dict(os.environ, PATH=f"{self.path}:{os.environ['PATH']}", **extra)
+
+    def unmount(self) -> int:
+        """``offloadfs umount``, then wait (bounded) for the process; its exit code."""
+        if self.proc.poll() is None and str(self.path) in fuse_mounts():
+            subprocess.run([OFFLOADFS, "umount", str(self.path)], check=True, timeout=30)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail("offloadfs mount did not exit within 20s of umount")
+        self.log_file.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_mount(tmp_path):
+    """Factory for mounts; each is unmounted at teardown, and none may be left mounted."""
+    started: list[Mount] = []
+
+    def start(*args, **kw) -> Mount:
+        mount = Mount(tmp_path, *args, **kw)
+        started.append(mount)
+        return mount
+
+    yield start
+    for mount in started:
+        mount.unmount()
+    left = [m for m in fuse_mounts() if m.startswith(str(tmp_path))]
+    assert not left, f"leftover mounts: {left}"
 
 
 @pytest.fixture(autouse=True)
