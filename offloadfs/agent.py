@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 
@@ -333,11 +334,18 @@ class Agent(ClientLoop):
                        gid=c.gid, groups=c.groups, env=env)
 
     def _forward_signals(self, request: ShimRequest) -> None:
-        """Forward signals newly pending on the caller to its job."""
+        """Forward signals newly pending on the caller to its job. A caller being killed
+        (SIGKILL pending: a shim waiting on FUSE cannot die until its read is answered)
+        has its job cancelled and its read answered at once."""
         job = request.job
         if job is None or job.state.final:
             return
-        pending = pending_signals(request.caller.pid) & FORWARD
+        pending = pending_signals(request.caller.pid)
+        if signal.SIGKILL in pending:
+            job.cancel()
+            job.fail(OffloadError("the caller was killed", "cancelled", True))
+            return
+        pending &= FORWARD
         for signum in sorted(pending - request.forwarded):
             job.signal(signum)
         request.forwarded = pending

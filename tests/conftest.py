@@ -51,12 +51,18 @@ class Daemon:
     """An ``offloadd serve`` process on an ephemeral loopback port."""
 
     def __init__(self, workdir: Path, *args: str, commands: dict | None = None,
-                 allow_root: bool = True, prefix: list[str] | None = None):
-        """Start the daemon and wait for its 'listening on' line."""
+                 allow_root: bool = True, marker: Path | None = None, port: int = 0):
+        """Start the daemon and wait for its 'listening on' line. With ``marker`` (a
+        directory), the daemon runs in its own mount namespace where a tmpfs hides it and
+        ``marker/where`` reads "host" (the caller's copy says something else)."""
         self.log_path = workdir / f"offloadd-{time.monotonic_ns()}.log"
         cmds = [f"--command={k}={v}" for k, v in (COMMANDS if commands is None else commands).items()]
-        argv = (prefix or []) + [OFFLOADD, "serve", "--listen", "tcp://127.0.0.1:0", *cmds,
-                                 *(["--allow-root"] if allow_root else []), *args]
+        argv = [OFFLOADD, "serve", "--listen", f"tcp://127.0.0.1:{port}", *cmds,
+                *(["--allow-root"] if allow_root else []), *args]
+        if marker is not None:
+            script = 'mount -t tmpfs none "$0" && echo host > "$0/where" && exec "$@"'
+            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                    str(marker), *argv]
         self.log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
                                      cwd=workdir, start_new_session=True)
