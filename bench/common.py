@@ -3,7 +3,8 @@
 Every benchmark measures through these so that their numbers are taken the same way: wall
 time of a whole command (``timed_run``), median and p99 (``summary``), the stage breakdown
 ``offld -p`` prints (``parse_profile``), then a table on stdout and ``bench/results/NAME.json``
-+ ``NAME.png`` (``publish``).
++ ``NAME.png`` (``publish``). ``daemon`` starts a throw-away ``offloadd``; ``shims`` mounts its
+shims (``offloadfs mount -f``) on a temporary mount point.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from offloadfs import mountinfo
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PROJECT = RESULTS.parent.parent
 LISTENING = re.compile(rb"listening on tcp://[^\s:]+:(\d+)")
@@ -31,6 +34,8 @@ PROFILE = re.compile(r"offld: profile on \S+: (.*)$", re.MULTILINE)
 STAGE = re.compile(r"(\w+) ([0-9.]+) ms")
 START_DEADLINE = 20.0
 STOP_DEADLINE = 5.0
+UNMOUNT_DEADLINE = 20.0   # the mount's agent may take up to 10 s to close its connections
+XATTR_POLICY, XATTR_STATS = "user.offload.policy", "user.offload.stats"
 
 
 class BenchError(Exception):
@@ -118,6 +123,118 @@ def stop(proc: subprocess.Popen) -> None:
               file=sys.stderr)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+# --- the shims -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Shims:
+    """A running ``offloadfs mount -f``: the mount point, its log, its process."""
+
+    path: Path
+    log: Path
+    proc: subprocess.Popen
+
+    def shim(self, name: str) -> str:
+        """The path of shim ``name`` (what a PATH lookup with the mount first finds)."""
+        return str(self.path / name)
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """``base`` (default: ours) with the mount first on PATH."""
+        base = dict(os.environ if base is None else base)
+        return {**base, "PATH": f"{self.path}:{base.get('PATH', os.defpath)}"}
+
+    def stats(self, name: str) -> dict:
+        """The mount's counts for shim ``name``: {"jobs", "failures", "fallbacks", "mean_ms"}."""
+        return json.loads(os.getxattr(self.shim(name), XATTR_STATS))
+
+    def set_policy(self, name: str, policy: str) -> None:
+        """Set shim ``name``'s policy (auto, always, never); kept in this mount's temp state."""
+        os.setxattr(self.shim(name), XATTR_POLICY, policy.encode())
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the mount's log, for error messages."""
+        text = self.log.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join("  " + line for line in text)
+
+
+@contextlib.contextmanager
+def shims(d: Daemon, names: Sequence[str], *flags: str) -> Iterator[Shims]:
+    """The shims of daemon ``d`` mounted on a temporary mount point, ready once every shim in
+    ``names`` is listed; always unmounted (and the mount process ended) on the way out.
+
+    The mount keeps its policy state under its own temporary ``XDG_STATE_HOME``."""
+    with tempfile.TemporaryDirectory(prefix="offloadfs-bench-mount-") as tmp:
+        top = Path(tmp).resolve()
+        mnt, log = top / "mnt", top / "mount.log"
+        mnt.mkdir()
+        env = {**os.environ, "XDG_STATE_HOME": str(top / "state")}
+        argv = [tool("offloadfs"), "mount", str(mnt), "-H", d.host, "-f", *flags]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                    cwd=top, env=env, start_new_session=True)
+        m = Shims(mnt, log, proc)
+        try:
+            wait_mounted(m, names, START_DEADLINE)
+            yield m
+        finally:
+            unmount(m)
+
+
+def mounted(path: Path) -> bool:
+    """True if an offloadfs filesystem is mounted at ``path`` (per /proc/self/mountinfo)."""
+    return str(path) in mountinfo.offloadfs_mounts()
+
+
+def wait_mounted(m: Shims, names: Sequence[str], deadline: float) -> None:
+    """Wait until ``m`` is mounted and lists every shim in ``names``, at most ``deadline`` s."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if m.proc.poll() is not None:
+            raise BenchError(f"offloadfs mount exited with status {m.proc.returncode}:\n"
+                             + m.log_tail())
+        if mounted(m.path) and all((m.path / name).exists() for name in names):
+            return
+        time.sleep(0.02)
+    missing = " ".join(n for n in names if not (m.path / n).exists()) if mounted(m.path) else ""
+    raise BenchError(f"{m.path} was not mounted" + (f" with shims {missing}" if missing else "")
+                     + f" within {deadline:.0f} s:\n" + m.log_tail())
+
+
+def unmount(m: Shims) -> None:
+    """``offloadfs umount`` and wait for the mount process; SIGTERM it if it never mounted,
+    SIGKILL its group if it does not exit in time, and lazily detach a mount left behind."""
+    if m.proc.poll() is None:
+        if mounted(m.path):
+            try:
+                done = subprocess.run([tool("offloadfs"), "umount", str(m.path)],
+                                      capture_output=True, text=True, timeout=UNMOUNT_DEADLINE,
+                                      check=False)
+                if done.returncode != 0:
+                    print(f"bench: offloadfs umount {m.path}: {done.stderr.strip()}",
+                          file=sys.stderr)
+            except subprocess.TimeoutExpired:
+                print(f"bench: offloadfs umount {m.path} hung", file=sys.stderr)
+        else:
+            m.proc.send_signal(signal.SIGTERM)
+    try:
+        m.proc.wait(UNMOUNT_DEADLINE)
+    except subprocess.TimeoutExpired:
+        print(f"bench: offloadfs mount did not exit within {UNMOUNT_DEADLINE:.0f} s of umount, "
+              "killing it", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(m.proc.pid, signal.SIGKILL)
+        m.proc.wait()
+    end = time.monotonic() + STOP_DEADLINE   # after a kill, auto_unmount detaches it soon
+    while mounted(m.path) and time.monotonic() < end:
+        time.sleep(0.05)
+    if mounted(m.path):
+        print(f"bench: {m.path} still mounted, detaching it lazily", file=sys.stderr)
+        for fusermount in ("fusermount3", "fusermount"):
+            with contextlib.suppress(FileNotFoundError):
+                subprocess.run([fusermount, "-u", "-z", str(m.path)], capture_output=True,
+                               timeout=UNMOUNT_DEADLINE, check=False)
+                break
 
 
 # --- measuring ------------------------------------------------------------------------------

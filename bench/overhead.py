@@ -1,8 +1,10 @@
-"""Per-job cost of a no-op, run locally and through offld + a real offloadd.
+"""Per-job cost of a no-op, run locally, through offld and through a shim, with a real offloadd.
 
 Every path in :func:`paths` runs the same no-op; the runs are interleaved (one of each path per
 round) so that drift in the machine's load hits every path alike. The first path is the
-baseline the others are compared with. ``offld -p`` also gives the stage breakdown.
+baseline the others are compared with. ``offld -p`` also gives the stage breakdown. The shim
+path runs ``MOUNTPOINT/true`` of an ``offloadfs mount`` of the same daemon, the file a PATH
+lookup finds with the mount first on PATH; the mount's counters must show every run offloaded.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import dataclasses
 from offloadfs import protocol
 
 from .common import (
+    BenchError,
     Daemon,
+    Shims,
     daemon,
     machine_info,
     median_by_key,
@@ -19,6 +23,7 @@ from .common import (
     print_table,
     publish,
     pyplot,
+    shims,
     summary,
     timed_run,
     tool,
@@ -47,11 +52,12 @@ def add_arguments(parser) -> None:
                         f"--quick {QUICK_RUNS})")
 
 
-def paths(d: Daemon) -> list[NoopPath]:
-    """The paths measured, baseline first; later ones (shim, ssh, distcc) are added here."""
+def paths(d: Daemon, m: Shims) -> list[NoopPath]:
+    """The paths measured, baseline first; later ones (ssh, distcc) are added here."""
     return [
         NoopPath("local", "local /bin/true", ["/bin/true"]),
         NoopPath("offld", "offld -- true", [tool("offld"), "-p", "-H", d.host, "--", "true"]),
+        NoopPath("shim", "shim MOUNTPOINT/true", [m.shim("true")]),
     ]
 
 
@@ -59,11 +65,14 @@ def run(opts) -> dict:
     """Measure, print the table, write overhead.json and overhead.png."""
     runs = opts.runs or (QUICK_RUNS if opts.quick else RUNS)
     warmup = QUICK_WARMUP if opts.quick else WARMUP
-    with daemon(DAEMON_COMMANDS) as d:
-        measured = paths(d)
+    with daemon(DAEMON_COMMANDS) as d, shims(d, list(DAEMON_COMMANDS)) as m:
+        measured = paths(d, m)
         print(f"overhead: {runs} runs of each path after {warmup} warm-up, interleaved ...")
         samples, profiles = measure(measured, runs, warmup, d.client_env())
+        shim_stats = offloaded(m, "true", warmup + runs)
     result = results(measured, samples, profiles, warmup)
+    result["shim_stages_mean_ms"] = {k: shim_stats["mean_ms"][k] for k in STAGES
+                                     if k in shim_stats["mean_ms"]}
     report(measured, result)
     publish(NAME, result, plot(result))
     return result
@@ -81,6 +90,16 @@ def measure(measured: list[NoopPath], runs: int, warmup: int, env: dict[str, str
                 samples[p.name].append(ms)
                 profiles[p.name] += [stages] if stages else []
     return samples, profiles
+
+
+def offloaded(m: Shims, name: str, expected: int) -> dict:
+    """The mount's stats of shim ``name``, after checking that all ``expected`` runs went to
+    the daemon (a local fallback would measure the wrong thing)."""
+    stats = m.stats(name)
+    if (stats["jobs"], stats["failures"], stats["fallbacks"]) != (expected, 0, 0):
+        raise BenchError(f"{name} shim: expected {expected} offloaded jobs, the mount counted "
+                         f"{stats}:\n{m.log_tail()}")
+    return stats
 
 
 def results(measured: list[NoopPath], samples: dict, profiles: dict, warmup: int) -> dict:
@@ -115,12 +134,17 @@ def report(measured: list[NoopPath], r: dict) -> None:
     stage_rows = [[k, v] for k, v in r["stages_ms"].items()]
     stage_rows.append(["outside -p (interpreter, imports, exit)", r["offld_unprofiled_p50_ms"]])
     print_table(["stage", "ms"], stage_rows)
+    daemon_ms = sum(r["shim_stages_mean_ms"].values())
+    print("\nshim: the daemon's stages (mean of the mount's jobs) "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in r["shim_stages_mean_ms"].items())
+          + f"; the other {r['shim_p50_ms'] - daemon_ms:.1f} ms of its p50 are sh, FUSE, the "
+          "mount's agent and the round trip")
 
 
 def plot(r: dict):
     """Distributions per path (log scale) beside the stacked offld stage breakdown."""
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), width_ratios=(3, 2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), width_ratios=(3, 2))
     plot_distributions(left, r)
     plot_stages(right, r)
     fig.suptitle(f"Per-job overhead of a no-op ({r['n']} runs per path) — "
@@ -142,6 +166,7 @@ def plot_distributions(ax, r: dict) -> None:
     for i, n in enumerate(names, start=1):
         ax.annotate(f"p50 {r[f'{n}_p50_ms']:.1f} ms\np99 {r[f'{n}_p99_ms']:.1f} ms",
                     (i + 0.3, r[f"{n}_p50_ms"]), va="center", fontsize=9)
+    ax.set_xlim(0.5, len(names) + 0.95)   # room for the last box's label
     thesis_band(ax)
     ax.set_yscale("log")
     ax.set_ylabel("wall time per job (ms, log scale)")
@@ -159,7 +184,7 @@ def plot_stages(ax, r: dict) -> None:
                label=f"{label} {ms:.1f} ms")
         bottom += ms
     ax.annotate(f"-p total {r['stages_ms']['total']:.1f} ms", (0, r["stages_ms"]["total"]),
-                xytext=(0, 6), textcoords="offset points", ha="center", color="white",
+                xytext=(0, -14), textcoords="offset points", ha="center", color="white",
                 fontsize=9)
     thesis_band(ax)
     ax.set_ylim(0, max(bottom, THESIS_BAND_MS[1]) * 1.1)

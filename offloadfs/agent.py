@@ -55,6 +55,7 @@ class ShimRequest:
         self.refusal: str | None = None
         self.pidfd = -1
         self.forwarded: set[int] = set()
+        self.early_signals: list[int] = []
 
     def decide_local(self, reason: str) -> None:
         """Agent thread: run the command locally."""
@@ -309,6 +310,8 @@ class Agent(ClientLoop):
         link.in_flight += 1
         job.submit()
         self.add(job)
+        for signum in request.early_signals:  # caught by the shim before it asked
+            job.signal(signum)
 
     def _no_host(self, request: ShimRequest) -> None:
         """No usable host: local under auto, refusal under always."""

@@ -22,7 +22,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("-L", "--load-balancer", action="append", metavar="BROKER[:PORT]",
                    help="offload through this broker (repeatable)")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    m.add_argument("-d", "--debug", action="store_true", help="log debug messages")
+    m.add_argument("-d", "--debug", action="store_true", help="log debug messages, and tell "
+                   "every caller on stderr where its job ran and why")
+    m.add_argument("--log", metavar="FILE", help="log to FILE (without -f, stderr is lost)")
     u = sub.add_parser("umount", help="unmount MOUNTPOINT")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     st = sub.add_parser("status", help="hosts, slots, queue, and the last jobs run from here")

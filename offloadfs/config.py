@@ -89,8 +89,8 @@ class ClientConfig:
 
     @classmethod
     def load(cls, path: str | None) -> "ClientConfig":
-        """Read ``path`` (or the system file if it exists) into a ClientConfig."""
-        data = load_toml(path, CLIENT_CONFIG)
+        """Read ``path`` (else $OFFLOADFS_CONFIG, else the system file if it exists)."""
+        data = load_toml(path or os.environ.get("OFFLOADFS_CONFIG") or None, CLIENT_CONFIG)
         client = section(data, "client")
         cfg = cls()
         hosts = typed(client, "hosts", list, None)

@@ -89,9 +89,11 @@ class ShimFS(Operations):
     # --- lifecycle (libfuse's thread) -----------------------------------------------------------
 
     def init(self, path):
-        """Start the agent once libfuse runs (after it has daemonized, if it does)."""
+        """Start the agent once libfuse runs (after it has daemonized, if it does), then tell
+        systemd (Type=notify) that the mount is ready."""
         if self.agent is not None:
             self.agent.start()
+        sd_notify(b"READY=1")
 
     def destroy(self, path):
         """Stop the agent when the filesystem goes away."""
@@ -219,8 +221,14 @@ class ShimFS(Operations):
         policy = self.registry.policy(session.name)
         if session.caller is None:
             return shim.reply_status(255)
-        request = ShimRequest(session.name, shim.parse_args(bytes(session.args)),
-                              session.caller, policy, session.take_stdio(), self.debug)
+        try:
+            args, early = shim.parse_request(bytes(session.args))
+        except shim.BadRequest as exc:
+            log.warning("%s: bad request from pid %d: %s", session.name, session.caller.pid, exc)
+            return shim.reply_status(255)
+        request = ShimRequest(session.name, args, session.caller, policy,
+                              session.take_stdio(), self.debug)
+        request.early_signals = early
         reason = self._local_reason(request)
         if reason:
             self.registry.record(session.name, "fallbacks", {})
@@ -292,3 +300,18 @@ class ShimFS(Operations):
         uid, _, _ = fuse_get_context()
         if uid not in (0, self.owner):
             raise FuseOSError(errno.EPERM)
+
+
+def sd_notify(state: bytes) -> None:
+    """Send ``state`` to systemd's notification socket, if there is one."""
+    import socket
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state, address)
+    except OSError as exc:
+        log.warning("cannot notify systemd: %s", exc)

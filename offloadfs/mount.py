@@ -33,8 +33,10 @@ def mount(args) -> int:
     from .fs import ShimFS
     from .registry import Registry
 
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
-                        format="offloadfs: %(levelname)s %(message)s")
+    target = {"filename": args.log} if args.log else {"stream": sys.stderr}
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s offloadfs: %(levelname)s %(message)s" if args.log
+                        else "offloadfs: %(levelname)s %(message)s", **target)
     cfg = ClientConfig.load(args.config)
     mnt = os.path.abspath(args.mountpoint)
     clear_stale(mnt)

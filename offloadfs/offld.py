@@ -40,6 +40,8 @@ def parser(prog: str = "offld") -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing of its own "
                    "but a fatal error")
     p.add_argument("-d", "--debug", action="store_true", help="print debug messages")
+    p.add_argument("--fallback", metavar="PATH", help="if no host took the job (so nothing "
+                   "ran), run PATH here instead, with the same arguments")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
     return p
 
@@ -54,9 +56,24 @@ def main(argv: list[str] | None = None, prog: str = "offld") -> int:
     say = Reporter(prog, opts.quiet, opts.debug or os.environ.get("OFFLOADFS_DEBUG") == "1")
     try:
         return run(command, opts, say)
-    except (OffloadError, ConfigError) as exc:
+    except OffloadError as exc:
+        fall_back(command, opts, exc, say)
         say.error(str(exc))
         return OFFLOAD_ERROR
+    except ConfigError as exc:
+        say.error(str(exc))
+        return OFFLOAD_ERROR
+
+
+def fall_back(command: list[str], opts, error: OffloadError, say: "Reporter") -> None:
+    """With --fallback, replace this process by the local command when nothing ran remotely."""
+    if not opts.fallback or error.started:
+        return
+    say.debug(f"{error}; running {opts.fallback} here")
+    try:
+        os.execv(opts.fallback, [command[0]] + command[1:])
+    except OSError as exc:
+        say.error(f"{opts.fallback}: {exc.strerror}")
 
 
 class Reporter:
@@ -159,8 +176,9 @@ def process_age() -> float:
 
 
 def _report(command, outcome: Outcome, opts, cfg: ClientConfig, say: Reporter) -> None:
-    """The error line, the -p profile, the job log entry."""
+    """The error line (or the local fallback), the -p profile, the job log entry."""
     if outcome.error is not None:
+        fall_back(command, opts, outcome.error, say)
         say.error(str(outcome.error))
     if opts.profile and not opts.quiet:
         say.info(profile_line(outcome))

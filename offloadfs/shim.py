@@ -6,8 +6,8 @@ see docs/shim.md). Run as ``convert in.png out.png`` it:
 1. opens its own file read-write (``exec 3<>"$0"``): the mount sees a *control open* and, from
    the FUSE request, the shim's pid; from then on the agent knows the caller (credentials, cwd,
    environment from /proc, stdio through pidfd_getfd);
-2. writes its path and its arguments, each followed by a NUL byte (the path first, so that
-   no arguments is not one empty argument);
+2. writes its path, the number of its arguments and the arguments, each followed by a NUL
+   byte, then the name of a signal it caught before now, if any;
 3. reads one reply line, which blocks until the job is over:
 
        <status>          exit with this status (the job's, or 255 for an offload error)
@@ -15,8 +15,9 @@ see docs/shim.md). Run as ``convert in.png out.png`` it:
        x <path>          run locally: exec this command (the next one on PATH after the mount)
 
 Signals the shim receives stay pending while it waits in the read; the agent sees them in
-/proc/PID/status and forwards them to the job. The traps only keep the shim alive until the
-reply tells it how to end.
+/proc/PID/status and forwards them to the job. A signal that arrives before the read is caught
+by a trap and written after the arguments. The traps keep the shim alive until the reply tells
+it how to end.
 """
 from __future__ import annotations
 
@@ -29,15 +30,20 @@ FORWARDED = ("INT", "TERM", "HUP", "QUIT", "USR1", "USR2", "WINCH")
 RERAISED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL,
                       signal.SIGPIPE, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2})
 
+# The traps record the first signal caught before the blocking read, which is then sent after
+# the arguments: a Ctrl-C in the first moments is not lost. Signals during the read stay
+# pending and the agent sees them in /proc.
 TEMPLATE = """#!/bin/sh
 # offloadfs shim for {name}: runs it on a compute host (see: offloadfs status).
-trap : {signals}
+s=
+{traps}
 exec 3<>"$0" || exit 255
-printf '%s\\0' "$0" "$@" >&3
+printf '%s\\0' "$0" $# "$@" >&3
+[ -z "$s" ] || printf '%s\\0' "$s" >&3
 read -r st arg <&3
 exec 3<&-
 case $st in
-x) trap - {signals}; exec "$arg" "$@" ;;
+x) trap - {signals}; [ -z "$s" ] || kill -s "$s" $$; exec "$arg" "$@" ;;
 s) trap - "$arg"; kill -s "$arg" $$ ;;
 esac
 exit "$st"
@@ -46,12 +52,33 @@ exit "$st"
 
 def script(name: str) -> bytes:
     """The shim file's content for command ``name``."""
-    return TEMPLATE.format(name=name, signals=" ".join(FORWARDED)).encode()
+    traps = "\n".join(f"trap 's=${{s:-{sig}}}' {sig}" for sig in FORWARDED)
+    return TEMPLATE.format(name=name, signals=" ".join(FORWARDED), traps=traps).encode()
 
 
-def parse_args(data: bytes) -> list[bytes]:
-    """The arguments the shim wrote (NUL-terminated, after its own path)."""
-    return data.split(b"\0")[1:-1]
+class BadRequest(ValueError):
+    """What a shim wrote is not path, count, arguments and signal names."""
+
+
+def parse_request(data: bytes) -> tuple[list[bytes], list[int]]:
+    """(arguments, signals caught before the read) from what the shim wrote: its path, the
+    number of arguments, the arguments, then signal names, each NUL-terminated."""
+    fields = data.split(b"\0")
+    if len(fields) < 3 or fields[-1] != b"" or not fields[1].isdigit():
+        raise BadRequest("expected path, count and arguments")
+    count, body = int(fields[1]), fields[2:-1]
+    args, rest = body[:count], body[count:]
+    if len(args) != count:
+        raise BadRequest(f"expected {count} arguments, got {len(args)}")
+    return args, [_signum(name) for name in rest]
+
+
+def _signum(name: bytes) -> int:
+    """The number of a forwarded signal's name (INT), or BadRequest."""
+    text = name.decode(errors="replace")
+    if text not in FORWARDED:
+        raise BadRequest(f"unexpected signal name {text!r}")
+    return int(signal.Signals["SIG" + text])
 
 
 def reply_status(status: int) -> bytes:

@@ -388,3 +388,25 @@ def test_oversize_frame_is_refused_without_buffering_it(daemon, work):
     ctx.term()
     assert offld(daemon, "sh", "-c", "echo alive", cwd=work).stdout == b"alive\n"
     assert daemon.vmhwm_mb() < 64
+
+
+def test_fallback_runs_locally_only_when_nothing_ran(daemon, work):
+    """--fallback execs the local command when no host took the job, never after it ran."""
+    port = _free_port()
+    got = subprocess.run([OFFLD, "-H", f"127.0.0.1:{port}", "--fallback", "/bin/sh", "--",
+                          "sh", "-c", "echo local"], cwd=work, capture_output=True, timeout=20)
+    assert got.returncode == 0 and got.stdout == b"local\n" and got.stderr == b""
+    got = subprocess.run([OFFLD, "-H", daemon.hostport, "--fallback", "/bin/echo", "--",
+                          "sh", "-c", "echo ran >> runs; exit 255"], cwd=work,
+                         capture_output=True, timeout=20)
+    assert got.returncode == 255 and (work / "runs").read_text() == "ran\n"
+
+
+def test_config_file_from_the_environment(daemon, work, tmp_path):
+    """OFFLOADFS_CONFIG names the config file when -c is not given."""
+    cfg = tmp_path / "env.toml"
+    cfg.write_text(f'[client]\nhosts = ["{daemon.hostport}"]\n')
+    got = subprocess.run([OFFLD, "--", "sh", "-c", "echo via-env"], cwd=work,
+                         capture_output=True, timeout=20,
+                         env=dict(os.environ, OFFLOADFS_CONFIG=str(cfg)))
+    assert got.stdout == b"via-env\n"

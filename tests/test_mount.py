@@ -416,3 +416,31 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_signal_caught_before_the_read_reaches_the_job(mount):
+    """A signal the shim caught before asking (sent after its arguments) ends the job at once."""
+    start = time.monotonic()
+    fd = os.open(mount.path / "sleep", os.O_RDWR)
+    try:
+        os.write(fd, f"{mount.path}/sleep\0" "1\0" "30\0" "INT\0".encode())
+        reply = os.read(fd, 100)
+    finally:
+        os.close(fd)
+    assert reply == b"s INT\n" and time.monotonic() - start < 10
+
+
+def test_a_malformed_request_gets_255(mount):
+    """What is not path, count, arguments and signal names is refused, not run."""
+    fd = os.open(mount.path / "sleep", os.O_RDWR)
+    try:
+        os.write(fd, b"/x/sleep\0" b"7\0" b"30\0")
+        assert os.read(fd, 100) == b"255\n"
+    finally:
+        os.close(fd)
+
+
+def test_a_variable_named_s_in_the_callers_environment_is_harmless(mount, work):
+    """The shim's own variables do not come from the caller's environment."""
+    got = sh(mount, "cat /dev/null; echo ok", work, env=mount.env(s="INT", st="9", arg="x"))
+    assert got.returncode == 0 and got.stdout == b"ok\n"

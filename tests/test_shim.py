@@ -1,0 +1,40 @@
+"""The shim program's request and reply lines, without a mount."""
+import signal
+
+import pytest
+
+from offloadfs import shim
+
+
+def test_request_with_arguments_and_an_early_signal():
+    """Path, count, arguments (even empty ones), then caught signals."""
+    args, early = shim.parse_request(b"/opt/offload/cat\x003\x00a b\x00\x00-n\x00INT\x00")
+    assert args == [b"a b", b"", b"-n"] and early == [signal.SIGINT]
+
+
+def test_request_without_arguments():
+    """No arguments is no arguments, not one empty one."""
+    assert shim.parse_request(b"/opt/offload/cat\x000\x00") == ([], [])
+
+
+@pytest.mark.parametrize("data", [b"", b"/x\x00", b"/x\x00two\x00", b"/x\x002\x00a\x00",
+                                  b"/x\x000\x00KILL\x00", b"/x\x000\x00a"])
+def test_malformed_requests_are_refused(data):
+    """Wrong counts, unknown signal names and unterminated fields raise BadRequest."""
+    with pytest.raises(shim.BadRequest):
+        shim.parse_request(data)
+
+
+def test_replies():
+    """Status, signal death (re-raised only when safe) and local runs."""
+    assert shim.reply_status(3) == b"3\n" and shim.reply_status(256 + 7) == b"7\n"
+    assert shim.reply_signal(signal.SIGINT) == b"s INT\n"
+    assert shim.reply_signal(signal.SIGSEGV) == b"139\n"   # would dump the shell's core
+    assert shim.reply_local("/usr/bin/convert") == b"x /usr/bin/convert\n"
+
+
+def test_script_names_its_command_and_starts_with_a_shebang():
+    """The shim is a /bin/sh script that resets its own variables before anything else."""
+    text = shim.script("convert").decode()
+    assert text.startswith("#!/bin/sh\n") and "shim for convert" in text
+    assert text.splitlines()[2] == "s="
