@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 # Debian packages: FUSE (libfuse2 for fusepy, fuse3 for fusermount), the real ImageMagick,
-# attr (getfattr/setfattr), shellcheck for the hooks.
-APT_PKGS := fuse3 libfuse2 imagemagick attr shellcheck
+# attr (getfattr/setfattr), shellcheck and systemd-analyze for the hooks.
+APT_PKGS := fuse3 libfuse2 imagemagick attr shellcheck systemd
 
 .PHONY: install apt venv demo test bench clean
 
