@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 # Debian packages: FUSE (libfuse2 for fusepy, fuse3 for fusermount), the real ImageMagick,
-# attr (getfattr/setfattr), shellcheck and systemd-analyze for the hooks.
-APT_PKGS := fuse3 libfuse2 imagemagick attr shellcheck systemd
+# attr (getfattr/setfattr), shellcheck and systemd-analyze for the hooks, nfs-ganesha (the
+# VM's userspace NFS server) and libnfs (the host's userspace NFS client, through ctypes).
+APT_PKGS := fuse3 libfuse2 imagemagick attr shellcheck systemd nfs-ganesha nfs-ganesha-vfs libnfs13 libnfs-utils
 
 .PHONY: install apt venv demo test bench clean
 

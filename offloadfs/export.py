@@ -1,0 +1,248 @@
+"""The VM's side of the data path: offering a tree to the compute hosts over NFS.
+
+Backends: ``ganesha`` (nfs-ganesha run as our child, NFSv4 only, no rpcbind), ``exportfs`` (the
+kernel's nfsd, an export added with ``exportfs -i`` and removed at the end) and ``none`` (the
+hosts already see the same tree). The mount's agent thread starts and stops the export (a child
+started there dies with the mount process: PR_SET_PDEATHSIG). :meth:`Export.descriptor` tells
+each job where its cwd is: server, export, and the path below the export's root.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+from .config import ConfigError, section, typed
+
+BACKENDS = ("ganesha", "exportfs", "none")
+DEFAULT_NFS_PORT = 2049
+PR_SET_PDEATHSIG = 1
+
+
+class ExportError(Exception):
+    """The export could not be set up; one line for the user."""
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """The [export] table of the VM's config."""
+
+    backend: str = "none"
+    root: str = "/home"
+    listen: str = ""
+    clients: list[str] = dataclasses.field(default_factory=lambda: ["127.0.0.1"])
+
+    @classmethod
+    def from_toml(cls, data: dict) -> "ExportConfig":
+        """Read and check [export]."""
+        table, cfg = section(data, "export"), cls()
+        cfg.backend = typed(table, "backend", str, cfg.backend)
+        if cfg.backend not in BACKENDS:
+            raise ConfigError(f"export backend = {cfg.backend!r}: expected one of "
+                              f"{', '.join(BACKENDS)}")
+        cfg.root = os.path.realpath(typed(table, "root", str, cfg.root))
+        cfg.listen = typed(table, "listen", str, cfg.listen)
+        cfg.clients = [str(c) for c in typed(table, "clients", list, cfg.clients)]
+        return cfg
+
+    def address(self) -> tuple[str, int]:
+        """(address, port) where the NFS server is reached."""
+        host, _, port = self.listen.rpartition(":") if ":" in self.listen else (self.listen, "", "")
+        if port and not port.isdigit():
+            raise ConfigError(f"export listen = {self.listen!r}: expected ADDR[:PORT]")
+        return host or socket.gethostname(), int(port or DEFAULT_NFS_PORT)
+
+
+class Export:
+    """No export: the hosts see the same tree (``shared`` mode)."""
+
+    def __init__(self, cfg: ExportConfig):
+        """Remember the settings; nothing happens until :meth:`start`."""
+        self.cfg = cfg
+
+    def start(self) -> None:
+        """Offer the tree."""
+
+    def stop(self) -> None:
+        """Stop offering it."""
+
+    def descriptor(self, cwd: str) -> dict | None:
+        """How a host finds ``cwd``: None means "the same path" (shared mode)."""
+        return None
+
+    def inside(self, cwd: str) -> bool:
+        """True if ``cwd`` lies in the exported tree."""
+        root = self.cfg.root.rstrip("/") + "/"
+        return cwd == self.cfg.root or cwd.startswith(root)
+
+
+class NfsExport(Export):
+    """An NFS export of ``root``: jobs carry where their cwd is below it."""
+
+    def descriptor(self, cwd: str) -> dict | None:
+        """server, export and the cwd below the root; KeyError if ``cwd`` is outside."""
+        if not self.inside(cwd):
+            raise KeyError(cwd)
+        host, port = self.cfg.address()
+        rel = os.path.relpath(cwd, self.cfg.root)
+        return {"mode": "nfs", "server": f"{host}:{port}", "export": self.cfg.root,
+                "path": "" if rel == "." else rel}
+
+
+class GaneshaExport(NfsExport):
+    """nfs-ganesha serving ``root`` (NFSv4, VFS FSAL) as a child of the mount process."""
+
+    def __init__(self, cfg: ExportConfig):
+        """Prepare; :meth:`start` writes the config and runs ganesha.nfsd."""
+        super().__init__(cfg)
+        self.proc: subprocess.Popen | None = None
+        self.dir = ""
+
+    def start(self) -> None:
+        """Write the config, start ganesha.nfsd, wait until it listens (or raise)."""
+        binary = shutil.which("ganesha.nfsd") or "/usr/bin/ganesha.nfsd"
+        if not os.path.exists(binary):
+            raise ExportError("ganesha.nfsd is not installed (Debian: nfs-ganesha "
+                              "nfs-ganesha-vfs)")
+        self.dir = tempfile.mkdtemp(prefix="offloadfs-ganesha-")
+        conf = os.path.join(self.dir, "ganesha.conf")
+        with open(conf, "w") as f:
+            f.write(ganesha_config(self.cfg))
+        self.proc = subprocess.Popen(
+            [binary, "-F", "-L", self.log, "-f", conf, "-p", os.path.join(self.dir, "pid"),
+             "-N", "NIV_EVENT"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        self._wait_listening(20)
+
+    @property
+    def log(self) -> str:
+        """Where ganesha logs."""
+        return os.path.join(self.dir, "ganesha.log")
+
+    def _wait_listening(self, timeout: float) -> None:
+        """Return once the NFS port accepts connections; ExportError if ganesha dies first."""
+        host, port = self.cfg.address()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ExportError(f"ganesha.nfsd exited {self.proc.returncode}: {self._tail()}")
+            try:
+                socket.create_connection((host, port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise ExportError(f"ganesha.nfsd did not listen on {host}:{port} within {timeout:g}s")
+
+    def _tail(self) -> str:
+        """The last line of ganesha's log."""
+        try:
+            with open(self.log, errors="replace") as f:
+                lines = f.read().strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return lines[-1] if lines else "(empty log)"
+
+    def stop(self) -> None:
+        """Stop ganesha (TERM, then KILL) and remove its files."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = ""
+
+
+class KernelExport(NfsExport):
+    """The kernel's nfsd: ``exportfs -i`` adds the export for each client, removes it at stop."""
+
+    OPTIONS = "rw,sync,no_subtree_check,no_root_squash,insecure"
+
+    def start(self) -> None:
+        """Add the export for every client."""
+        for client in self.cfg.clients:
+            _run(exportfs_command(client, self.cfg.root, add=True))
+
+    def stop(self) -> None:
+        """Remove the export for every client (best effort)."""
+        for client in self.cfg.clients:
+            try:
+                _run(exportfs_command(client, self.cfg.root, add=False))
+            except ExportError:
+                pass
+
+
+def exportfs_command(client: str, root: str, add: bool) -> list[str]:
+    """The exportfs command line that adds (or removes) ``root`` for ``client``."""
+    if add:
+        return ["exportfs", "-i", "-o", KernelExport.OPTIONS, f"{client}:{root}"]
+    return ["exportfs", "-u", f"{client}:{root}"]
+
+
+def ganesha_config(cfg: ExportConfig) -> str:
+    """An nfs-ganesha config exporting ``cfg.root`` over NFSv4 to ``cfg.clients`` only.
+
+    Graceless: no 90 s grace period at start (we keep no state across restarts). Numeric
+    owners: uids travel as numbers, so files belong to the caller on both sides."""
+    host, port = cfg.address()
+    clients = ", ".join(cfg.clients)
+    return f"""NFS_CORE_PARAM {{
+    NFS_Port = {port};
+    Bind_addr = {host};
+    Protocols = 4;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+    Enable_UDP = false;
+}}
+NFSV4 {{
+    Graceless = true;
+    Only_Numeric_Owners = true;
+    RecoveryBackend = fs;
+}}
+NFS_KRB5 {{ Active_krb5 = false; }}
+EXPORT_DEFAULTS {{ Access_Type = None; }}
+EXPORT {{
+    Export_Id = 1;
+    Path = "{cfg.root}";
+    Pseudo = "{cfg.root}";
+    Protocols = 4;
+    Transports = TCP;
+    SecType = sys;
+    Squash = No_Root_Squash;
+    Access_Type = None;
+    CLIENT {{ Clients = {clients}; Access_Type = RW; }}
+    FSAL {{ Name = VFS; }}
+}}
+"""
+
+
+def make(cfg: ExportConfig) -> Export:
+    """The export for a config."""
+    return {"ganesha": GaneshaExport, "exportfs": KernelExport, "none": Export}[cfg.backend](cfg)
+
+
+def _run(argv: list[str]) -> None:
+    """Run a command; ExportError with its last stderr line if it fails."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ExportError(f"{argv[0]}: {exc}") from None
+    if done.returncode != 0:
+        raise ExportError(f"{' '.join(argv)}: {done.stderr.strip() or done.returncode}")
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the thread that started us dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
