@@ -25,6 +25,11 @@ class ServeConfig:
     heartbeat: float = 1.0
     client_timeout: float = 5.0
     name: str = ""
+    scratch_dir: str = "/var/lib/offloadd/scratch"
+    mounts_client: str = "kernel"
+    mounts_dir: str = "/var/lib/offloadd/mnt"
+    idle_unmount: float = 300.0
+    path_map: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_file(cls, path: str | None) -> "ServeConfig":
@@ -38,7 +43,13 @@ class ServeConfig:
         cfg.heartbeat = float(typed(serve, "heartbeat", (int, float), cfg.heartbeat))
         cfg.client_timeout = float(typed(serve, "client_timeout", (int, float), cfg.client_timeout))
         cfg.name = typed(serve, "name", str, cfg.name)
+        cfg.scratch_dir = typed(serve, "scratch", str, cfg.scratch_dir)
         cfg.commands = {str(k): str(v) for k, v in section(data, "commands").items()}
+        mounts = section(data, "mounts")
+        cfg.mounts_client = typed(mounts, "client", str, cfg.mounts_client)
+        cfg.mounts_dir = typed(mounts, "dir", str, cfg.mounts_dir)
+        cfg.idle_unmount = float(typed(mounts, "idle_unmount", (int, float), cfg.idle_unmount))
+        cfg.path_map = {str(k): str(v) for k, v in typed(mounts, "path_map", dict, {}).items()}
         cfg.env_pass += [str(x) for x in typed(section(data, "env"), "pass", list, [])]
         return cfg
 
@@ -63,6 +74,11 @@ class ServeConfig:
             policy.Allowlist(self.commands)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.mounts_client not in ("kernel", "userspace"):
+            raise ConfigError(f"[mounts] client = {self.mounts_client!r}: expected kernel or "
+                              f"userspace")
+        if any(not (k.startswith("/") and v.startswith("/")) for k, v in self.path_map.items()):
+            raise ConfigError("[mounts] path_map: both sides must be absolute paths")
         return self
 
 

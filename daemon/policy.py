@@ -65,3 +65,24 @@ def job_env(caller: dict[bytes, bytes], patterns, base: dict[str, str]) -> dict[
 def base_env(home: str, user: str) -> dict[str, str]:
     """The host's part of every job's environment."""
     return {"PATH": HOST_PATH, "HOME": home, "USER": user, "LOGNAME": user}
+
+
+def map_path(cwd: str, path_map: dict[str, str]) -> str:
+    """The host's path for a caller's ``cwd`` in shared mode: the longest matching prefix of
+    ``path_map`` (VM prefix -> host prefix) is replaced; unmapped paths stay as they are."""
+    for prefix in sorted(path_map, key=len, reverse=True):
+        base = prefix.rstrip("/")
+        if cwd == base or cwd.startswith(base + "/") or base == "":
+            return path_map[prefix].rstrip("/") + cwd[len(base):] or "/"
+    return cwd
+
+
+def below(root: str, rel: str) -> str:
+    """``root``/``rel`` if it stays inside ``root`` (no absolute path, no ``..`` escape), or
+    Refused."""
+    if rel.startswith("/") or "\0" in rel:
+        raise Refused("cwd", f"{rel!r}: not a path below the export")
+    path = os.path.normpath(os.path.join(root, rel))
+    if path != root and not path.startswith(root.rstrip("/") + "/"):
+        raise Refused("cwd", f"{rel!r} escapes the export")
+    return path

@@ -10,18 +10,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 
 import zmq
 
-from offloadfs import mountinfo, protocol
+from offloadfs import mountinfo, protocol, staging
 from offloadfs.protocol import Message, ProtocolError
 from offloadfs.states import JobState, advance
 
 from . import policy
 from .config import ServeConfig
+from .mounts import MountTable
 from .runner import Process, SpawnError, user_of
 from .scheduler import Position, Scheduler, Start
 
@@ -46,6 +49,13 @@ class Job:
     received: float = dataclasses.field(default_factory=time.monotonic)
     timings: dict = dataclasses.field(default_factory=dict)
     slot: int = 0
+    attaching: float = 0.0
+    mounted: tuple[str, str] | None = None
+    scratch: str = ""
+    stage_left: int = 0
+    inbox: staging.Inbox | None = None
+    outbox: staging.Outbox | None = None
+    before: dict | None = None
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -77,6 +87,8 @@ class Server:
         self.ctx = ctx or zmq.Context()
         self.sock = self._bind(config.listen)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.mounts = MountTable(config.mounts_dir, config.mounts_client, config.idle_unmount,
+                                 self._poke)
 
     def _bind(self, endpoint: str) -> zmq.Socket:
         """A ROUTER socket bound to ``endpoint`` (port 0 picks a free port)."""
@@ -109,6 +121,10 @@ class Server:
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler or another thread)."""
         self._stopping = True
+        self._poke()
+
+    def _poke(self) -> None:
+        """Wake the loop (any thread)."""
         try:
             os.write(self._wake_w, b"x")
         except OSError:
@@ -129,6 +145,7 @@ class Server:
                 self._ready(what)
             if time.monotonic() >= next_beat:
                 self._heartbeat()
+                self.mounts.tick(time.monotonic())
                 next_beat = time.monotonic() + self.config.heartbeat
 
     def _poller(self) -> zmq.Poller:
@@ -166,6 +183,7 @@ class Server:
             self._drain_socket()
         elif what == self._wake_r:
             _drain_pipe(self._wake_r)
+            self.mounts.ready()
         elif what in self.fdmap:
             job, role = self.fdmap[what]
             if job.key in self.jobs:
@@ -257,7 +275,47 @@ class Server:
             return
         job = Job(peer, msg.job, msg, path=path, credit=min(msg["window"], MAX_CREDIT))
         self.jobs[key] = job
-        self._act(self.sched.submit(key))
+        data = msg.get("data") or {}
+        if data.get("mode") == "stage":
+            self._begin_staging(job, data)
+        else:
+            self._act(self.sched.submit(key))
+
+    def _begin_staging(self, job: Job, data: dict) -> None:
+        """-n: a scratch directory of the caller's; the input files come first."""
+        spec = job.spec
+        try:
+            job.scratch = _scratch(self.config.scratch_dir, spec["uid"], spec["gid"])
+        except OSError as exc:
+            self._fail(job, "stage", f"cannot make a scratch directory: {exc.strerror}")
+            return
+        job.inbox = staging.Inbox(job.scratch, (spec["uid"], spec["gid"]))
+        job.stage_left = int(data.get("bytes", 0))
+        self.send(job.peer, protocol.encode("credit", job.id, n=protocol.WINDOW))
+        self._staged_maybe(job)
+
+    def _on_file(self, peer: bytes, msg: Message) -> None:
+        """-n: a chunk of an input file, written into the job's scratch directory."""
+        job = self._job(peer, msg)
+        if job is None:
+            return
+        if job.inbox is None or job.state != JobState.NEW or len(msg.payload) > job.stage_left:
+            self._fail(job, "stage", "file data the job did not announce")
+            return
+        job.inbox.write(msg["name"], msg["mode"], msg["last"], msg.payload)
+        job.stage_left -= len(msg.payload)
+        job.owed += len(msg.payload)
+        if job.owed >= protocol.CREDIT_BATCH:
+            self.send(job.peer, protocol.encode("credit", job.id, n=job.owed))
+            job.owed = 0
+        self._staged_maybe(job)
+
+    def _staged_maybe(self, job: Job) -> None:
+        """Once every input byte is in, note what is there and queue the job."""
+        if job.stage_left == 0 and not job.inbox.open and job.before is None:
+            job.owed = 0
+            job.before = staging.snapshot(job.scratch)
+            self._act(self.sched.submit(job.key))
 
     def _check(self, msg: Message) -> str:
         """Apply the host's policy to a submit; the command's path, or Refused."""
@@ -286,6 +344,7 @@ class Server:
         job = self._job(peer, msg)
         if job:
             job.credit = min(job.credit + msg["n"], MAX_CREDIT)
+            self._maybe_finish(job)
 
     def _on_close(self, peer: bytes, msg: Message) -> None:
         """The client's reader of a stream went away: the job gets SIGPIPE as it would locally."""
@@ -330,13 +389,37 @@ class Server:
                 self.send(job.peer, protocol.encode("queued", job.id, position=action.position))
 
     def _start(self, job: Job) -> None:
-        """Spawn the job's process in its slot, or fail the job with a clear error."""
-        now = time.monotonic()
-        job.timings["queue"] = now - job.received
+        """Attach the job's data (maybe later, when its mount is made), then spawn it."""
+        job.attaching = time.monotonic()
+        job.timings["queue"] = job.attaching - job.received
+        data = job.spec.get("data") or {}
+        if data.get("mode") == "nfs":
+            self.mounts.attach(data["server"], data["export"],
+                               lambda result: self._attached(job, data, result))
+        elif job.scratch:
+            self._spawn(job, lambda: job.scratch)
+        else:
+            self._spawn(job, lambda: self._shared_cwd(job.spec))
+
+    def _attached(self, job: Job, data: dict, result) -> None:
+        """The job's export is mounted (``result`` is its path) or could not be."""
+        if job.key not in self.jobs:
+            if not isinstance(result, Exception):
+                self.mounts.release(data["server"], data["export"])
+            return
+        if isinstance(result, Exception):
+            self._fail(job, "attach", str(result))
+            return
+        job.mounted = (data["server"], data["export"])
+        self._spawn(job, lambda: self._nfs_cwd(result, data))
+
+    def _spawn(self, job: Job, where) -> None:
+        """Spawn the job's process in its slot in the directory ``where()`` gives, or fail
+        the job with a clear error."""
         spec = job.spec
         try:
-            cwd = self._attach(spec)
-            job.timings["attach"] = time.monotonic() - now
+            cwd = where()
+            job.timings["attach"] = time.monotonic() - job.attaching
             job.process = Process(job.path, spec["argv"], cwd, self._env(spec, job.slot),
                                   self._ids(spec))
         except (SpawnError, policy.Refused) as exc:
@@ -347,12 +430,26 @@ class Server:
         self.send(job.peer, protocol.encode("started", job.id, host=self.hostname,
                                             pid=job.process.pid, window=protocol.WINDOW))
 
-    def _attach(self, spec: Message) -> bytes:
-        """The job's working directory on this host ("shared" mode: the same path)."""
-        cwd = spec["cwd"]
+    def _shared_cwd(self, spec: Message) -> str:
+        """The job's working directory in shared mode: the same path, or its path_map twin."""
+        cwd = policy.map_path(os.fsdecode(spec["cwd"]), self.config.path_map)
         if not os.path.isdir(cwd):
-            raise policy.Refused("cwd", f"{os.fsdecode(cwd)}: no such directory on "
-                                        f"{self.hostname}")
+            raise policy.Refused("cwd", f"{cwd}: no such directory on {self.hostname}")
+        return cwd
+
+    def _nfs_cwd(self, mnt: str, data: dict) -> str:
+        """The job's working directory in its mounted export, after checking that the mount
+        is the caller's tree (the nonce file the VM wrote is there) and the cwd stays in it."""
+        nonce = str(data.get("nonce", ""))
+        if not nonce or "/" in nonce or not os.path.exists(os.path.join(mnt, ".offloadfs", nonce)):
+            raise policy.Refused("attach", f"{data['server']}:{data['export']} mounted on "
+                                           f"{self.hostname} is not the caller's tree (no nonce)")
+        cwd = policy.below(mnt, str(data.get("path", "")))
+        real = os.path.realpath(cwd)
+        if real != mnt and not real.startswith(mnt + "/"):
+            raise policy.Refused("cwd", f"{data.get('path')!r} leaves the export (symlink)")
+        if not os.path.isdir(cwd):
+            raise policy.Refused("cwd", f"{data.get('path')!r}: no such directory in the export")
         return cwd
 
     def _env(self, spec: Message, slot: int) -> dict[bytes, bytes]:
@@ -394,9 +491,12 @@ class Server:
             job.owed = 0
 
     def _maybe_finish(self, job: Job) -> None:
-        """When the process is reaped and its output drained, send the exit status."""
+        """When the process is reaped and its output drained (and, staging, its files sent
+        back), send the exit status."""
         proc = job.process
         if proc is None or not proc.finished or job.key not in self.jobs:
+            return
+        if job.scratch and not self._return_files(job):
             return
         job.timings["drain"] = time.monotonic() - proc.ended
         self.send(job.peer, protocol.encode(
@@ -404,6 +504,21 @@ class Server:
             timings=job.timings))
         log.info("%s exited %d in %.3fs", job.describe(), proc.status, job.timings["run"])
         self._forget(job, proc.status)
+
+    def _return_files(self, job: Job) -> bool:
+        """-n: send the files the job created or changed, within credit; True when done."""
+        if job.outbox is None:
+            names = staging.changed(job.scratch, job.before or {}, job.spec["uid"])
+            job.outbox = staging.Outbox(job.scratch, names)
+        while job.credit > 0:
+            chunk = job.outbox.next_chunk(job.credit)
+            if chunk is None:
+                return True
+            name, mode, last, data = chunk
+            self.send(job.peer, protocol.encode("file", job.id, data, name=name, mode=mode,
+                                                last=last))
+            job.credit -= len(data)
+        return False
 
     def _fail(self, job: Job, kind: str, text: str) -> None:
         """End a job with an error the client reports as exit 255."""
@@ -417,11 +532,19 @@ class Server:
         self._forget(job, None)
 
     def _forget(self, job: Job, status: int | None) -> None:
-        """Remove a job (once), kill what is left of it, free its slot, count it."""
+        """Remove a job (once), kill what is left of it, free its slot and mount, count it."""
         if self.jobs.pop(job.key, None) is None:
             return
         if job.process:
             job.process.kill()
+        if job.mounted:
+            self.mounts.release(*job.mounted)
+        if job.outbox is not None:
+            job.outbox.close()
+        if job.inbox is not None:
+            job.inbox.discard()
+        if job.scratch:
+            shutil.rmtree(job.scratch, ignore_errors=True)
         if status is None:
             self.failed += 1
         else:
@@ -470,6 +593,7 @@ class Server:
             self._job_error(job.peer, job.id, "shutdown",
                             f"offloadd on {self.hostname} stopped; the job was killed")
             self.jobs.pop(job.key, None)
+        self.mounts.close()
         self.sock.close(linger=1000)
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -483,6 +607,14 @@ def _summary(job: Job, status: int | None) -> dict:
     return {"job": job.id, "command": os.fsdecode(job.spec["argv"][0])[:255],
             "status": -1 if status is None else status, "uid": job.spec["uid"],
             **{k: round(v, 6) for k, v in job.timings.items()}}
+
+
+def _scratch(parent: str, uid: int, gid: int) -> str:
+    """A fresh 0700 directory for a staged job, owned by its caller."""
+    os.makedirs(parent, mode=0o711, exist_ok=True)
+    path = tempfile.mkdtemp(prefix="job-", dir=parent)
+    os.chown(path, uid, gid)
+    return path
 
 
 def _wildcard_port(endpoint: str) -> str:

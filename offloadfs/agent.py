@@ -19,7 +19,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import environ, protocol, shim
+from . import environ, export, protocol, shim
 from .caller import Caller, pending_signals
 from .channel import Channel, OffloadError
 from .client import ClientLoop
@@ -159,6 +159,8 @@ class Agent(ClientLoop):
         """Links to ``endpoints``; nothing runs until :meth:`start`."""
         super().__init__(config.timing())
         self.config, self.registry, self.endpoints = config, registry, endpoints
+        self.export = export.make(config.export or export.ExportConfig())
+        self.export_error: str | None = None
         self.ctx: zmq.Context | None = None
         self.links: list[HostLink] = []
         self.inbox: queue.SimpleQueue[ShimRequest] = queue.SimpleQueue()
@@ -191,6 +193,7 @@ class Agent(ClientLoop):
     def _main(self) -> None:
         """Connect (here, after any daemonizing fork), loop until stopped, then cancel what
         runs and close every socket."""
+        self._start_export()
         self.ctx = zmq.Context()
         self.links = [HostLink(self.ctx, e) for e in self.endpoints]
         try:
@@ -201,8 +204,17 @@ class Agent(ClientLoop):
         finally:
             self._shutdown()
 
+    def _start_export(self) -> None:
+        """Offer the VM's tree to the hosts (on this thread: a child dies with it)."""
+        try:
+            self.export.start()
+        except export.ExportError as exc:
+            self.export_error = str(exc)
+            log.error("cannot export %s: %s; jobs run locally (or fail under always)",
+                      self.export.cfg.root, exc)
+
     def _shutdown(self) -> None:
-        """Cancel jobs, release waiting shims, close sockets."""
+        """Cancel jobs, release waiting shims, close sockets, stop the export."""
         for job in list(self.jobs.values()):
             job.cancel()
             job.fail(OffloadError("the offloadfs mount is stopping", "shutdown", True))
@@ -213,6 +225,7 @@ class Agent(ClientLoop):
             link.close()
         self.ctx.term()
         self.close()
+        self.export.stop()
 
     def channels(self) -> list[Channel]:
         """Every host's channel."""
@@ -273,6 +286,7 @@ class Agent(ClientLoop):
     def finished(self, job: JobRun) -> None:
         """A shim's job ended: fall back if it never started and policy allows, else reply."""
         request = self.requests.pop(job.id)
+        self.export.finish(job.spec.data)
         link = next((link for link in self.links if link.channel is job.channel), None)
         if link is not None:
             link.in_flight -= 1
@@ -298,13 +312,19 @@ class Agent(ClientLoop):
             self._no_host(request)
             return
         try:
+            data = self._descriptor(request)
+        except ValueError as exc:
+            self._cannot(request, str(exc))
+            return
+        try:
             request.pidfd = os.pidfd_open(request.caller.pid)
             pgrp = os.getpgid(request.caller.pid)
         except OSError as exc:
             request.decide_refused(f"the caller went away: {exc.strerror}")
             return
-        job = JobRun(link.channel, self._spec(request), request.stdio, self.wake_w,
-                     stdin_pgrp=pgrp)
+        spec = self._spec(request)
+        spec.data = data
+        job = JobRun(link.channel, spec, request.stdio, self.wake_w, stdin_pgrp=pgrp)
         request.job = job
         self.requests[job.id] = request
         link.in_flight += 1
@@ -315,14 +335,31 @@ class Agent(ClientLoop):
 
     def _no_host(self, request: ShimRequest) -> None:
         """No usable host: local under auto, refusal under always."""
+        self._cannot(request, "no host offering it answers")
+
+    def _cannot(self, request: ShimRequest, why: str) -> None:
+        """The job cannot be offloaded: local under auto, refusal under always."""
         if request.policy == "always":
             self.registry.record(request.name, "failures", {})
-            self._remember(request, "nowhere", "no host available, policy always", 255, {})
-            request.decide_refused("no host is available (policy always)")
+            self._remember(request, "nowhere", f"{why} (policy always)", 255, {})
+            request.decide_refused(f"{why} (policy always)")
         else:
             self.registry.record(request.name, "fallbacks", {})
-            self._remember(request, "local", "no host offering it answers", -1, {})
-            request.decide_local("no host offering it answers")
+            self._remember(request, "local", why, -1, {})
+            request.decide_local(why)
+
+    def _descriptor(self, request: ShimRequest) -> dict | None:
+        """Where the host finds the caller's cwd; ValueError when it cannot."""
+        if self.export_error:
+            raise ValueError(f"the export is down: {self.export_error}")
+        cwd = os.fsdecode(request.caller.cwd)
+        try:
+            return self.export.descriptor(cwd)
+        except KeyError:
+            raise ValueError(f"{cwd} is outside the exported tree "
+                             f"{self.export.cfg.root}") from None
+        except OSError as exc:
+            raise ValueError(f"cannot write the job's nonce: {exc.strerror}") from None
 
     def _pick(self, name: str) -> HostLink | None:
         """The usable host with the fewest of our jobs in flight (configuration order on ties)."""

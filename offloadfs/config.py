@@ -81,6 +81,7 @@ class ClientConfig:
     allow: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     deny: list[str] = dataclasses.field(default_factory=list)
     state_file: str = ""
+    export: object = None      # export.ExportConfig
 
     def timing(self):
         """Heartbeat, liveness and acknowledgement limits for job runs."""
@@ -108,4 +109,6 @@ class ClientConfig:
         cfg.deny = [str(x) for x in typed(commands, "deny", list, [])]
         cfg.state_file = typed(section(data, "mount"), "state_file", str,
                                os.path.join(state_dir(), "state.json"))
+        from .export import ExportConfig
+        cfg.export = ExportConfig.from_toml(data)
         return cfg

@@ -76,6 +76,9 @@ class Export:
         """How a host finds ``cwd``: None means "the same path" (shared mode)."""
         return None
 
+    def finish(self, data: dict | None) -> None:
+        """The job that carried ``data`` is over."""
+
     def inside(self, cwd: str) -> bool:
         """True if ``cwd`` lies in the exported tree."""
         root = self.cfg.root.rstrip("/") + "/"
@@ -83,16 +86,33 @@ class Export:
 
 
 class NfsExport(Export):
-    """An NFS export of ``root``: jobs carry where their cwd is below it."""
+    """An NFS export of ``root``: jobs carry where their cwd is below it, and a nonce file the
+    host must see there, so that a wrong mapping can never run a job in the wrong tree."""
+
+    NONCES = ".offloadfs"
 
     def descriptor(self, cwd: str) -> dict | None:
-        """server, export and the cwd below the root; KeyError if ``cwd`` is outside."""
+        """server, export, the cwd below the root and a fresh nonce (whose file this writes);
+        KeyError if ``cwd`` is outside the root. :meth:`finish` removes the nonce file."""
         if not self.inside(cwd):
             raise KeyError(cwd)
         host, port = self.cfg.address()
         rel = os.path.relpath(cwd, self.cfg.root)
+        nonce = os.urandom(12).hex()
+        directory = os.path.join(self.cfg.root, self.NONCES)
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        with open(os.path.join(directory, nonce), "x"):
+            pass
         return {"mode": "nfs", "server": f"{host}:{port}", "export": self.cfg.root,
-                "path": "" if rel == "." else rel}
+                "path": "" if rel == "." else rel, "nonce": nonce}
+
+    def finish(self, data: dict | None) -> None:
+        """Remove a descriptor's nonce file."""
+        if data and data.get("nonce"):
+            try:
+                os.unlink(os.path.join(self.cfg.root, self.NONCES, data["nonce"]))
+            except OSError:
+                pass
 
 
 class GaneshaExport(NfsExport):

@@ -21,7 +21,7 @@ import time
 
 import zmq
 
-from . import protocol
+from . import protocol, staging
 from .channel import Channel, OffloadError
 from .protocol import Message
 from .states import JobState, advance
@@ -42,6 +42,7 @@ class JobSpec:
     groups: list[int]
     env: dict[bytes, bytes]
     tags: list[str] = dataclasses.field(default_factory=list)
+    data: dict | None = None   # where the host finds the cwd (export.Export.descriptor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +140,8 @@ class JobRun:
     """A job submitted on a channel, relaying stdio between the caller's fds and the daemon."""
 
     def __init__(self, channel: Channel, spec: JobSpec, stdio: tuple[int, int, int],
-                 wake_fd: int, debug=None, stdin_pgrp: int | None = None):
+                 wake_fd: int, debug=None, stdin_pgrp: int | None = None,
+                 staged: tuple[staging.Outbox, staging.Inbox] | None = None):
         """Prepare the job; nothing is sent until :meth:`submit`. ``stdin_pgrp`` is the
         caller's process group (ours by default), to tell whether it may read a tty."""
         self.id = os.urandom(8).hex()
@@ -152,6 +154,8 @@ class JobRun:
         self.state = JobState.NEW
         self.credit = self.owed = 0
         self.closed: set[str] = set()
+        self.outbox, self.inbox = staged or (None, None)
+        self.stage_credit = 0
         self.outcome: Outcome | None = None
         self.submitted = self.last_ping = 0.0
 
@@ -164,7 +168,8 @@ class JobRun:
         s = self.spec
         self.channel.send(protocol.encode(
             "submit", self.id, argv=s.argv, cwd=s.cwd, uid=s.uid, gid=s.gid, groups=s.groups,
-            env=s.env, window=protocol.WINDOW, tags=s.tags))
+            env=s.env, window=protocol.WINDOW, tags=s.tags,
+            **({"data": s.data} if s.data else {})))
         self.submitted = self.last_ping = time.monotonic()
 
     def send(self, kind: str, payload: bytes | None = None, **fields) -> None:
@@ -209,14 +214,34 @@ class JobRun:
 
     def woken(self) -> None:
         """Sinks made progress: return credit in batches; a sink whose reader left closes it."""
-        self.owed += sum(sink.take() for sink in self.sinks.values())
-        if self.owed >= protocol.CREDIT_BATCH and not self.state.final:
-            self.send("credit", n=self.owed)
-            self.owed = 0
+        self._consumed(sum(sink.take() for sink in self.sinks.values()))
         for name, sink in self.sinks.items():
             if sink.broken and name not in self.closed and not self.state.final:
                 self.closed.add(name)
                 self.send("close", stream=name)
+
+    def _consumed(self, n: int) -> None:
+        """``n`` bytes of output were written out: return credit once a batch is owed."""
+        self.owed += n
+        if self.owed >= protocol.CREDIT_BATCH and not self.state.final:
+            self.send("credit", n=self.owed)
+            self.owed = 0
+
+    def _send_files(self) -> None:
+        """Staging: send input file chunks while stage credit lasts."""
+        while self.stage_credit > 0 and (chunk := self.outbox.next_chunk(self.stage_credit)):
+            name, mode, last, data = chunk
+            self.send("file", data, name=name, mode=mode, last=last)
+            self.stage_credit -= len(data)
+
+    def _on_file(self, msg: Message) -> None:
+        """Staging: a chunk of a file the job created or changed."""
+        if self.inbox is None:
+            self.fail(OffloadError(f"{self.channel.host} sent a file to a job that staged "
+                                   f"nothing", "protocol", True))
+            return
+        self.inbox.write(msg["name"], msg["mode"], msg["last"], msg.payload)
+        self._consumed(len(msg.payload))
 
     def tick(self, now: float, timing: "Timing") -> None:
         """Heartbeat the daemon; fail the job when the daemon has been silent too long, or
@@ -266,8 +291,12 @@ class JobRun:
         self.sinks["stderr"].put(msg.payload)
 
     def _on_credit(self, msg: Message) -> None:
-        """The daemon wrote stdin to the job: more may come."""
-        self.credit += msg["n"]
+        """Before the start: room for staged files; after: the daemon wrote stdin to the job."""
+        if self.state == JobState.NEW and self.outbox is not None:
+            self.stage_credit += msg["n"]
+            self._send_files()
+        else:
+            self.credit += msg["n"]
 
     def _on_exit(self, msg: Message) -> None:
         """The job ended with a status."""
@@ -290,6 +319,10 @@ class JobRun:
         """Record the outcome once and let the sinks end after what they hold."""
         if self.outcome is None:
             self.outcome = outcome
+            if self.outbox is not None:
+                self.outbox.close()
+            if self.inbox is not None:
+                self.inbox.discard()
             if not self.state.final:
                 self.state = advance(self.state, "cancel")
             for sink in self.sinks.values():

@@ -8,13 +8,14 @@ the job's status; errors of the offload itself print one ``offld: ...`` line and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 import zmq
 
-from . import environ, joblog, protocol
+from . import environ, export, joblog, mountinfo, protocol, staging
 from .channel import OffloadError
 from .client import ClientLoop, connect
 from .config import DEFAULT_PORT, ClientConfig, ConfigError, host_endpoint
@@ -34,7 +35,8 @@ def parser(prog: str = "offld") -> argparse.ArgumentParser:
     p.add_argument("-L", "--load-balancer", metavar="BROKER[:PORT]", action="append",
                    help="ask this broker for a host; repeat to try several")
     p.add_argument("-n", "--no-mount", action="store_true",
-                   help="do not use the mounted tree (send files instead)")
+                   help="no shared tree: send the files the arguments name, get back the "
+                   "files the job creates or changes")
     p.add_argument("-o", "--output", metavar="FILE", help="write the job's stdout to FILE")
     p.add_argument("-Q", "--no-logging", action="store_true", help="write no job log entry")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing of its own "
@@ -121,7 +123,16 @@ def run(command: list[str], opts, say: Reporter) -> int:
     try:
         channel = connect(ctx, endpoints(opts, cfg), cfg.connect_timeout, say.debug)
         connected = time.monotonic()
-        outcome = _drive(channel, spec_here(command, cfg), out_fd, cfg, say)
+        spec = spec_here(command, cfg)
+        if opts.no_mount:
+            outcome = _drive(channel, spec, out_fd, cfg, say, stage(spec))
+        else:
+            with exported(cfg, say) as exp:
+                spec.data = _descriptor(exp, spec)
+                try:
+                    outcome = _drive(channel, spec, out_fd, cfg, say)
+                finally:
+                    exp.finish(spec.data)
         channel.close()
     finally:
         ctx.term()
@@ -133,17 +144,56 @@ def run(command: list[str], opts, say: Reporter) -> int:
     return outcome.status
 
 
-def _drive(channel, spec: JobSpec, out_fd: int, cfg: ClientConfig, say: Reporter) -> Outcome:
+def stage(spec: JobSpec) -> tuple:
+    """-n: send the files the argv names under the cwd; changed files come back here."""
+    spec.argv, files = staging.plan(spec.argv, spec.cwd)
+    spec.data = {"mode": "stage", "bytes": staging.total(spec.cwd, files)}
+    return staging.Outbox(spec.cwd, files), staging.Inbox(spec.cwd)
+
+
+def _drive(channel, spec: JobSpec, out_fd: int, cfg: ClientConfig, say: Reporter,
+           staged: tuple | None = None) -> Outcome:
     """Submit the job on ``channel`` and run the loop until it ends."""
     loop = ClientLoop(cfg.timing())
     try:
-        job = JobRun(channel, spec, (0, out_fd, 2), loop.wake_w, say.debug)
+        job = JobRun(channel, spec, (0, out_fd, 2), loop.wake_w, say.debug, staged=staged)
         job.submit()
         loop.add(job)
         (outcome,) = loop.run()
     finally:
         loop.close()
     return outcome
+
+
+@contextlib.contextmanager
+def exported(cfg: ClientConfig, say: "Reporter"):
+    """The VM's export for this job: the mount's (if an offloadfs mount runs, its export is
+    up) or, with none, one started for this job alone (the thesis's slow path)."""
+    exp = export.make(cfg.export)
+    if isinstance(exp, export.NfsExport) and not mountinfo.offloadfs_mounts():
+        say.debug(f"no offloadfs mount: exporting {cfg.export.root} for this job")
+        try:
+            exp.start()
+        except export.ExportError as exc:
+            raise OffloadError(f"cannot export {cfg.export.root}: {exc}", "export") from None
+        try:
+            yield exp
+        finally:
+            exp.stop()
+    else:
+        yield exp
+
+
+def _descriptor(exp, spec: JobSpec) -> dict | None:
+    """Where the host finds the cwd, or OffloadError (nothing ran) when it cannot."""
+    cwd = os.fsdecode(spec.cwd)
+    try:
+        return exp.descriptor(cwd)
+    except KeyError:
+        raise OffloadError(f"{cwd} is outside the exported tree {exp.cfg.root}",
+                           "export") from None
+    except OSError as exc:
+        raise OffloadError(f"cannot write the job's nonce: {exc.strerror}", "export") from None
 
 
 def _output_fd(path: str | None) -> int:

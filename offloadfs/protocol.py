@@ -21,6 +21,9 @@ Messages, by stage (C = client, D = daemon or broker on the client's behalf)::
                       window int (output credit granted up front), tags[str]?, data map?
     D->C queued       job, position int (1 = next to start)
     D->C started      job, host str, pid int, window int (stdin credit granted up front)
+    C->D file         job, name bin, mode int, last bool + payload   staging (-n): an input
+                      file's next chunk, before the job starts (spends stage credit)
+    D->C file         the same for a file the job created or changed (spends output credit)
     C->D stdin        job + payload                        (spends stdin credit)
     C->D stdin-eof    job
     D->C stdout       job + payload                        (spends output credit)
@@ -34,6 +37,11 @@ Messages, by stage (C = client, D = daemon or broker on the client's behalf)::
     *->* ping         jobs[str]                            heartbeat; lists the sender's live jobs
     C->D status       {}
     D->C status-reply {host, slots, busy, queued, commands, tags, jobs[map], done, failed}
+
+Staging (``data`` = {"mode": "stage", "bytes": total}): the daemon answers the submit with a
+``credit`` for the input files, which come as ``file`` messages; the job runs in a scratch
+directory once the last one is in; after it ends, every file it created or changed comes back
+as ``file`` messages before ``exit``, and the client writes each one atomically.
 
 Flow control is credit based: a sender never has more than the granted number of payload bytes
 in flight per stream, so memory stays bounded whatever the producer's speed.
@@ -66,7 +74,7 @@ JOB_ID_MAX = 64
 # (the daemon's); the client adds start (its own process start-up), connect and total.
 STAGES = ("start", "connect", "queue", "attach", "run", "drain", "total")
 STREAMS = ("stdout", "stderr")
-PAYLOAD_KINDS = frozenset({"stdin", "stdout", "stderr"})
+PAYLOAD_KINDS = frozenset({"stdin", "stdout", "stderr", "file"})
 
 
 class ProtocolError(Exception):
@@ -225,6 +233,22 @@ def _path(v: Any) -> bytes:
     return p
 
 
+def _bool(v: Any) -> bool:
+    """Checker for a bool."""
+    if not isinstance(v, bool):
+        raise FieldError(f"expected a bool, got {_show(v)}")
+    return v
+
+
+def _relpath(v: Any) -> bytes:
+    """Checker for a relative path below a directory: no leading /, no '..', no NUL."""
+    p = _bin(4096)(v)
+    parts = p.split(b"/")
+    if not p or p.startswith(b"/") or b"\0" in p or any(x in (b"", b".", b"..") for x in parts):
+        raise FieldError(f"{_show(v)} is not a plain relative path")
+    return p
+
+
 def _stream(v: Any) -> str:
     """Checker for an output stream name."""
     if v not in STREAMS:
@@ -266,6 +290,7 @@ SCHEMA: dict[str, tuple[bool, dict, dict]] = {
                {"tags": _TAGS, "data": _opt(_any_map)}),
     "queued": (True, {"position": _POS}, {}),
     "started": (True, {"host": _str(255), "pid": _int(0, 2**31), "window": _int(0, 2**30)}, {}),
+    "file": (True, {"name": _relpath, "mode": _int(0, 0o7777), "last": _bool}, {}),
     "stdin": (True, {}, {}),
     "stdin-eof": (True, {}, {}),
     "stdout": (True, {}, {}),

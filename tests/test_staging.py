@@ -1,0 +1,103 @@
+"""Staging (offld -n): inputs travel in messages, outputs come back, no shared tree needed."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+
+import pytest
+
+from offloadfs import staging
+
+from .conftest import CONVERT, OFFLD
+
+
+@pytest.fixture
+def stage_host(start_daemon, tmp_path, marker_tree):
+    """A daemon that cannot see the caller's tree (a tmpfs hides it), with its own scratch."""
+    cfg = tmp_path / "host.toml"
+    cfg.write_text(f'[serve]\nscratch = "{tmp_path}/scratch"\n')
+    return start_daemon("-c", str(cfg), marker=marker_tree)
+
+
+@pytest.fixture
+def marker_tree(tmp_path):
+    """The caller's tree; the host sees an empty tmpfs in its place."""
+    path = tmp_path / "vm"
+    path.mkdir()
+    (path / "where").write_text("vm\n")
+    return path
+
+
+def offld_n(host, *command, cwd, **kw) -> subprocess.CompletedProcess:
+    """offld -n against ``host`` (bounded)."""
+    return subprocess.run([OFFLD, "-n", "-H", host.hostport, "--", *command], cwd=cwd,
+                          capture_output=True, timeout=120, **kw)
+
+
+def test_convert_staged_without_any_shared_tree(stage_host, marker_tree):
+    """The host cannot see the files, yet convert -n reads in.png and writes out.png here."""
+    subprocess.run([CONVERT, "-size", "500x400", "plasma:fractal", "-seed", "5", "in.png"],
+                   cwd=marker_tree, check=True)
+    subprocess.run([CONVERT, "in.png", "-blur", "0x2", "local.ppm"], cwd=marker_tree, check=True)
+    got = offld_n(stage_host, "convert", "in.png", "-blur", "0x2", "out.ppm", cwd=marker_tree)
+    assert got.returncode == 0, got.stderr
+    assert (marker_tree / "out.ppm").read_bytes() == (marker_tree / "local.ppm").read_bytes()
+    assert offld_n(stage_host, "cat", "where", cwd=marker_tree).stdout == b"vm\n"
+
+
+def test_created_and_changed_files_come_back_unchanged_ones_do_not(stage_host, marker_tree):
+    """New files (in new directories too) and changed inputs return; untouched inputs stay."""
+    (marker_tree / "a.txt").write_text("a\n")
+    (marker_tree / "b.txt").write_text("b\n")
+    os.utime(marker_tree / "b.txt", (1, 1))
+    got = offld_n(stage_host, "sh", "-c", "test -e a.txt || echo no-a; mkdir -p d/e; "
+                  "echo n > d/e/n.txt", "sh", "b.txt", cwd=marker_tree)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == b"no-a\n"   # not named in argv: not staged
+    assert (marker_tree / "a.txt").read_text() == "a\n"
+    assert (marker_tree / "d/e/n.txt").read_text() == "n\n"
+    assert os.stat(marker_tree / "b.txt").st_mtime == 1
+
+
+def test_a_named_input_changed_by_the_job_comes_back(stage_host, marker_tree):
+    """An input the job appends to is written back with its new contents."""
+    (marker_tree / "log.txt").write_text("one\n")
+    got = offld_n(stage_host, "sh", "-c", 'echo two >> "$1"', "sh", "log.txt", cwd=marker_tree)
+    assert got.returncode == 0 and (marker_tree / "log.txt").read_text() == "one\ntwo\n"
+
+
+def test_large_file_staged_both_ways(stage_host, marker_tree):
+    """50 MB in and out: the same bytes."""
+    data = os.urandom(50 * 1024 * 1024)
+    (marker_tree / "big.bin").write_bytes(data)
+    got = offld_n(stage_host, "sh", "-c", "cat big.bin > copy.bin", "sh", "big.bin",
+                  cwd=marker_tree)
+    assert got.returncode == 0, got.stderr
+    assert hashlib.sha256((marker_tree / "copy.bin").read_bytes()).digest() == \
+        hashlib.sha256(data).digest()
+
+
+def test_a_failed_job_still_returns_what_it_wrote(stage_host, marker_tree):
+    """As locally: a job that writes then fails leaves its output; its status is kept."""
+    got = offld_n(stage_host, "sh", "-c", "echo partial > part.txt; exit 3", cwd=marker_tree)
+    assert got.returncode == 3 and (marker_tree / "part.txt").read_text() == "partial\n"
+
+
+def test_scratch_directory_is_removed(stage_host, marker_tree, tmp_path):
+    """Nothing of a staged job stays on the host."""
+    offld_n(stage_host, "sh", "-c", "echo x > y", cwd=marker_tree)
+    assert os.listdir(tmp_path / "scratch") == []
+
+
+def test_plan_picks_files_under_the_cwd_only(tmp_path):
+    """Arguments that are files inside the cwd are staged; absolute ones are made relative."""
+    (tmp_path / "in.png").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.txt").write_bytes(b"y")
+    argv = [b"convert", b"in.png", str(tmp_path / "sub" / "s.txt").encode(), b"/etc/passwd",
+            b"out.png", b"../x", b"-blur"]
+    new, files = staging.plan(argv, str(tmp_path).encode())
+    assert files == [b"in.png", b"sub/s.txt"]
+    assert new == [b"convert", b"in.png", b"sub/s.txt", b"/etc/passwd", b"out.png", b"../x",
+                   b"-blur"]
