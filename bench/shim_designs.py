@@ -247,16 +247,16 @@ def rows(tmp: Path, socket_path: Path, real: Shims, never: Shims) -> list[Row]:
                        "imported (raw sendmsg with SCM_RIGHTS), not socket.py",
                        [script, *ARGS], "python", text))
     control, text = write_script(tmp / "sh-control", SH_CONTROL.format(
-        signals=" ".join(shim.FORWARDED), control=shlex.quote(never.shim("true"))))
+        signals=" ".join(shim.FORWARDED), control=shlex.quote(str(never.path / shim.CTL / "true"))))
     out.append(Row("sh_control", "sh shim protocol, no job (policy never)",
-                   "sh design, floor: a sh script opens MOUNTPOINT/true read-write, writes argv, "
+                   "sh design, floor: a sh script opens MOUNTPOINT/.ctl/true read-write, writes argv, "
                    "reads the reply of a mount whose policy for true is never (caller's /proc "
                    "and fds taken, local run decided and not done; no network, no job)",
                    [control, *ARGS], "sh", text))
     out.append(Row("sh_shim", "sh shim, real job on offloadd",
                    "sh design, end to end: the real shim MOUNTPOINT/true, its job run by "
                    "offloadd on this machine (loopback TCP), exit status relayed",
-                   [real.shim("true"), *ARGS], "sh", shim.script("true").decode()))
+                   [real.shim("true"), *ARGS], "sh", shim.script("true", str(real.path)).decode()))
     return out
 
 

@@ -19,8 +19,8 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import environ, export, protocol, shim
-from .caller import Caller, pending_signals
+from . import environ, export, protocol, shim, staging
+from .caller import Caller, filesystem_ids, pending_signals
 from .channel import Channel, OffloadError
 from .client import ClientLoop
 from .config import ClientConfig
@@ -312,7 +312,8 @@ class Agent(ClientLoop):
             self._no_host(request)
             return
         try:
-            data = self._descriptor(request)
+            data = None if request.name in self.config.stage_commands else \
+                self._descriptor(request)
         except ValueError as exc:
             self._cannot(request, str(exc))
             return
@@ -323,8 +324,14 @@ class Agent(ClientLoop):
             request.decide_refused(f"the caller went away: {exc.strerror}")
             return
         spec = self._spec(request)
-        spec.data = data
-        job = JobRun(link.channel, spec, request.stdio, self.wake_w, stdin_pgrp=pgrp)
+        spec.data, staged = data, None
+        if request.name in self.config.stage_commands:
+            staged = self._stage(request, spec)
+            if staged is None:
+                return
+        c = request.caller
+        job = JobRun(link.channel, spec, request.stdio, self.wake_w, stdin_pgrp=pgrp,
+                     staged=staged, as_caller=lambda: filesystem_ids(c.uid, c.gid))
         request.job = job
         self.requests[job.id] = request
         link.in_flight += 1
@@ -347,6 +354,19 @@ class Agent(ClientLoop):
             self.registry.record(request.name, "fallbacks", {})
             self._remember(request, "local", why, -1, {})
             request.decide_local(why)
+
+    def _stage(self, request: ShimRequest, spec: JobSpec) -> tuple | None:
+        """Staging for this command (config [staging] commands): its files travel with it.
+        None (and the request decided) if the caller's files cannot be read."""
+        c = request.caller
+        try:
+            with filesystem_ids(c.uid, c.gid):
+                spec.argv, files = staging.plan(spec.argv, c.cwd)
+                spec.data = {"mode": "stage", "bytes": staging.total(c.cwd, files)}
+        except OSError as exc:
+            self._cannot(request, f"cannot stage its files: {exc.strerror}")
+            return None
+        return staging.Outbox(c.cwd, files), staging.Inbox(c.cwd)
 
     def _descriptor(self, request: ShimRequest) -> dict | None:
         """Where the host finds the caller's cwd; ValueError when it cannot."""

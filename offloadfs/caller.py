@@ -7,6 +7,7 @@ from the kernel, never from the caller's environment.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import stat
@@ -15,6 +16,20 @@ from . import mountinfo
 
 SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (generic syscall table)
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def filesystem_ids(uid: int, gid: int):
+    """On this thread only, touch files as ``uid``/``gid`` (setfsuid/setfsgid; supplementary
+    groups are not switched). The agent reads and writes a caller's staged files this way, so
+    a symlink in the caller's tree cannot make root read or write what the caller may not."""
+    old_gid = _libc.setfsgid(gid)
+    old_uid = _libc.setfsuid(uid)
+    try:
+        yield
+    finally:
+        _libc.setfsuid(old_uid)
+        _libc.setfsgid(old_gid)
 
 
 class CallerGone(Exception):

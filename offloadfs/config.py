@@ -82,6 +82,7 @@ class ClientConfig:
     deny: list[str] = dataclasses.field(default_factory=list)
     state_file: str = ""
     export: object = None      # export.ExportConfig
+    stage_commands: list[str] = dataclasses.field(default_factory=list)
 
     def timing(self):
         """Heartbeat, liveness and acknowledgement limits for job runs."""
@@ -109,6 +110,8 @@ class ClientConfig:
         cfg.deny = [str(x) for x in typed(commands, "deny", list, [])]
         cfg.state_file = typed(section(data, "mount"), "state_file", str,
                                os.path.join(state_dir(), "state.json"))
+        cfg.stage_commands = [str(x) for x in
+                              typed(section(data, "staging"), "commands", list, [])]
         from .export import ExportConfig
         cfg.export = ExportConfig.from_toml(data)
         return cfg

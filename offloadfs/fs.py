@@ -28,6 +28,7 @@ log = logging.getLogger("offloadfs")
 
 MAX_ARGS = 2 * 1024 * 1024   # bytes a shim may write as its arguments (like ARG_MAX)
 XATTR_STATUS = "user.offload.status"
+CTL_DIR = "/" + shim.CTL
 
 
 class Session:
@@ -103,11 +104,22 @@ class ShimFS(Operations):
     # --- the directory --------------------------------------------------------------------------
 
     def getattr(self, path, fh=None):
-        """A 0555 directory, or a 0555 regular file per shim."""
-        if path == "/":
+        """A 0555 directory, a 0555 regular file per shim, and the hidden control directory
+        ``.ctl`` with a 0666 control file per shim."""
+        if path in ("/", CTL_DIR):
             return self._attrs(stat.S_IFDIR | 0o555, 0, 2)
-        name = self._name(path)
-        return self._attrs(stat.S_IFREG | 0o555, len(shim.script(name)), 1)
+        if path.startswith(CTL_DIR + "/"):
+            self._ctl_name(path)
+            return self._attrs(stat.S_IFREG | 0o666, 0, 1)
+        return self._attrs(stat.S_IFREG | 0o555, len(self._script(self._name(path))), 1)
+
+    def _script(self, name: str) -> bytes:
+        """The text of shim ``name``."""
+        return shim.script(name, self.root)
+
+    def _ctl_name(self, path: str) -> str:
+        """The shim a control path names, or ENOENT."""
+        return self._name(path[len(CTL_DIR):])
 
     def _attrs(self, mode: int, size: int, nlink: int) -> dict:
         """Attributes with the mount's time and root as owner."""
@@ -116,14 +128,17 @@ class ShimFS(Operations):
                 "st_atime": t, "st_mtime": t, "st_ctime": t}
 
     def readdir(self, path, fh):
-        """The shims."""
-        if path != "/":
+        """The shims (the control directory lists the same names)."""
+        if path not in ("/", CTL_DIR):
             raise FuseOSError(errno.ENOTDIR)
         return [".", ".."] + self.registry.names()
 
     def access(self, path, amode):
-        """Reading and running are allowed to all; writing to nobody."""
-        if path != "/":
+        """Reading and running shims is allowed to all; writing only to control files."""
+        if path.startswith(CTL_DIR + "/"):
+            self._ctl_name(path)
+            return 0
+        if path not in ("/", CTL_DIR):
             self._name(path)
         if amode & os.W_OK:
             raise FuseOSError(errno.EACCES)
@@ -145,14 +160,18 @@ class ShimFS(Operations):
     # --- files ----------------------------------------------------------------------------------
 
     def open(self, path, fi):
-        """Read-only opens read the script; read-write opens are a shim asking for its job."""
-        name = self._name(path)
+        """Shims open read-only (their script); control files read-write (a shim asking
+        for its job)."""
         mode = fi.flags & os.O_ACCMODE
-        if mode == os.O_RDONLY:
+        if not path.startswith(CTL_DIR + "/"):
+            self._name(path)
+            if mode != os.O_RDONLY:
+                raise FuseOSError(errno.EACCES)
             fi.keep_cache = 1
             fi.fh = 0
             return 0
-        if fi.flags & (os.O_TRUNC | os.O_APPEND):
+        name = self._ctl_name(path)
+        if mode != os.O_RDWR or fi.flags & (os.O_TRUNC | os.O_APPEND):
             raise FuseOSError(errno.EACCES)
         _, _, pid = fuse_get_context()
         session = Session(name, pid, self._dev())
@@ -165,7 +184,7 @@ class ShimFS(Operations):
     def read(self, path, size, offset, fi):
         """The script, or (control open) the reply line once the job is decided."""
         if fi.fh == 0:
-            return shim.script(self._name(path))[offset:offset + size]
+            return self._script(self._name(path))[offset:offset + size]
         session = self._session(fi.fh)
         with session.lock:
             if session.reply is None:

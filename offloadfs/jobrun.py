@@ -9,6 +9,7 @@ so the caller's fds are never switched to non-blocking (a tty is shared with the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -141,7 +142,8 @@ class JobRun:
 
     def __init__(self, channel: Channel, spec: JobSpec, stdio: tuple[int, int, int],
                  wake_fd: int, debug=None, stdin_pgrp: int | None = None,
-                 staged: tuple[staging.Outbox, staging.Inbox] | None = None):
+                 staged: tuple[staging.Outbox, staging.Inbox] | None = None,
+                 as_caller=contextlib.nullcontext):
         """Prepare the job; nothing is sent until :meth:`submit`. ``stdin_pgrp`` is the
         caller's process group (ours by default), to tell whether it may read a tty."""
         self.id = os.urandom(8).hex()
@@ -155,6 +157,7 @@ class JobRun:
         self.credit = self.owed = 0
         self.closed: set[str] = set()
         self.outbox, self.inbox = staged or (None, None)
+        self.as_caller = as_caller   # context for staged file I/O with the caller's ids
         self.stage_credit = 0
         self.outcome: Outcome | None = None
         self.submitted = self.last_ping = 0.0
@@ -229,7 +232,17 @@ class JobRun:
 
     def _send_files(self) -> None:
         """Staging: send input file chunks while stage credit lasts."""
-        while self.stage_credit > 0 and (chunk := self.outbox.next_chunk(self.stage_credit)):
+        while self.stage_credit > 0:
+            try:
+                with self.as_caller():
+                    chunk = self.outbox.next_chunk(self.stage_credit)
+            except OSError as exc:
+                self.cancel()
+                self.fail(OffloadError(f"cannot read {exc.filename!r}: {exc.strerror}",
+                                       "stage", False))
+                return
+            if chunk is None:
+                return
             name, mode, last, data = chunk
             self.send("file", data, name=name, mode=mode, last=last)
             self.stage_credit -= len(data)
@@ -240,7 +253,14 @@ class JobRun:
             self.fail(OffloadError(f"{self.channel.host} sent a file to a job that staged "
                                    f"nothing", "protocol", True))
             return
-        self.inbox.write(msg["name"], msg["mode"], msg["last"], msg.payload)
+        try:
+            with self.as_caller():
+                self.inbox.write(msg["name"], msg["mode"], msg["last"], msg.payload)
+        except OSError as exc:
+            self.cancel()
+            self.fail(OffloadError(f"cannot write {os.fsdecode(msg['name'])}: {exc.strerror}",
+                                   "stage", True))
+            return
         self._consumed(len(msg.payload))
 
     def tick(self, now: float, timing: "Timing") -> None:

@@ -3,9 +3,11 @@
 A shim is a ``/bin/sh`` script (dash starts in ~1.5 ms; ``python3 -I -S`` needs ~11 ms here,
 see docs/shim.md). Run as ``convert in.png out.png`` it:
 
-1. opens its own file read-write (``exec 3<>"$0"``): the mount sees a *control open* and, from
-   the FUSE request, the shim's pid; from then on the agent knows the caller (credentials, cwd,
-   environment from /proc, stdio through pidfd_getfd);
+1. opens its control file ``MOUNT/.ctl/NAME`` read-write: the mount sees a *control open* and,
+   from the FUSE request, the shim's pid; from then on the agent knows the caller (credentials,
+   cwd, environment from /proc, stdio through pidfd_getfd). Not the shim file itself: the
+   kernel refuses to exec a file open for writing, so a second run of the same command would
+   fail with ETXTBSY while the first waits;
 2. writes its path, the number of its arguments and the arguments, each followed by a NUL
    byte, then the name of a signal it caught before now, if any;
 3. reads one reply line, which blocks until the job is over:
@@ -22,6 +24,7 @@ it how to end.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 
 FORWARDED = ("INT", "TERM", "HUP", "QUIT", "USR1", "USR2", "WINCH")
@@ -37,7 +40,7 @@ TEMPLATE = """#!/bin/sh
 # offloadfs shim for {name}: runs it on a compute host (see: offloadfs status).
 s=
 {traps}
-exec 3<>"$0" || exit 255
+exec 3<>{ctl} || exit 255
 printf '%s\\0' "$0" $# "$@" >&3
 [ -z "$s" ] || printf '%s\\0' "$s" >&3
 read -r st arg <&3
@@ -50,10 +53,14 @@ exit "$st"
 """
 
 
-def script(name: str) -> bytes:
-    """The shim file's content for command ``name``."""
+CTL = ".ctl"
+
+
+def script(name: str, root: str) -> bytes:
+    """The content of shim ``name`` in the mount at ``root``."""
     traps = "\n".join(f"trap 's=${{s:-{sig}}}' {sig}" for sig in FORWARDED)
-    return TEMPLATE.format(name=name, signals=" ".join(FORWARDED), traps=traps).encode()
+    ctl = shlex.quote(os.path.join(root, CTL, name))
+    return TEMPLATE.format(name=name, signals=" ".join(FORWARDED), traps=traps, ctl=ctl).encode()
 
 
 class BadRequest(ValueError):

@@ -239,6 +239,19 @@ def daemon(start_daemon) -> Daemon:
 
 
 @pytest.fixture
+def traversable(tmp_path, tmp_path_factory) -> Path:
+    """Make the directories down to tmp_path traversable by other users (0711), so tests can
+    run shims as test users (pytest makes them 0700)."""
+    top = tmp_path_factory.getbasetemp().parent
+    path = tmp_path
+    while True:
+        os.chmod(path, os.stat(path).st_mode | 0o711)
+        if path == top or path == path.parent:
+            return tmp_path
+        path = path.parent
+
+
+@pytest.fixture
 def work(tmp_path) -> Path:
     """The caller's working directory."""
     path = tmp_path / "work"

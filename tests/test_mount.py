@@ -203,16 +203,19 @@ def test_killed_shim_gets_its_remote_job_killed(mount, work):
     wait_for(lambda: not alive(pid), 10, "the remote job to be killed")
 
 
-def test_concurrent_shims_from_several_users(mount, work):
+def test_concurrent_shims_from_several_users(mount, work, traversable):
     """Shims run at once for two users: each job runs as its caller's uid."""
     users = [_user("offfs1"), _user("offfs2")]
-    procs = [(uid, subprocess.Popen(["runuser", "-u", name, "--", "sh", "-c",
-                                     "sh -c 'sleep 0.3; id -u'"], cwd="/tmp",
-                                    env=mount.env(), stdout=subprocess.PIPE))
+    path = mount.env()["PATH"]   # runuser resets PATH: pass the shims' one on
+    procs = [(uid, subprocess.Popen(["runuser", "-u", name, "--", "env", f"PATH={path}", "sh",
+                                     "-c", "sh -c 'sleep 0.3; echo $OFFLOAD_SLOT; id -u'"],
+                                    cwd="/tmp", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
              for name, uid in users * 2]
     for uid, proc in procs:
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0 and out.strip() == str(uid).encode()
+        out, err = proc.communicate(timeout=60)
+        assert len(out.split()) == 2, err
+        slot, got_uid = out.split()
+        assert proc.returncode == 0 and slot.isdigit() and got_uid == str(uid).encode()
 
 
 # --- xattrs and policy ------------------------------------------------------------------------
@@ -271,7 +274,7 @@ def test_policy_persists_across_remounts(start_mount, host, config, mount, marke
     assert where(again, marker, work) == "vm"
 
 
-def test_only_root_or_the_owner_sets_policy(mount):
+def test_only_root_or_the_owner_sets_policy(mount, traversable):
     """Another user cannot change a shim's policy."""
     name, _ = _user("offfs1")
     got = subprocess.run(["runuser", "-u", name, "--", "setfattr", "-n", "user.offload.policy",
@@ -421,7 +424,7 @@ def _free_port() -> int:
 def test_signal_caught_before_the_read_reaches_the_job(mount):
     """A signal the shim caught before asking (sent after its arguments) ends the job at once."""
     start = time.monotonic()
-    fd = os.open(mount.path / "sleep", os.O_RDWR)
+    fd = os.open(mount.path / ".ctl" / "sleep", os.O_RDWR)
     try:
         os.write(fd, f"{mount.path}/sleep\0" "1\0" "30\0" "INT\0".encode())
         reply = os.read(fd, 100)
@@ -432,7 +435,7 @@ def test_signal_caught_before_the_read_reaches_the_job(mount):
 
 def test_a_malformed_request_gets_255(mount):
     """What is not path, count, arguments and signal names is refused, not run."""
-    fd = os.open(mount.path / "sleep", os.O_RDWR)
+    fd = os.open(mount.path / ".ctl" / "sleep", os.O_RDWR)
     try:
         os.write(fd, b"/x/sleep\0" b"7\0" b"30\0")
         assert os.read(fd, 100) == b"255\n"
@@ -444,3 +447,16 @@ def test_a_variable_named_s_in_the_callers_environment_is_harmless(mount, work):
     """The shim's own variables do not come from the caller's environment."""
     got = sh(mount, "cat /dev/null; echo ok", work, env=mount.env(s="INT", st="9", arg="x"))
     assert got.returncode == 0 and got.stdout == b"ok\n"
+
+
+def test_the_same_command_runs_again_while_one_waits(mount, work):
+    """A shim can be run while another run of it waits for its job (no ETXTBSY)."""
+    first = subprocess.Popen([str(mount.path / "sh"), "-c", "echo x > started; read x"],
+                             cwd=work, stdin=subprocess.PIPE)
+    try:
+        wait_for(lambda: (work / "started").exists(), 20, "the first run to start")
+        second = subprocess.run([str(mount.path / "sh"), "-c", "echo $OFFLOAD_SLOT"],
+                                capture_output=True, timeout=30)
+        assert second.returncode == 0 and second.stdout.strip().isdigit(), second.stderr
+    finally:
+        first.communicate(b"\n", timeout=30)

@@ -101,3 +101,57 @@ def test_plan_picks_files_under_the_cwd_only(tmp_path):
     assert files == [b"in.png", b"sub/s.txt"]
     assert new == [b"convert", b"in.png", b"sub/s.txt", b"/etc/passwd", b"out.png", b"../x",
                    b"-blur"]
+
+
+@pytest.fixture
+def stage_mount(start_mount, stage_host, tmp_path):
+    """Shims whose convert and sh are staged ([staging] commands)."""
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(f'[staging]\ncommands = ["convert", "sh"]\n'
+                   f'[mount]\nstate_file = "{tmp_path}/state.json"\n')
+    return start_mount(hosts=[stage_host.hostport], config=str(cfg), wait_for_shim="sh")
+
+
+def _as(user: str, mount, script: str, cwd) -> subprocess.CompletedProcess:
+    """A shell script run by ``user`` with the shims first on PATH (bounded)."""
+    path = mount.env()["PATH"]   # runuser resets PATH: pass the shims' one on
+    return subprocess.run(["runuser", "-u", user, "--", "env", f"PATH={path}", "/bin/sh", "-c",
+                           script], cwd=cwd, capture_output=True, timeout=120)
+
+
+def test_staged_command_through_the_shim_as_a_user(stage_mount, marker_tree, tmp_path, traversable):
+    """A per-command staging policy: convert through the shim, results owned by the caller."""
+    import pwd
+    user = "offstage1"
+    if subprocess.run(["id", user], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", user], check=True)
+    uid = pwd.getpwnam(user).pw_uid
+    os.chmod(tmp_path, 0o755)
+    work = marker_tree / "work"
+    work.mkdir()
+    os.chown(work, uid, uid)
+    subprocess.run([CONVERT, "-size", "300x200", "plasma:fractal", "-seed", "2", "in.png"],
+                   cwd=work, check=True)
+    got = _as(user, stage_mount, "OFFLOADFS_DEBUG=1 convert in.png -negate out.ppm", work)
+    assert got.returncode == 0 and b"ran on" in got.stderr, got.stderr
+    want = subprocess.run([CONVERT, "in.png", "-negate", "ppm:-"], cwd=work,
+                          capture_output=True).stdout
+    assert (work / "out.ppm").read_bytes() == want and os.stat(work / "out.ppm").st_uid == uid
+
+
+def test_staging_reads_only_what_the_caller_may(stage_mount, marker_tree, tmp_path, traversable):
+    """A symlink in the caller's tree to a root-only file is not sent (the caller cannot read it)."""
+    user = "offstage1"
+    if subprocess.run(["id", user], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", user], check=True)
+    os.chmod(tmp_path, 0o755)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o755)
+    (secrets / "secret").write_text("root only\n")
+    os.chmod(secrets / "secret", 0o600)
+    work = marker_tree / "w2"
+    work.mkdir()
+    os.chmod(work, 0o777)
+    (work / "dir").symlink_to(secrets)      # a directory link: O_NOFOLLOW does not stop it
+    got = _as(user, stage_mount, "sh -c 'cat dir/secret' sh dir/secret", work)
+    assert b"root only" not in got.stdout

@@ -1,0 +1,219 @@
+"""The caller's files on the host through NFS: a real nfs-ganesha export from the VM side, and a
+daemon in its own mount namespace where the caller's tree is hidden (only NFS reaches it)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import signal
+import subprocess
+
+import pytest
+import zmq
+
+from offloadfs import protocol
+
+from .conftest import CONVERT, OFFLD, alive, wait_for
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/ganesha.nfsd"),
+                                reason="nfs-ganesha is not installed (make install)")
+
+
+def _free_port() -> int:
+    """A loopback port nobody listens on (just now)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def vm(tmp_path):
+    """The VM's exported tree, with a work directory world-writable for the test users."""
+    root = tmp_path / "vmhome"
+    (root / "work").mkdir(parents=True)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(root / "work", 0o777)
+    return root
+
+
+@pytest.fixture
+def nfs_port():
+    """The port the VM's NFS server listens on."""
+    return _free_port()
+
+
+@pytest.fixture
+def vm_config(tmp_path, vm, nfs_port):
+    """The VM's config: export the tree with nfs-ganesha."""
+    path = tmp_path / "vm.toml"
+    path.write_text(f'[client]\nconnect_timeout = 5.0\n'
+                    f'[export]\nbackend = "ganesha"\nroot = "{vm}"\n'
+                    f'listen = "127.0.0.1:{nfs_port}"\n'
+                    f'[mount]\nstate_file = "{tmp_path}/state.json"\n')
+    return str(path)
+
+
+@pytest.fixture
+def host_config(tmp_path):
+    """The host's config: userspace NFS mounts, idle ones unmounted after 2 s."""
+    path = tmp_path / "host.toml"
+    path.write_text(f'[mounts]\nclient = "userspace"\ndir = "{tmp_path}/hostmnt"\n'
+                    f'idle_unmount = 2\n')
+    return str(path)
+
+
+@pytest.fixture
+def host(start_daemon, host_config, vm):
+    """A daemon that cannot see the VM's tree at all: a tmpfs hides it in its namespace."""
+    return start_daemon("-c", host_config, marker=vm)
+
+
+@pytest.fixture
+def mount(start_mount, host, vm_config):
+    """The VM's shim mount, which also runs the NFS export."""
+    return start_mount(hosts=[host.hostport], config=vm_config, wait_for_shim="convert")
+
+
+def run(mount, script: str, cwd, user: str | None = None, **kw):
+    """A shell script with the shims first on PATH, as ``user`` if given (bounded)."""
+    argv = ["/bin/sh", "-c", script]
+    if user:   # runuser resets PATH: pass the shims' one on
+        argv = ["runuser", "-u", user, "--", "env", f"PATH={mount.env()['PATH']}"] + argv
+    return subprocess.run(argv, cwd=cwd, env=mount.env(), capture_output=True, timeout=120, **kw)
+
+
+def test_convert_reads_and_writes_through_nfs(mount, vm):
+    """The host sees only the NFS view, yet convert's output is byte-identical to local."""
+    work = vm / "work"
+    subprocess.run([CONVERT, "-size", "600x400", "plasma:fractal", "-seed", "5", "in.png"],
+                   cwd=work, check=True)
+    subprocess.run([CONVERT, "in.png", "-blur", "0x2", "local.ppm"], cwd=work, check=True)
+    got = run(mount, "convert in.png -blur 0x2 remote.ppm", work)
+    assert got.returncode == 0, got.stderr
+    assert (work / "remote.ppm").read_bytes() == (work / "local.ppm").read_bytes()
+    where = run(mount, "sh -c 'cat /proc/self/mountinfo | grep -c offloadnfs'", work)
+    assert int(where.stdout) >= 1   # the job's cwd was in the host's NFS mount
+
+
+def test_files_created_on_the_host_belong_to_the_caller(mount, vm, traversable):
+    """A job run by a user writes files owned by that user in the VM's tree."""
+    user = _user("offnfs1")
+    got = run(mount, "sh -c 'echo mine > owned.txt; echo $OFFLOAD_SLOT'", vm / "work",
+              user=user[0])
+    assert got.returncode == 0 and got.stdout.strip().isdigit(), got   # it ran on the host
+    st = os.stat(vm / "work" / "owned.txt")
+    assert (st.st_uid, (vm / "work" / "owned.txt").read_text()) == (user[1], "mine\n")
+
+
+def test_mkdir_rename_append_symlink_through_nfs(mount, vm):
+    """What real commands do to a tree works through the host's NFS mount."""
+    work = vm / "work"
+    (work / "log.txt").write_text("one\n")
+    script = ("mkdir -p a/b && echo x > a/b/f && mv a/b/f a/g && echo two >> log.txt && "
+              "ln -s a/g link && cat link && rm -r a/b && truncate -s 3 log.txt")
+    got = run(mount, f"sh -c '{script}'", work)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == b"x\n" and (work / "a" / "g").read_text() == "x\n"
+    assert not (work / "a" / "b").exists() and os.readlink(work / "link") == "a/g"
+    assert (work / "log.txt").read_text() == "one"
+
+
+def test_a_200_mb_file_through_nfs(mount, vm):
+    """200 MB written by the job on the host arrive intact in the VM's tree."""
+    work = vm / "work"
+    got = run(mount, "sh -c 'head -c 209715200 /dev/zero | tr \"\\0\" x > big; wc -c < big'",
+              work)
+    assert got.returncode == 0 and got.stdout.strip() == b"209715200", got.stderr
+    assert hashlib.sha256((work / "big").read_bytes()).digest() == \
+        hashlib.sha256(b"x" * 209715200).digest()
+
+
+def test_two_jobs_at_once_share_one_mount_which_is_reused_then_unmounted(mount, host, vm):
+    """Concurrent first jobs make one mount; a later job reuses it; idle, it goes away."""
+    work = vm / "work"
+    procs = [subprocess.Popen(["/bin/sh", "-c", f"sh -c 'sleep 0.5; echo {i} > j{i}'"],
+                              cwd=work, env=mount.env()) for i in range(2)]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    assert host.log().count("mounted ") == 1
+    assert run(mount, "sh -c 'cat j0 j1'", work).stdout == b"0\n1\n"
+    assert host.log().count("mounted ") == 1
+    wait_for(lambda: "unmounting idle" in host.log(), 15, "the idle mount to go")
+
+
+def test_a_stale_mount_is_remade(mount, host, vm):
+    """The host's NFS client dies: the next job notices and mounts again."""
+    work = vm / "work"
+    assert run(mount, "sh -c 'echo first'", work).returncode == 0
+    client = _nfs_client_pid(vm)
+    os.kill(client, signal.SIGKILL)
+    wait_for(lambda: not alive(client), 10, "the NFS client to die")
+    got = run(mount, "sh -c 'echo again > again.txt'", work)
+    assert got.returncode == 0, got.stderr
+    assert (work / "again.txt").read_text() == "again\n"
+    assert "went stale" in host.log()
+
+
+def test_cwd_outside_the_export_runs_locally_or_fails_closed(mount, tmp_path):
+    """Outside the exported tree: auto runs the command here, always refuses with one line."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    got = run(mount, "sh -c 'echo local'", outside)
+    assert got.returncode == 0 and got.stdout == b"local\n"
+    os.setxattr(mount.path / "sh", "user.offload.policy", b"always")
+    got = run(mount, "sh -c 'echo never'", outside)
+    assert got.returncode == 255 and b"outside the exported tree" in got.stderr
+
+
+def test_a_job_without_the_vms_nonce_is_refused(host, vm, nfs_port, mount):
+    """A mapping the host cannot prove (no nonce file in the mount) never runs the job."""
+    data = {"mode": "nfs", "server": f"127.0.0.1:{nfs_port}", "export": str(vm), "path": "work",
+            "nonce": "0" * 24}
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(host.endpoint)
+    sock.send_multipart(protocol.encode(
+        "submit", "forged", argv=[b"sh", b"-c", b"touch forged"], cwd=str(vm / "work").encode(),
+        uid=0, gid=0, groups=[], env={}, window=1 << 20, data=data))
+    try:
+        reply = None
+        while reply is None or reply.kind not in ("exit", "error"):
+            assert sock.poll(30000), "no reply"
+            reply = protocol.decode(sock.recv_multipart())
+    finally:
+        sock.close()
+        ctx.term()
+    assert reply.kind == "error" and "nonce" in reply["text"]
+    assert not (vm / "work" / "forged").exists()
+
+
+def test_offld_alone_exports_for_one_job(host, vm, vm_config):
+    """Without a mount, offld exports the tree for its job and stops the export after."""
+    got = subprocess.run([OFFLD, "-c", vm_config, "-H", host.hostport, "--", "sh", "-c",
+                          "echo via-nfs > o.txt"], cwd=vm / "work", capture_output=True,
+                         timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert (vm / "work" / "o.txt").read_text() == "via-nfs\n"
+
+
+def _nfs_client_pid(vm) -> int:
+    """The pid of the host's userspace NFS client process."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = open(f"/proc/{entry}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"offloadd.nfsfuse" in cmd and str(vm).encode() in cmd:
+                return int(entry)
+    pytest.fail("no NFS client process")
+
+
+def _user(name: str) -> tuple[str, int]:
+    """A system test user (created once, kept)."""
+    try:
+        return name, pwd.getpwnam(name).pw_uid
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
+        return name, pwd.getpwnam(name).pw_uid
