@@ -19,6 +19,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve jobs from clients")
     s.add_argument("-c", "--config", help="TOML file (default /etc/offloadfs/offloadd.toml)")
     s.add_argument("--listen", help="ZeroMQ endpoint to bind (default tcp://0.0.0.0:7788)")
+    s.add_argument("--connect", action="append", metavar="tcp://BROKER:PORT",
+                   help="take jobs from this broker's worker port (repeatable); without "
+                   "--listen, no client port is opened")
     s.add_argument("--slots", type=int, help="jobs run at once (default: number of CPUs)")
     s.add_argument("--tag", action="append", help="a tag this host offers (repeatable)")
     s.add_argument("--command", action="append", metavar="NAME=/abs/path",

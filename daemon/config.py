@@ -17,6 +17,7 @@ class ServeConfig:
     """What ``offloadd serve`` needs; built from the file, then the flags."""
 
     listen: str = DEFAULT_LISTEN
+    connect: list[str] = dataclasses.field(default_factory=list)
     slots: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     allow_root: bool = False
     commands: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -36,7 +37,8 @@ class ServeConfig:
         """Read the [serve], [commands] and [env] tables of ``path`` (or the system file)."""
         data = load_toml(path, DAEMON_CONFIG)
         serve, cfg = section(data, "serve"), cls()
-        cfg.listen = typed(serve, "listen", str, cfg.listen)
+        cfg.listen = typed(serve, "listen", str, "")
+        cfg.connect = [str(c) for c in typed(serve, "connect", list, [])]
         cfg.slots = typed(serve, "slots", int, cfg.slots)
         cfg.allow_root = typed(serve, "allow_root", bool, cfg.allow_root)
         cfg.tags = [str(t) for t in typed(serve, "tags", list, cfg.tags)]
@@ -59,6 +61,9 @@ class ServeConfig:
             value = getattr(args, name, None)
             if value is not None:
                 setattr(self, name, value)
+        self.connect += args.connect or []
+        if not self.listen and not self.connect:
+            self.listen = DEFAULT_LISTEN   # a host with brokers listens only if told to
         self.allow_root = self.allow_root or bool(args.allow_root)
         self.tags += args.tag or []
         self.commands.update(_commands(args.command or []))
@@ -68,8 +73,9 @@ class ServeConfig:
         """Refuse settings that cannot work, with one clear line."""
         if self.slots < 1:
             raise ConfigError(f"slots = {self.slots}: must be at least 1")
-        if not self.listen.startswith(("tcp://", "ipc://")):
-            raise ConfigError(f"listen = {self.listen}: expected tcp://ADDR:PORT")
+        for endpoint in ([self.listen] if self.listen else []) + self.connect:
+            if not endpoint.startswith(("tcp://", "ipc://")):
+                raise ConfigError(f"{endpoint}: expected tcp://ADDR:PORT")
         try:
             policy.Allowlist(self.commands)
         except ValueError as exc:

@@ -25,6 +25,7 @@ from offloadfs.states import JobState, advance
 from . import policy
 from .config import ServeConfig
 from .mounts import MountTable
+from .worker import BrokerLink
 from .runner import Process, SpawnError, user_of
 from .scheduler import Position, Scheduler, Start
 
@@ -85,7 +86,10 @@ class Server:
         self._stopping = False
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
-        self.sock = self._bind(config.listen)
+        self.sock = self._bind(config.listen) if config.listen else None
+        self.endpoint = getattr(self, "endpoint", "")
+        self.links = {link.peer: link for link in
+                      (BrokerLink(self.ctx, e, 3 * config.heartbeat) for e in config.connect)}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.mounts = MountTable(config.mounts_dir, config.mounts_client, config.idle_unmount,
                                  self._poke)
@@ -108,8 +112,11 @@ class Server:
         """Serve until :meth:`stop`; then kill running jobs, tell their clients, close."""
         old = {s: signal.signal(s, self._stop_signal) for s in STOP_SIGNALS}
         old_fd = signal.set_wakeup_fd(self._wake_w)
-        log.info("listening on %s as %s, %d slots, commands: %s", self.endpoint,
+        log.info("listening on %s as %s, %d slots, commands: %s", self.endpoint or "(no port)",
                  self.hostname, self.config.slots, " ".join(self.allow.names()) or "(none)")
+        for link in self.links.values():
+            log.info("taking jobs from broker %s", link.endpoint)
+            link.send(self._announcement())
         try:
             self._loop()
         finally:
@@ -151,7 +158,10 @@ class Server:
     def _poller(self) -> zmq.Poller:
         """A poller over the socket, the wake-up pipe and whatever each job is waiting for."""
         poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        if self.sock is not None:
+            poller.register(self.sock, zmq.POLLIN)
+        for link in self.links.values():
+            poller.register(link.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         self.fdmap = {}
         for job in self.jobs.values():
@@ -181,6 +191,8 @@ class Server:
         """Dispatch one ready socket or fd."""
         if what is self.sock:
             self._drain_socket()
+        elif isinstance(what, zmq.Socket):
+            self._drain_link(next(k for k in self.links.values() if k.sock is what))
         elif what == self._wake_r:
             _drain_pipe(self._wake_r)
             self.mounts.ready()
@@ -205,6 +217,21 @@ class Server:
             except zmq.Again:
                 return
             self._received(frames)
+
+    def _drain_link(self, link: BrokerLink) -> None:
+        """Handle what a broker sent (bounded per round), as from the peer ``link.peer``."""
+        for _ in range(1000):
+            try:
+                frames = link.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            link.received()
+            self._received([link.peer] + frames)
+
+    def _announcement(self) -> list:
+        """The announcement a broker gets: who we are and what we offer."""
+        return protocol.encode("ready", host=self.hostname, commands=self.allow.names(),
+                               slots=self.config.slots, tags=list(self.config.tags))
 
     # --- messages ------------------------------------------------------------------------------
 
@@ -559,7 +586,14 @@ class Server:
     # --- peers ---------------------------------------------------------------------------------
 
     def send(self, peer: bytes, frames: list) -> None:
-        """Send to a peer; a peer that is gone loses its jobs."""
+        """Send to a peer (a client, or a broker's link); a peer that is gone loses its jobs."""
+        link = self.links.get(peer)
+        if link is not None:
+            try:
+                link.send(frames)
+            except zmq.ZMQError as exc:
+                log.warning("cannot send to broker %s: %s", link.endpoint, exc)
+            return
         try:
             self.sock.send_multipart([peer] + frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
@@ -573,6 +607,9 @@ class Server:
         by_peer: dict[bytes, list[str]] = {}
         for job in self.jobs.values():
             by_peer.setdefault(job.peer, []).append(job.id)
+        for link in self.links.values():
+            if link.tick(now, self._announcement(), by_peer.pop(link.peer, [])):
+                self._peer_gone(link.peer, f"broker {link.endpoint} lost")
         for peer, ids in by_peer.items():
             if now - self.peers.get(peer, now) > self.config.client_timeout:
                 self._peer_gone(peer, "client silent for %.0fs" % self.config.client_timeout)
@@ -594,7 +631,10 @@ class Server:
                             f"offloadd on {self.hostname} stopped; the job was killed")
             self.jobs.pop(job.key, None)
         self.mounts.close()
-        self.sock.close(linger=1000)
+        for link in self.links.values():
+            link.close()
+        if self.sock is not None:
+            self.sock.close(linger=1000)
         os.close(self._wake_r)
         os.close(self._wake_w)
         if self._own_ctx:

@@ -35,6 +35,9 @@ Messages, by stage (C = client, D = daemon or broker on the client's behalf)::
     D->C exit         job, status int, signal int|nil, rusage map, timings map
     D->C error        job?, kind str, text str
     *->* ping         jobs[str]                            heartbeat; lists the sender's live jobs
+    H->B ready        {host, commands, slots, tags}       a host offers itself to a broker
+                      (H = a daemon's DEALER to a broker B; B forwards jobs to H as a client
+                      would, with job ids of its own, and relays H's replies to the client)
     C->D status       {}
     D->C status-reply {host, slots, busy, queued, commands, tags, jobs[map], done, failed}
 
@@ -303,6 +306,7 @@ SCHEMA: dict[str, tuple[bool, dict, dict]] = {
              {"signal": _opt(_int(1, 64)), "rusage": _any_map, "timings": _any_map}),
     "error": (False, {"kind": _str(64), "text": _str()}, {}),
     "ping": (False, {}, {"jobs": _list(_JOB, 65536)}),
+    "ready": (False, {"host": _str(255), "commands": _CMDS, "slots": _POS}, {"tags": _TAGS}),
     "status": (False, {}, {}),
     "status-reply": (False, {"host": _str(255), "slots": _POS, "busy": _POS, "queued": _POS},
                      {"commands": _CMDS, "tags": _TAGS, "jobs": _list(_any_map, 1024),

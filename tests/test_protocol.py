@@ -43,6 +43,7 @@ EXAMPLES: dict[str, tuple[str | None, bytes | None, dict]] = {
     "queued": ("job-1", None, {"position": 3}),
     "started": ("job-1", None, {"host": "fast-host", "pid": 4242, "window": 65536}),
     "file": ("job-1", b"\x89PNG", {"name": b"sub/in.png", "mode": 0o644, "last": True}),
+    "ready": (None, None, {"host": "h1", "commands": ["cat"], "slots": 2, "tags": ["gpu"]}),
     "stdin": ("job-1", b"input \x00\xff bytes", {}),
     "stdin-eof": ("job-1", None, {}),
     "stdout": ("job-1", b"output\n", {}),
