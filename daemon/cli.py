@@ -31,6 +31,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--client-timeout", type=float, help="seconds of client silence before "
                    "its jobs are killed (default 5)")
     s.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    b = sub.add_parser("broker", help="spread clients' jobs over hosts with free slots")
+    b.add_argument("-c", "--config", help="TOML file (default /etc/offloadfs/offloadd.toml)")
+    b.add_argument("--clients", help="endpoint for clients (default tcp://0.0.0.0:7788)")
+    b.add_argument("--workers", help="endpoint for hosts (default tcp://0.0.0.0:7789)")
+    b.add_argument("--name", help="broker name reported to clients")
+    b.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     st = sub.add_parser("status", help="show a host's slots, queue and recent jobs")
     st.add_argument("-H", "--host", action="append", metavar="HOST[:PORT]",
                     help="the daemon or broker to ask (default 127.0.0.1:7788; repeatable)")
@@ -45,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="offloadd: %(levelname)s %(message)s")
     try:
-        return {"serve": serve, "status": status}[args.cmd](args)
+        return {"serve": serve, "status": status, "broker": broker}[args.cmd](args)
     except ConfigError as exc:
         print(f"offloadd: {exc}", file=sys.stderr)
         return 2
@@ -59,6 +65,27 @@ def status(args) -> int:
     lines, ok = st.report(endpoints, args.timeout)
     print("\n".join(lines))
     return 0 if ok else 1
+
+
+def broker(args) -> int:
+    """``offloadd broker``: bind both ports and broker jobs until SIGTERM."""
+    import zmq
+
+    from offloadfs.config import load_toml, section, typed
+
+    from .broker import Broker, BrokerConfig
+    table = section(load_toml(args.config, "/etc/offloadfs/offloadd.toml"), "broker")
+    cfg = BrokerConfig()
+    cfg.clients = args.clients or typed(table, "clients", str, cfg.clients)
+    cfg.workers = args.workers or typed(table, "workers", str, cfg.workers)
+    cfg.name = args.name or typed(table, "name", str, cfg.name)
+    try:
+        server = Broker(cfg)
+    except zmq.ZMQError as exc:
+        print(f"offloadd: cannot bind the broker's ports: {exc}", file=sys.stderr)
+        return 1
+    server.run()
+    return 0
 
 
 def serve(args) -> int:

@@ -279,6 +279,14 @@ class Server:
                 self._job_error(peer, job_id, "unknown-job",
                                 f"{self.hostname} has no job {job_id} (daemon restarted?)")
 
+    def _on_error(self, peer: bytes, msg: Message) -> None:
+        """A broker that does not know us asks us to announce ourselves again."""
+        link = self.links.get(peer)
+        if link is not None and msg["kind"] == "reannounce":
+            link.send(self._announcement())
+        elif link is not None:
+            log.warning("broker %s: %s: %s", link.endpoint, msg["kind"], msg["text"])
+
     def _on_status(self, peer: bytes, msg: Message) -> None:
         """Report slots, queue and recent jobs."""
         self.send(peer, protocol.encode(

@@ -1,0 +1,341 @@
+"""``offloadd broker``: the socket loop around the broker's rules (``broker_rules.Rules``).
+
+One thread does everything: :meth:`Broker.run` polls the clients' ROUTER (they speak the same
+protocol as to a daemon), the hosts' ROUTER (each daemon's DEALER, ``offloadd serve
+--connect``) and a wake-up pipe; it feeds events to the rules and carries out their actions.
+Jobs get a broker-wide id on their way to a host (ids are unique per client only); every
+message of a job after its dispatch is passed through unchanged but for that id, so streams
+keep their credit-based flow control end to end. The broker keeps nothing that matters across
+a restart (see ``broker_rules``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import signal
+import socket
+import time
+
+import zmq
+
+from offloadfs import protocol
+from offloadfs.protocol import Message, ProtocolError
+
+from . import broker_rules as rules_mod
+from .server import _drain_pipe, _wildcard_port
+
+log = logging.getLogger("offloadd")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PASS_THROUGH = frozenset({"stdin", "stdin-eof", "credit", "close", "signal", "file"})
+
+
+@dataclasses.dataclass
+class BrokerConfig:
+    """What ``offloadd broker`` needs."""
+
+    clients: str = "tcp://0.0.0.0:7788"
+    workers: str = "tcp://0.0.0.0:7789"
+    heartbeat: float = 1.0
+    liveness: float = 3.0
+    client_timeout: float = 5.0
+    name: str = ""
+
+
+@dataclasses.dataclass
+class BrokerJob:
+    """A client's job as the broker keeps it."""
+
+    key: tuple[bytes, str]
+    wire: str
+    submit: Message
+    host: bytes | None = None
+
+
+class Broker:
+    """Owns both sockets and the rules; see the module docstring for the thread."""
+
+    def __init__(self, config: BrokerConfig, ctx: zmq.Context | None = None):
+        """Bind both sockets; nothing runs until :meth:`run`."""
+        self.config = config
+        self.name = config.name or f"broker@{socket.gethostname()}"
+        self.rules = rules_mod.Rules(config.heartbeat, config.liveness, config.client_timeout,
+                                     grace=2 * config.heartbeat)
+        self.ctx = ctx or zmq.Context()
+        self._own_ctx = ctx is None
+        self.front, self.front_endpoint = self._bind(config.clients)
+        self.back, self.back_endpoint = self._bind(config.workers)
+        self.jobs: dict[tuple[bytes, str], BrokerJob] = {}
+        self.wires: dict[str, tuple[bytes, str]] = {}
+        self.ids = itertools.count(1)
+        self.done = self.failed = 0
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _bind(self, endpoint: str) -> tuple[zmq.Socket, str]:
+        """A ROUTER bound to ``endpoint`` (port 0: any free port)."""
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.bind(_wildcard_port(endpoint))
+        return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM (or :meth:`stop`); then close both sockets."""
+        old = {s: signal.signal(s, lambda n, f: self.stop()) for s in STOP_SIGNALS}
+        old_fd = signal.set_wakeup_fd(self._wake_w)
+        log.info("broker %s: clients on %s, hosts on %s", self.name, self.front_endpoint,
+                 self.back_endpoint)
+        try:
+            self._loop()
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for s, h in old.items():
+                signal.signal(s, h)
+            self._close()
+
+    def stop(self) -> None:
+        """Ask the loop to end (any thread, or a signal handler)."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _loop(self) -> None:
+        """Poll, dispatch, heartbeat."""
+        poller = zmq.Poller()
+        for item in (self.front, self.back, self._wake_r):
+            poller.register(item, zmq.POLLIN)
+        next_beat = time.monotonic()
+        while not self._stopping:
+            timeout = max(0.0, next_beat - time.monotonic())
+            ready = dict(poller.poll(timeout * 1000))
+            if self.back in ready:
+                self._drain(self.back, self._from_host)
+            if self.front in ready:
+                self._drain(self.front, self._from_client)
+            if self._wake_r in ready:
+                _drain_pipe(self._wake_r)
+            if time.monotonic() >= next_beat:
+                self._heartbeat()
+                next_beat = time.monotonic() + self.config.heartbeat
+
+    def _drain(self, sock: zmq.Socket, handle) -> None:
+        """Handle what waits on ``sock`` (bounded per round)."""
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            peer, body = frames[0], frames[1:]
+            try:
+                msg = protocol.decode(body)
+            except ProtocolError as exc:
+                self._send(sock, peer, protocol.error_frames(exc))
+                continue
+            handle(peer, msg)
+
+    # --- clients -------------------------------------------------------------------------------
+
+    def _from_client(self, client: bytes, msg: Message) -> None:
+        """A client's message: hello, status, ping, submit, cancel, or a job's stream."""
+        now = time.monotonic()
+        self._act(self.rules.client_heard(client, now))
+        if msg.kind == "hello":
+            self._to_client(client, self._welcome())
+        elif msg.kind == "status":
+            self._to_client(client, self._status())
+        elif msg.kind == "ping":
+            for job_id in msg.get("jobs", []):
+                if (client, job_id) not in self.jobs:
+                    self._client_error(client, job_id, "unknown-job",
+                                       f"{self.name} has no job {job_id} (broker restarted?)")
+        elif msg.kind == "submit":
+            self._submit(client, msg, now)
+        elif msg.kind == "cancel":
+            job = self.jobs.get((client, msg.job))
+            if job is not None:
+                self._act(self.rules.cancel(job.key))
+        elif msg.kind in PASS_THROUGH:
+            self._pass_to_host(client, msg)
+        else:
+            self._client_error(client, msg.job, "kind", f"{msg.kind} is not for a broker")
+
+    def _submit(self, client: bytes, msg: Message, now: float) -> None:
+        """A new job: remember it and let the rules place or queue it."""
+        key = (client, msg.job)
+        if key in self.jobs:
+            self._client_error(client, msg.job, "duplicate", f"job {msg.job} is already known")
+            return
+        job = BrokerJob(key, str(next(self.ids)), msg)
+        self.jobs[key] = job
+        self.wires[job.wire] = key
+        command = os.path.basename(os.fsdecode(msg["argv"][0]))
+        self._act(self.rules.submit(key, client, now, command, list(msg.get("tags", []))))
+
+    def _pass_to_host(self, client: bytes, msg: Message) -> None:
+        """A job's stream message goes to its host under the broker's id for the job."""
+        job = self.jobs.get((client, msg.job))
+        if job is None:
+            self._client_error(client, msg.job, "unknown-job", f"{self.name} has no job {msg.job}")
+        elif job.host is not None:
+            self._send(self.back, job.host,
+                       protocol.encode(msg.kind, job.wire, msg.payload, **msg.fields))
+
+    def _welcome(self) -> list:
+        """Who we are: the union of what live hosts offer."""
+        r = self.rules
+        return protocol.encode("welcome", host=self.name, commands=list(r.commands),
+                               slots=r.slots, tags=list(r.tags), busy=r.busy,
+                               queued=len(r.queue))
+
+    def _status(self) -> list:
+        """Slots, busy, queue, and each live host as a row."""
+        r = self.rules
+        hosts = [{"host": h.name, "slots": h.slots, "busy": len(h.running),
+                  "commands": " ".join(sorted(h.commands))[:255],
+                  "tags": ",".join(sorted(h.tags))} for h in r.hosts.values()]
+        return protocol.encode("status-reply", host=self.name, slots=r.slots, busy=r.busy,
+                               queued=len(r.queue), commands=list(r.commands),
+                               tags=list(r.tags), jobs=hosts, done=self.done,
+                               failed=self.failed)
+
+    # --- hosts ---------------------------------------------------------------------------------
+
+    def _from_host(self, host: bytes, msg: Message) -> None:
+        """A host's message: ready, ping, or news of a job (passed on to its client)."""
+        now = time.monotonic()
+        if msg.kind == "ready":
+            self._host_ready(host, msg, now)
+            return
+        self._act(self.rules.host_heard(host, now))
+        key = self.wires.get(msg.job) if msg.job else None
+        job = self.jobs.get(key) if key else None
+        if job is None or job.host != host:
+            return
+        self._to_client(job.key[0], protocol.encode(msg.kind, job.key[1], msg.payload,
+                                                    **msg.fields))
+        if msg.kind in ("exit", "error"):
+            if msg.kind == "exit":
+                self.done += 1
+            else:
+                self.failed += 1
+            self._act(self.rules.slot_freed(host, key))
+            self._forget(key)
+
+    def _host_ready(self, host: bytes, msg: Message, now: float) -> None:
+        """A host offers itself (again: it starts fresh)."""
+        try:
+            actions = self.rules.host_ready(host, now, msg["host"], msg["commands"],
+                                            msg.get("tags", []), msg["slots"])
+        except rules_mod.RulesError as exc:
+            self._send(self.back, host, protocol.encode("error", kind="ready", text=str(exc)))
+            return
+        log.info("host %s ready: %d slots, commands %s, tags %s", msg["host"], msg["slots"],
+                 " ".join(msg["commands"]), ",".join(msg.get("tags", [])) or "-")
+        self._act(actions)
+
+    def _heartbeat(self) -> None:
+        """Ping hosts and the clients with jobs; let the rules expire the silent."""
+        now = time.monotonic()
+        for host in list(self.rules.hosts):
+            self._send(self.back, host, protocol.encode("ping"))
+        by_client: dict[bytes, list[str]] = {}
+        for client, job_id in self.jobs:
+            by_client.setdefault(client, []).append(job_id)
+        for client, ids in by_client.items():
+            self._to_client(client, protocol.encode("ping", jobs=ids))
+        self._act(self.rules.tick(now))
+
+    # --- actions -------------------------------------------------------------------------------
+
+    def _act(self, actions: list) -> None:
+        """Carry out the rules' actions, in order."""
+        for action in actions:
+            getattr(self, "_do_" + type(action).__name__.lower())(action)
+
+    def _do_dispatch(self, a: rules_mod.Dispatch) -> None:
+        """Send the job's submit to its host, under the broker's id."""
+        job = self.jobs[a.job]
+        job.host = a.host_id
+        msg = job.submit
+        self._send(self.back, a.host_id, protocol.encode("submit", job.wire, None, **msg.fields))
+
+    def _do_queued(self, a: rules_mod.Queued) -> None:
+        """Tell the client where its job waits."""
+        client, job_id = a.job
+        self._to_client(client, protocol.encode("queued", job_id, position=a.position))
+
+    def _do_hostlost(self, a: rules_mod.HostLost) -> None:
+        """The job's host died while it ran: exit 255 with one line on the client."""
+        client, job_id = a.job
+        self.failed += 1
+        self._client_error(client, job_id, "host-lost", a.reason)
+        self._forget(a.job)
+
+    def _do_nohost(self, a: rules_mod.NoHost) -> None:
+        """No live host can run the job."""
+        client, job_id = a.job
+        self.failed += 1
+        self._client_error(client, job_id, "no-host", a.reason)
+        self._forget(a.job)
+
+    def _do_cancel(self, a: rules_mod.Cancel) -> None:
+        """The job's client is gone: its host kills it."""
+        job = self.jobs.get(a.job)
+        if job is not None:
+            self._send(self.back, a.host_id, protocol.encode("cancel", job.wire))
+
+    def _do_forget(self, a: rules_mod.Forget) -> None:
+        """Drop what we keep of a job."""
+        self._forget(a.job)
+
+    def _do_commandschanged(self, a: rules_mod.CommandsChanged) -> None:
+        """VMs see the new command set at their next hello."""
+        log.info("commands offered now: %s", " ".join(a.commands) or "(none)")
+
+    def _do_reannounce(self, a: rules_mod.Reannounce) -> None:
+        """Ask an unknown host to say ready again."""
+        self._send(self.back, a.host_id, protocol.encode(
+            "error", kind="reannounce", text=f"{self.name} does not know this host"))
+
+    def _forget(self, key) -> None:
+        """Remove a job from the broker's books."""
+        job = self.jobs.pop(key, None)
+        if job is not None:
+            self.wires.pop(job.wire, None)
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def _to_client(self, client: bytes, frames: list) -> None:
+        """Send to a client."""
+        self._send(self.front, client, frames)
+
+    def _client_error(self, client: bytes, job_id: str | None, kind: str, text: str) -> None:
+        """An error about a client's job."""
+        self._to_client(client, protocol.encode("error", job_id, kind=kind, text=text))
+
+    def _send(self, sock: zmq.Socket, peer: bytes, frames: list) -> None:
+        """Send, ignoring a peer that is gone (heartbeats find it)."""
+        try:
+            sock.send_multipart([peer] + frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+
+    def _close(self) -> None:
+        """Close sockets and the wake-up pipe."""
+        self.front.close(linger=500)
+        self.back.close(linger=500)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._own_ctx:
+            self.ctx.term()
+        log.info("broker stopped")

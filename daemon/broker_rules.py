@@ -1,0 +1,468 @@
+"""The broker's scheduling rules: live hosts, their slots, one FIFO queue; no sockets, no I/O.
+
+The broker (``offloadd broker``) sits between clients and hosts, both on ROUTER sockets: each
+host's daemon connects with a DEALER and announces itself (``ready``: name, commands, tags,
+slots). This module decides which host runs which job; the loop around it does the talking.
+It is the zguide's load-balancing broker with Paranoid Pirate heartbeats.
+
+Rules:
+
+- **Where a job may run.** On a live host that offers the job's command and has every one of
+  its tags. A host is live from its ``ready`` until it has been silent for ``liveness``
+  seconds (dead at ``heard + liveness`` exactly), until it says goodbye, or until it announces
+  itself again (then it starts fresh, see below).
+- **Who gets a free slot (FIFO with safe bypass).** A free slot on host H goes to the oldest
+  queued job that H can run. Put another way, queued jobs are considered oldest first, and
+  each takes a slot on the eligible host with the most free slots (ties: the host that
+  announced itself first). A job that finds no free slot waits; a *younger* job may then
+  start before it, but only on a host the waiting job cannot use. So FIFO holds among jobs
+  that could use the same host (a younger job never takes a slot an older one could have
+  taken), a gpu job does not hold up plain jobs that can run elsewhere, and nothing starves:
+  a waiting job gets the first slot freed on any host that can run it, unless an older job
+  takes it, and there are only finitely many older jobs.
+- **Queue positions.** ``Queued(job, position)`` gives a job's place in the one broker-wide
+  queue (1 = oldest), re-sent only when it changes. It never grows, and it bounds how many
+  jobs can get a slot this job could use before it does.
+- **No host for a job.** A job that no live host could ever run (nobody offers its command, or
+  nobody offering it has all its tags) waits at most ``grace`` seconds for such a host to
+  appear, then fails with ``NoHost(job, reason)``: one line the client prints before exiting
+  with 255. The default ``grace`` is 0: a submit no live host could run fails at once, and
+  queued jobs whose last possible host died fail in the same call that declared it dead.
+  A broker loop may pass a ``grace`` of a few heartbeats so that hosts can re-announce
+  themselves after a broker restart or a quick daemon restart.
+- **A host dies** (silent, goodbye, or announcing itself again). Jobs queued at the broker are
+  unaffected: they never left it. Each job running there gets ``HostLost`` (exit 255 and one
+  line to the client); it is never re-run, since it may have had effects (at most once).
+  A job there that was already being cancelled just gets ``Forget``. The host's commands
+  leave the union if no other live host offers them (``CommandsChanged``). Anything it says
+  later gets ``Reannounce``: it must send ``ready`` again and then starts fresh, with all its
+  slots free and numbered from 0 again.
+- **A client goes away.** A client silent for ``client_timeout`` seconds, or a ``cancel``:
+  each of its queued jobs is removed (``Forget``), each running one gets ``Cancel(job,
+  host_id)``, and its slot stays busy until the host reports the job ended (``slot_freed``),
+  so a host never runs more jobs than it has slots.
+- **Slots** are numbered per host from 0; a job takes the lowest free number, so the host can
+  set e.g. ``CUDA_VISIBLE_DEVICES=slot``.
+- **Broker restart.** Nothing here needs to survive one. Jobs in flight belong to the hosts and
+  the clients, which notice the broker's silence by their own heartbeats (the client reports
+  exit 255, the host kills what it ran for the broker). A host that speaks to a new broker
+  gets ``Reannounce`` and announces itself; should it still run old jobs, its own scheduler
+  queues anything beyond its slots, so its slots are never oversubscribed.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import itertools
+from collections.abc import Hashable, Iterable
+
+from offloadfs.states import HostState, JobState, advance, advance_host
+
+# --- actions: what the loop carries out, in the order they are returned ----------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """Action: send the job's submit to ``host_id``; it runs there in ``slot`` (from 0)."""
+
+    job: Hashable
+    host_id: Hashable
+    slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Queued:
+    """Action: tell the job's client its queue position (1 = oldest); sent when it changes."""
+
+    job: Hashable
+    position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class HostLost:
+    """Action: the job's host died while it ran: exit 255 and ``reason`` to its client."""
+
+    job: Hashable
+    host_id: Hashable
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Cancel:
+    """Action: tell ``host_id`` to kill the job; its slot stays busy until ``slot_freed``."""
+
+    job: Hashable
+    host_id: Hashable
+
+
+@dataclasses.dataclass(frozen=True)
+class Forget:
+    """Action: the job left the rules with nobody to tell; drop what the loop keeps for it."""
+
+    job: Hashable
+
+
+@dataclasses.dataclass(frozen=True)
+class NoHost:
+    """Action: no live host can run the job: exit 255 and ``reason`` to its client."""
+
+    job: Hashable
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandsChanged:
+    """Action: live hosts now offer ``commands`` (sorted): tell the VMs, so shims follow."""
+
+    commands: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reannounce:
+    """Action: ``host_id`` is not known (declared dead, or a new broker): ask it for ``ready``."""
+
+    host_id: Hashable
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class RulesError(ValueError):
+    """An event the rules refuse; the loop answers its sender with an error."""
+
+
+class DuplicateJob(RulesError):
+    """A submit for a job key that is still queued or running."""
+
+
+class BadHost(RulesError):
+    """A host announced itself with fewer than one slot."""
+
+
+# --- records ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """One job as the rules keep it, from submit until it leaves."""
+
+    key: Hashable
+    client: Hashable
+    command: str
+    tags: frozenset[str]
+    state: JobState = JobState.QUEUED
+    host: Hashable = None
+    told: int = 0                     # the last position reported, 0 = none yet
+
+    @property
+    def kind(self) -> tuple[str, frozenset[str]]:
+        """What a host must offer to run the job: its command and tags."""
+        return self.command, self.tags
+
+
+@dataclasses.dataclass(eq=False)
+class _Host:
+    """One live host: what it offers, its slots and the jobs in them."""
+
+    id: Hashable
+    name: str
+    commands: frozenset[str]
+    tags: frozenset[str]
+    slots: int
+    order: int                        # announce order, for ties
+    heard: float
+    state: HostState = HostState.UP
+    running: dict[Hashable, int] = dataclasses.field(default_factory=dict)
+    freed: list[int] = dataclasses.field(default_factory=list)   # heap of free slots < fresh
+    fresh: int = 0                    # every slot from here up is free
+
+    @property
+    def free(self) -> int:
+        """Slots not in use."""
+        return self.slots - len(self.running)
+
+    def can_run(self, kind: tuple[str, frozenset[str]]) -> bool:
+        """True if the host offers the command and has every tag."""
+        command, tags = kind
+        return command in self.commands and tags <= self.tags
+
+    def take(self, job: Hashable) -> int:
+        """Put ``job`` in the lowest free slot and return its number."""
+        if self.freed:
+            slot = heapq.heappop(self.freed)
+        else:
+            slot, self.fresh = self.fresh, self.fresh + 1
+        self.running[job] = slot
+        return slot
+
+    def release(self, job: Hashable) -> None:
+        """Free the slot ``job`` held."""
+        heapq.heappush(self.freed, self.running.pop(job))
+
+
+@dataclasses.dataclass(eq=False)
+class _Client:
+    """A client: when it was last heard, and its jobs (in submit order)."""
+
+    heard: float
+    jobs: dict[Hashable, None] = dataclasses.field(default_factory=dict)
+
+
+class Rules:
+    """Where the broker's jobs run. The broker's loop thread is the only caller.
+
+    The loop feeds events with the time (``time.monotonic()``) and carries out the returned
+    actions in order. For each message from a host it calls ``host_ready`` (a ``ready``) or
+    ``host_heard`` (anything else), then ``slot_freed`` if the message ended a job; for each
+    message from a client ``client_heard`` (``submit`` counts as heard), then ``submit`` or
+    ``cancel``. It calls ``tick`` at least every ``heartbeat`` seconds, or at ``wake_at()``.
+    Job keys are opaque hashables, e.g. ``(client identity, job id)``.
+    """
+
+    def __init__(self, heartbeat: float = 1.0, liveness: float = 3.0,
+                 client_timeout: float = 5.0, grace: float = 0.0):
+        """No hosts, no jobs; times in seconds, see the module docstring."""
+        if not 0 < heartbeat <= liveness:
+            raise ValueError("need 0 < heartbeat <= liveness")
+        if client_timeout <= 0 or grace < 0:
+            raise ValueError("need client_timeout > 0 and grace >= 0")
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.client_timeout = client_timeout
+        self.grace = grace
+        self.hosts: dict[Hashable, _Host] = {}
+        self.jobs: dict[Hashable, _Job] = {}          # queued, running and being cancelled
+        self.queue: collections.OrderedDict[Hashable, _Job] = collections.OrderedDict()
+        self.clients: dict[Hashable, _Client] = {}
+        self.hostless: dict[Hashable, float] = {}     # queued job -> since when no host fits
+        self._order = itertools.count()
+        self._commands: tuple[str, ...] = ()
+
+    # --- what the broker tells whoever asks (welcome, status-reply) ---------------------------
+
+    @property
+    def commands(self) -> tuple[str, ...]:
+        """The commands live hosts offer, sorted."""
+        return self._commands
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The tags of live hosts, sorted."""
+        return tuple(sorted(set().union(*(h.tags for h in self.hosts.values()))))
+
+    @property
+    def slots(self) -> int:
+        """Slots of live hosts."""
+        return sum(h.slots for h in self.hosts.values())
+
+    @property
+    def busy(self) -> int:
+        """Slots in use on live hosts."""
+        return sum(len(h.running) for h in self.hosts.values())
+
+    def host_state(self, host_id: Hashable) -> HostState:
+        """UP, SUSPECT (missed a heartbeat at the last tick), or DEAD (unknown or expired)."""
+        host = self.hosts.get(host_id)
+        return host.state if host else HostState.DEAD
+
+    def wake_at(self) -> float | None:
+        """The earliest time at which ``tick`` has something to do, or None."""
+        times = [h.heard + self.liveness for h in self.hosts.values()]
+        times += [c.heard + self.client_timeout for c in self.clients.values()]
+        times += [since + self.grace for since in self.hostless.values()]
+        return min(times, default=None)
+
+    # --- hosts ---------------------------------------------------------------------------------
+
+    def host_ready(self, host_id: Hashable, now: float, name: str, commands: Iterable[str],
+                   tags: Iterable[str], slots: int) -> list:
+        """A host (re)announces itself: it starts fresh, all ``slots`` free, its old jobs lost."""
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise BadHost(f"host {name} announced {slots!r} slots; it needs at least one")
+        actions = self._drop_host(host_id, "restarted") if host_id in self.hosts else []
+        self.hosts[host_id] = _Host(host_id, name, frozenset(commands), frozenset(tags), slots,
+                                    next(self._order), now)
+        return actions + self._hosts_changed(now) + self._settle(now)
+
+    def host_heard(self, host_id: Hashable, now: float) -> list:
+        """Any message but ``ready`` from a host: it lives; an unknown one must re-announce."""
+        host = self.hosts.get(host_id)
+        if host is None:
+            return [Reannounce(host_id)]
+        host.heard = now
+        host.state = advance_host(host.state, "heard")
+        return []
+
+    def host_gone(self, host_id: Hashable, now: float) -> list:
+        """A host said goodbye (orderly shutdown): like its death, without waiting."""
+        if host_id not in self.hosts:
+            return []
+        actions = self._drop_host(host_id, "shut down")
+        return actions + self._hosts_changed(now) + self._settle(now)
+
+    def slot_freed(self, host_id: Hashable, job: Hashable) -> list:
+        """A job on a host ended (exit or error came back): its slot goes to the queue."""
+        host = self.hosts.get(host_id)
+        if host is None or job not in host.running:
+            return []                 # late news of a job already lost, or nonsense
+        host.release(job)
+        self._remove(job)
+        return self._settle(None)
+
+    # --- clients and jobs ----------------------------------------------------------------------
+
+    def client_heard(self, client_id: Hashable, now: float) -> list:
+        """Any message from a client: it is still there."""
+        client = self.clients.setdefault(client_id, _Client(now))
+        client.heard = now
+        return []
+
+    def submit(self, job: Hashable, client_id: Hashable, now: float, command: str,
+               tags: Iterable[str] = ()) -> list:
+        """A job wants a slot on a host offering ``command`` with every tag in ``tags``."""
+        if job in self.jobs:
+            raise DuplicateJob(f"job {job!r} is already queued or running")
+        self.client_heard(client_id, now)
+        record = _Job(job, client_id, command, frozenset(tags))
+        self.jobs[job] = record
+        self.queue[job] = record
+        self.clients[client_id].jobs[job] = None
+        if not any(h.can_run(record.kind) for h in self.hosts.values()):
+            self.hostless[job] = now
+        return self._settle(now)
+
+    def cancel(self, job: Hashable) -> list:
+        """The client gave up on a job: drop it if queued, have its host kill it if running."""
+        return self._cancel(job) + self._settle(None)
+
+    def tick(self, now: float) -> list:
+        """Time passes: silent hosts die, silent clients' jobs go, jobs without hosts fail."""
+        actions = []
+        died = False
+        for host in list(self.hosts.values()):
+            if now >= host.heard + self.liveness:
+                host.state = advance_host(host.state, "expired")
+                actions += self._drop_host(host.id, "stopped answering")
+                died = True
+            elif now >= host.heard + self.heartbeat:
+                host.state = advance_host(host.state, "missed")
+        for client_id, client in list(self.clients.items()):
+            if now >= client.heard + self.client_timeout:
+                for job in list(client.jobs):
+                    actions += self._cancel(job)
+                del self.clients[client_id]
+        if died:
+            actions += self._hosts_changed(now)
+        return actions + self._settle(now)
+
+    # --- inside --------------------------------------------------------------------------------
+
+    def _drop_host(self, host_id: Hashable, how: str) -> list:
+        """Remove a host; its running jobs are lost (HostLost), cancelled ones forgotten."""
+        host = self.hosts.pop(host_id)
+        actions = []
+        for job in host.running:
+            record = self._remove(job)
+            if record.state is JobState.RUNNING:
+                reason = (f"offloadfs: host {host.name} {how} while the job ran; "
+                          "it was not run again")
+                actions.append(HostLost(job, host_id, reason))
+            else:
+                actions.append(Forget(job))
+        return actions
+
+    def _hosts_changed(self, now: float) -> list:
+        """After hosts came or went: report a new commands union; mark jobs no host can run."""
+        commands = tuple(sorted(set().union(*(h.commands for h in self.hosts.values()))))
+        actions = []
+        if commands != self._commands:
+            self._commands = commands
+            actions.append(CommandsChanged(commands))
+        fits: dict[tuple, bool] = {}
+        for job in self.queue.values():
+            if job.kind not in fits:
+                fits[job.kind] = any(h.can_run(job.kind) for h in self.hosts.values())
+            if fits[job.kind]:
+                self.hostless.pop(job.key, None)
+            else:
+                self.hostless.setdefault(job.key, now)
+        return actions
+
+    def _cancel(self, job: Hashable) -> list:
+        """Drop a queued job (Forget) or have a running one killed (Cancel); else nothing."""
+        record = self.jobs.get(job)
+        if record is None or record.state is JobState.CANCELLED:
+            return []
+        if record.state is JobState.QUEUED:
+            self._remove(job)
+            return [Forget(job)]
+        record.state = advance(record.state, "cancel")
+        return [Cancel(job, record.host)]
+
+    def _remove(self, job: Hashable) -> _Job:
+        """Forget a job everywhere but in its host's slots."""
+        record = self.jobs.pop(job)
+        self.queue.pop(job, None)
+        self.hostless.pop(job, None)
+        client = self.clients.get(record.client)
+        if client is not None:
+            client.jobs.pop(job, None)
+        return record
+
+    def _settle(self, now: float | None) -> list:
+        """Common tail of every event: jobs without host fail, free slots fill, positions."""
+        return self._no_host(now) + self._fill() + self._positions()
+
+    def _no_host(self, now: float | None) -> list:
+        """Fail the jobs that no live host could run for ``grace`` seconds."""
+        if now is None:
+            return []
+        actions = []
+        for job, since in list(self.hostless.items()):
+            if now >= since + self.grace:
+                record = self._remove(job)
+                actions.append(NoHost(job, self._why_not(record)))
+        return actions
+
+    def _why_not(self, job: _Job) -> str:
+        """One line saying why no host can run ``job``."""
+        if not any(job.command in h.commands for h in self.hosts.values()):
+            return f"offloadfs: no live host offers {job.command!r}"
+        return (f"offloadfs: no live host offers {job.command!r} with tags "
+                f"{', '.join(sorted(job.tags))}")
+
+    def _fill(self) -> list:
+        """Queued jobs, oldest first, each take a slot on the fitting host with most free."""
+        free = sum(h.free for h in self.hosts.values())
+        actions = []
+        stuck: set[tuple] = set()     # kinds that found no free slot; slots only get fewer
+        for job in reversed(list(self.queue.values())):
+            if not free:
+                break
+            if job.kind in stuck:
+                continue
+            host = self._best_host(job)
+            if host is None:
+                stuck.add(job.kind)
+                continue
+            del self.queue[job.key]
+            job.state = advance(job.state, "started")
+            job.host = host.id
+            actions.append(Dispatch(job.key, host.id, host.take(job.key)))
+            free -= 1
+        return actions
+
+    def _best_host(self, job: _Job) -> _Host | None:
+        """The live host that can run ``job`` with the most free slots (ties: first announced)."""
+        fitting = [h for h in self.hosts.values() if h.free and h.can_run(job.kind)]
+        return max(fitting, key=lambda h: (h.free, -h.order), default=None)
+
+    def _positions(self) -> list:
+        """Queued actions for every queued job whose position changed."""
+        actions = []
+        for position, job in enumerate(self.queue.values(), start=1):
+            if job.told != position:
+                job.told = position
+                actions.append(Queued(job.key, position))
+        return actions
