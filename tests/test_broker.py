@@ -1,0 +1,129 @@
+"""Many hosts: a real broker and real hosts on loopback, with clients through offld -L."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import OFFLD, OFFLOADD, wait_for
+
+
+class Broker:
+    """An ``offloadd broker`` process on two ephemeral loopback ports."""
+
+    def __init__(self, workdir: Path, clients: str = "tcp://127.0.0.1:0",
+                 workers: str = "tcp://127.0.0.1:0"):
+        """Start it and read both endpoints from its log."""
+        self.log_path = workdir / f"broker-{time.monotonic_ns()}.log"
+        self.log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([OFFLOADD, "broker", "--clients", clients, "--workers",
+                                      workers], stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     cwd=workdir, start_new_session=True)
+        found = wait_for(lambda: re.search(r"clients on (tcp://\S+), hosts on (tcp://\S+)",
+                                           self.log_path.read_text()), 20, "the broker")
+        self.clients, self.workers = found.group(1), found.group(2)
+        self.client_port = self.clients.rsplit(":", 1)[1]
+
+    def log(self) -> str:
+        """The broker's log so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM and wait (bounded)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(15)
+        self.log_file.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_broker(tmp_path):
+    """Factory of brokers, stopped at teardown."""
+    started = []
+
+    def start(**kw) -> Broker:
+        broker = Broker(tmp_path, **kw)
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+@pytest.fixture
+def cluster(start_broker, start_daemon):
+    """A broker and three one-slot hosts; the third alone offers gpujob and the gpu tag."""
+    broker = start_broker()
+    hosts = []
+    for n in (1, 2, 3):
+        extra = ["--tag", "gpu"] if n == 3 else []
+        commands = {"sh": "/bin/sh", "cat": "/bin/cat"} | ({"gpujob": "/bin/echo"} if n == 3 else {})
+        hosts.append(start_daemon("--connect", broker.workers, "--slots", "1", "--name", f"h{n}",
+                                  *extra, commands=commands))
+    wait_for(lambda: broker.log().count(" ready: ") == 3, 20, "three hosts to be ready")
+    return broker, hosts
+
+
+def offld(broker, *command, **kw) -> subprocess.CompletedProcess:
+    """offld -L broker -- command (bounded)."""
+    return subprocess.run([OFFLD, "-L", f"127.0.0.1:{broker.client_port}", "--", *command],
+                          capture_output=True, timeout=60, **kw)
+
+
+def test_six_jobs_spread_over_three_one_slot_hosts(cluster, work):
+    """Six one-second jobs use all three hosts, two each, never two at once on one host."""
+    broker, hosts = cluster
+    procs = [subprocess.Popen([OFFLD, "-L", f"127.0.0.1:{broker.client_port}", "--", "sh", "-c",
+                               "sleep 1; echo done"], cwd=work, stdout=subprocess.PIPE)
+             for _ in range(6)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert outs == [b"done\n"] * 6 and all(p.returncode == 0 for p in procs)
+    assert [h.log().count(" started") for h in hosts] == [2, 2, 2]
+
+
+def test_a_command_only_one_host_offers_goes_there(cluster, work):
+    """gpujob exists only on h3: every run lands there."""
+    broker, hosts = cluster
+    for _ in range(3):
+        assert offld(broker, "gpujob", "hi", cwd=work).stdout == b"hi\n"
+    assert [h.log().count("(gpujob) started") for h in hosts] == [0, 0, 3]
+
+
+def test_a_command_no_host_offers_fails_with_one_line(cluster, work):
+    """A command nobody offers: exit 255 and one line, at once."""
+    broker, _ = cluster
+    got = offld(broker, "convert", "x", cwd=work)
+    assert got.returncode == 255 and got.stderr.count(b"\n") == 1
+
+
+def test_killed_host_fails_its_running_job_and_the_queue_goes_elsewhere(cluster, work):
+    """kill -9 of a host mid-run: its job exits 255 within 5 s, the queued ones finish."""
+    broker, hosts = cluster
+    procs = [subprocess.Popen([OFFLD, "-L", f"127.0.0.1:{broker.client_port}", "--", "sh", "-c",
+                               "sleep 2; echo ok"], cwd=work, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(6)]
+    wait_for(lambda: all(" started" in h.log() for h in hosts), 20, "every host to run a job")
+    killed_at = time.monotonic()
+    hosts[0].proc.kill()
+    results = [(p.wait(60), time.monotonic() - killed_at) for p in procs]
+    lost = [r for r in results if r[0] == 255]
+    assert len(lost) == 1 and lost[0][1] < 5
+    assert sum(1 for r in results if r[0] == 0) == 5
+
+
+def test_hosts_and_clients_survive_a_broker_restart(start_broker, start_daemon, tmp_path, work):
+    """The broker restarts on the same ports: hosts reconnect, new jobs run."""
+    first = start_broker()
+    start_daemon("--connect", first.workers, "--slots", "1")
+    wait_for(lambda: " ready: " in first.log(), 20, "the host to be ready")
+    assert offld(first, "sh", "-c", "echo one", cwd=work).stdout == b"one\n"
+    first.stop()
+    second = start_broker(clients=first.clients, workers=first.workers)
+    wait_for(lambda: " ready: " in second.log(), 60, "the host to reconnect")
+    assert offld(second, "sh", "-c", "echo two", cwd=work).stdout == b"two\n"
