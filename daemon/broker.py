@@ -24,6 +24,7 @@ from offloadfs import protocol
 from offloadfs.protocol import Message, ProtocolError
 
 from . import broker_rules as rules_mod
+from .metrics import Metrics
 from .server import _drain_pipe, _wildcard_port
 
 log = logging.getLogger("offloadd")
@@ -42,6 +43,7 @@ class BrokerConfig:
     liveness: float = 3.0
     client_timeout: float = 5.0
     name: str = ""
+    metrics: str = ""
 
 
 @dataclasses.dataclass
@@ -73,6 +75,9 @@ class Broker:
         self.done = self.failed = 0
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.metrics = Metrics("broker")
+        if config.metrics:
+            self.metrics.serve(config.metrics)
 
     def _bind(self, endpoint: str) -> tuple[zmq.Socket, str]:
         """A ROUTER bound to ``endpoint`` (port 0: any free port)."""
@@ -227,6 +232,9 @@ class Broker:
                 self.done += 1
             else:
                 self.failed += 1
+            command = os.path.basename(os.fsdecode(job.submit["argv"][0]))
+            self.metrics.job_ended(command, "done" if msg.kind == "exit" else "failed",
+                                   dict(msg.get("timings", {})))
             self._act(self.rules.slot_freed(host, key))
             self._forget(key)
 
@@ -252,7 +260,9 @@ class Broker:
             by_client.setdefault(client, []).append(job_id)
         for client, ids in by_client.items():
             self._to_client(client, protocol.encode("ping", jobs=ids))
-        self._act(self.rules.tick(now))
+        r = self.rules
+        self.metrics.load(r.slots, r.busy, len(r.queue))
+        self._act(r.tick(now))
 
     # --- actions -------------------------------------------------------------------------------
 
@@ -277,6 +287,7 @@ class Broker:
         """The job's host died while it ran: exit 255 with one line on the client."""
         client, job_id = a.job
         self.failed += 1
+        self.metrics.missed.labels(peer="host").inc()
         self._client_error(client, job_id, "host-lost", a.reason)
         self._forget(a.job)
 
@@ -331,7 +342,8 @@ class Broker:
                 raise
 
     def _close(self) -> None:
-        """Close sockets and the wake-up pipe."""
+        """Close sockets, the wake-up pipe and the metrics server."""
+        self.metrics.close()
         self.front.close(linger=500)
         self.back.close(linger=500)
         os.close(self._wake_r)

@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
                    help="allow a command (repeatable)")
     s.add_argument("--allow-root", action="store_true", help="run jobs that claim uid 0")
     s.add_argument("--name", help="host name reported to clients")
+    s.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics here")
     s.add_argument("--client-timeout", type=float, help="seconds of client silence before "
                    "its jobs are killed (default 5)")
     s.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -36,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--clients", help="endpoint for clients (default tcp://0.0.0.0:7788)")
     b.add_argument("--workers", help="endpoint for hosts (default tcp://0.0.0.0:7789)")
     b.add_argument("--name", help="broker name reported to clients")
+    b.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics here")
     b.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     st = sub.add_parser("status", help="show a host's slots, queue and recent jobs")
     st.add_argument("-H", "--host", action="append", metavar="HOST[:PORT]",
@@ -79,6 +81,7 @@ def broker(args) -> int:
     cfg.clients = args.clients or typed(table, "clients", str, cfg.clients)
     cfg.workers = args.workers or typed(table, "workers", str, cfg.workers)
     cfg.name = args.name or typed(table, "name", str, cfg.name)
+    cfg.metrics = args.metrics or typed(table, "metrics", str, cfg.metrics)
     try:
         server = Broker(cfg)
     except zmq.ZMQError as exc:

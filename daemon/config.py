@@ -31,6 +31,8 @@ class ServeConfig:
     mounts_dir: str = "/var/lib/offloadd/mnt"
     idle_unmount: float = 300.0
     path_map: dict[str, str] = dataclasses.field(default_factory=dict)
+    slot_env: dict[str, str] = dataclasses.field(default_factory=dict)
+    metrics: str = ""
 
     @classmethod
     def from_file(cls, path: str | None) -> "ServeConfig":
@@ -46,6 +48,8 @@ class ServeConfig:
         cfg.client_timeout = float(typed(serve, "client_timeout", (int, float), cfg.client_timeout))
         cfg.name = typed(serve, "name", str, cfg.name)
         cfg.scratch_dir = typed(serve, "scratch", str, cfg.scratch_dir)
+        cfg.slot_env = {str(k): str(v) for k, v in typed(serve, "slot_env", dict, {}).items()}
+        cfg.metrics = typed(serve, "metrics", str, cfg.metrics)
         cfg.commands = {str(k): str(v) for k, v in section(data, "commands").items()}
         mounts = section(data, "mounts")
         cfg.mounts_client = typed(mounts, "client", str, cfg.mounts_client)
@@ -57,7 +61,7 @@ class ServeConfig:
 
     def apply_flags(self, args) -> "ServeConfig":
         """Override with the command-line flags that were given."""
-        for name in ("listen", "slots", "name", "client_timeout"):
+        for name in ("listen", "slots", "name", "client_timeout", "metrics"):
             value = getattr(args, name, None)
             if value is not None:
                 setattr(self, name, value)

@@ -66,6 +66,10 @@ libnfs 4.0.0 (Debian libnfs13) and its NFSv4 support, as found by testing agains
   seconds (EIO to the caller); a dead server fails at once (connection refused). A context that
   timed out or lost its connection is discarded and a new one is connected on the next use.
 
+The server should not cache attributes or names: nfs-ganesha's default (Attr_Expiration_Time
+60 s, VFS FSAL) keeps serving a file's old size, a deleted file or a renamed file's old name
+after the VM changed them locally; ``Attr_Expiration_Time = 0`` in its EXPORT block fixes that.
+
 Not supported: byte-range locks (flock/fcntl locks stay local to this host), xattrs/ACLs,
 special files. Supplementary groups: at most 16 are sent (the AUTH_SYS limit).
 """
@@ -237,6 +241,21 @@ class NfsError(fuse.FuseOSError):
         self.call = call
 
 
+_warned: dict[str, float] = {}
+WARN_EVERY = 5.0
+
+
+def _warn(kind: str, fmt: str, *args) -> None:
+    """log.warning, at most once per WARN_EVERY seconds for each ``kind`` (a server that went
+    away fails every request); the others go to the debug log."""
+    now = time.monotonic()
+    if now - _warned.get(kind, -WARN_EVERY) >= WARN_EVERY:
+        _warned[kind] = now
+        log.warning(fmt, *args)
+    else:
+        log.debug(fmt, *args)
+
+
 def _errno(ret: int, message: str) -> int:
     """The errno for a negative libnfs return value."""
     err = -ret
@@ -346,7 +365,7 @@ class RawWriter:
             self.close()
             self.owner.broken = True
             what = "timed out" if isinstance(exc, socket.timeout) else str(exc)
-            log.warning("%s: raw WRITE/COMMIT failed: %s", self.server, what)
+            _warn("raw", "%s: raw WRITE/COMMIT failed: %s", self.server, what)
             raise NfsError(errno.EIO, f"raw RPC: {what}", "raw") from None
         return self._results(reply, nops)
 
@@ -482,10 +501,10 @@ class Context:
         if err in TRANSPORT or err == STATE:
             self.broken = True
         if err == errno.EINTR:
-            log.warning("%s: %s timed out after %gs", self.server, fname,
-                        self.server.timeout_ms / 1000)
+            _warn("timeout", "%s: %s timed out after %gs", self.server, fname,
+                  self.server.timeout_ms / 1000)
         elif err in TRANSPORT or err == STATE:
-            log.warning("%s: %s failed: %s", self.server, fname, message)
+            _warn(fname, "%s: %s failed: %s", self.server, fname, message)
         raise NfsError(errno.EIO if err in TRANSPORT or err == STATE else err, message, fname)
 
     def pwrite(self, fh: ctypes.c_void_p, offset: int, data: bytes) -> int:
@@ -728,7 +747,7 @@ class NfsFuse(fuse.Operations):
             except NfsError:
                 if not ctx.broken or attempt == 2:
                     raise
-                log.info("retrying %s on a new connection", fname)
+                log.debug("retrying %s on a new connection", fname)
             finally:
                 self.server.give("meta", ctx)
         raise AssertionError("unreachable")
@@ -859,8 +878,8 @@ class NfsFuse(fuse.Operations):
                     if ctx.nfs and handle.ctx is ctx and not ctx.broken:
                         self._renew(handle, ctx)
                 except NfsError as exc:
-                    log.warning("lease renewal for %r failed: %s", _show_path(handle.path),
-                                exc.message)
+                    _warn("renewal", "lease renewal for %r failed: %s",
+                          _show_path(handle.path), exc.message)
                 finally:
                     ctx.lock.release()
             self.server.expire_idle()
@@ -880,7 +899,10 @@ class NfsFuse(fuse.Operations):
             st = NfsStat64()
             self._on_handle(self._handle(fh), "nfs_fstat64", ctypes.byref(st), path=path)
             return _stat_dict(st)
-        return _stat_dict(self._lstat(_b(path)))
+        st = self._lstat(_b(path))
+        if st.nfs_nlink == 0:  # a deleted file a caching server still resolves: not there
+            raise fuse.FuseOSError(errno.ENOENT)
+        return _stat_dict(st)
 
     def statfs(self, path):
         """statvfs of the export."""
@@ -896,8 +918,16 @@ class NfsFuse(fuse.Operations):
         return 0
 
     def chmod(self, path, mode):
-        """chmod, as root (the kernel checked that the caller owns the file)."""
-        self._meta("nfs_chmod", _b(path), mode & 0o7777, creds=ROOT)
+        """chmod, as root (the kernel checked that the caller owns the file). As on a local
+        file system, the set-group-ID bit is dropped unless the caller is root or in the file's
+        group (as root, the server would not do it)."""
+        mode &= 0o7777
+        uid, gid, groups = _caller()
+        if mode & stat.S_ISGID and uid != 0:
+            file_gid = self._lstat(_b(path)).nfs_gid
+            if file_gid != gid and file_gid not in groups:
+                mode &= ~stat.S_ISGID
+        self._meta("nfs_chmod", _b(path), mode, creds=ROOT)
 
     def chown(self, path, uid, gid):
         """chown, as root (the kernel applied the chown rules); -1 keeps a value."""
@@ -1151,7 +1181,8 @@ class NfsFuse(fuse.Operations):
                     ctx.use(handle.creds)
                     ctx.call("nfs_close", handle.fh)
                 except NfsError as exc:
-                    log.warning("close of %r failed: %s", _show_path(handle.path), exc.message)
+                    _warn("close", "close of %r failed: %s", _show_path(handle.path),
+                          exc.message)
                     ctx.broken = True
         self.server.give("file", ctx)
 
@@ -1249,8 +1280,7 @@ def main(argv: list[str] | None = None) -> int:
             probe.call("nfs_lstat64", b"/", ctypes.byref(NfsStat64()))
         server.give("meta", probe)
     except NfsError as exc:
-        log.error("cannot mount %s:%s from %s:%d: %s", host, args.export, host, port,
-                  exc.message)
+        log.error("cannot mount %s from %s:%d: %s", args.export, host, port, exc.message)
         return 1
     ops = NfsFuse(server)
     try:

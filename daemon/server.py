@@ -24,6 +24,7 @@ from offloadfs.states import JobState, advance
 
 from . import policy
 from .config import ServeConfig
+from .metrics import Metrics
 from .mounts import MountTable
 from .worker import BrokerLink
 from .runner import Process, SpawnError, user_of
@@ -93,6 +94,9 @@ class Server:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.mounts = MountTable(config.mounts_dir, config.mounts_client, config.idle_unmount,
                                  self._poke)
+        self.metrics = Metrics("daemon")
+        if config.metrics:
+            self.metrics.serve(config.metrics)
 
     def _bind(self, endpoint: str) -> zmq.Socket:
         """A ROUTER socket bound to ``endpoint`` (port 0 picks a free port)."""
@@ -490,7 +494,8 @@ class Server:
     def _env(self, spec: Message, slot: int) -> dict[bytes, bytes]:
         """The job's environment from the host's base, the pass list and the slot."""
         home, user = user_of(spec["uid"])
-        base = policy.base_env(home, user) | {"OFFLOAD_SLOT": str(slot)}
+        base = policy.base_env(home, user) | {"OFFLOAD_SLOT": str(slot)} | \
+            {k: v.replace("{slot}", str(slot)) for k, v in self.config.slot_env.items()}
         return policy.job_env(spec["env"], self.config.env_pass, base)
 
     def _ids(self, spec: Message) -> tuple[int, int, list[int]] | None:
@@ -584,6 +589,8 @@ class Server:
             self.failed += 1
         else:
             self.done += 1
+        self.metrics.job_ended(os.path.basename(os.fsdecode(job.spec["argv"][0])),
+                               "failed" if status is None else "done", job.timings)
         self.recent = (self.recent + [_summary(job, status)])[-100:]
         self._act(self.sched.cancel(job.key))
 
@@ -615,11 +622,14 @@ class Server:
         by_peer: dict[bytes, list[str]] = {}
         for job in self.jobs.values():
             by_peer.setdefault(job.peer, []).append(job.id)
+        self.metrics.load(self.config.slots, self.sched.busy, len(self.sched.queue))
         for link in self.links.values():
             if link.tick(now, self._announcement(), by_peer.pop(link.peer, [])):
+                self.metrics.missed.labels(peer="broker").inc()
                 self._peer_gone(link.peer, f"broker {link.endpoint} lost")
         for peer, ids in by_peer.items():
             if now - self.peers.get(peer, now) > self.config.client_timeout:
+                self.metrics.missed.labels(peer="client").inc()
                 self._peer_gone(peer, "client silent for %.0fs" % self.config.client_timeout)
             else:
                 self.send(peer, protocol.encode("ping", jobs=ids))
@@ -639,6 +649,7 @@ class Server:
                             f"offloadd on {self.hostname} stopped; the job was killed")
             self.jobs.pop(job.key, None)
         self.mounts.close()
+        self.metrics.close()
         for link in self.links.values():
             link.close()
         if self.sock is not None:

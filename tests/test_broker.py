@@ -127,3 +127,41 @@ def test_hosts_and_clients_survive_a_broker_restart(start_broker, start_daemon, 
     second = start_broker(clients=first.clients, workers=first.workers)
     wait_for(lambda: " ready: " in second.log(), 60, "the host to reconnect")
     assert offld(second, "sh", "-c", "echo two", cwd=work).stdout == b"two\n"
+
+
+def _scrape(address: str) -> str:
+    """The text of a metrics endpoint."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
+def test_metrics_of_a_host(start_broker, start_daemon, tmp_path, work):
+    """--metrics serves jobs by command and outcome, slots and stage times."""
+    import socket
+    ports = []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        ports.append(s.getsockname()[1])
+    broker = start_broker()
+    host = start_daemon("--connect", broker.workers, "--slots", "2",
+                        "--metrics", f"127.0.0.1:{ports[0]}")
+    wait_for(lambda: " ready: " in broker.log(), 20, "the host")
+    assert offld(broker, "sh", "-c", "exit 0", cwd=work).returncode == 0
+    text = wait_for(lambda: (t := _scrape(f"127.0.0.1:{ports[0]}")) and
+                    'offload_daemon_jobs_total{command="sh",outcome="done"} 1.0' in t and t,
+                    10, "the host's job metric")
+    assert "offload_daemon_slots 2.0" in text and 'offload_daemon_stage_seconds_count{stage="run"} 1.0' in text
+    assert host.proc.poll() is None
+
+
+def test_per_slot_environment(start_daemon, tmp_path, work):
+    """slot_env gives each slot its own value, e.g. one GPU per slot."""
+    cfg = tmp_path / "gpu.toml"
+    cfg.write_text('[serve]\nslots = 2\nslot_env = { CUDA_VISIBLE_DEVICES = "{slot}" }\n')
+    host = start_daemon("-c", str(cfg))
+    procs = [subprocess.Popen([OFFLD, "-H", host.hostport, "--", "sh", "-c",
+                               "sleep 0.5; echo $CUDA_VISIBLE_DEVICES"], cwd=work,
+                              stdout=subprocess.PIPE) for _ in range(2)]
+    outs = sorted(p.communicate(timeout=60)[0] for p in procs)
+    assert outs == [b"0\n", b"1\n"]

@@ -391,6 +391,15 @@ def test_supplementary_groups_reach_the_server(server, fs):
     outsider = as_nobody(script, str(fs.mnt), "outsider.txt")
     assert outsider.returncode != 0 and "PermissionError" in outsider.stderr
     assert not (group_dir / "outsider.txt").exists()
+    # chmod g+s of one's own file keeps the bit only for a member of the file's group
+    for name in ("sgid-member", "sgid-outsider"):
+        (server.root / "pub" / name).write_text("x")
+        os.chown(server.root / "pub" / name, NOBODY.pw_uid, 4242)
+    chmod = "import os, sys; os.chmod(sys.argv[1], 0o2755)"
+    assert as_nobody(chmod, f"{fs.mnt}/pub/sgid-member", groups=(4242,)).returncode == 0
+    assert as_nobody(chmod, f"{fs.mnt}/pub/sgid-outsider").returncode == 0
+    assert stat.S_IMODE(os.stat(server.root / "pub" / "sgid-member").st_mode) == 0o2755
+    assert stat.S_IMODE(os.stat(server.root / "pub" / "sgid-outsider").st_mode) == 0o755
 
 
 # -- a real program -----------------------------------------------------------------------------
