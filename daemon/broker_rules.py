@@ -437,7 +437,7 @@ class Rules:
         free = sum(h.free for h in self.hosts.values())
         actions = []
         stuck: set[tuple] = set()     # kinds that found no free slot; slots only get fewer
-        for job in reversed(list(self.queue.values())):
+        for job in list(self.queue.values()):
             if not free:
                 break
             if job.kind in stuck:
