@@ -83,5 +83,14 @@ def report(endpoints: list[str], timeout: float) -> tuple[list[str], bool]:
             lines.append(f"{endpoint}: {exc}")
             ok = False
             continue
-        lines += host_lines(endpoint, msg) + job_lines(msg.get("jobs", []))
+        rows = msg.get("jobs", [])
+        hosts = [r for r in rows if "slots" in r]   # a broker lists its hosts
+        lines += host_lines(endpoint, msg) + broker_host_lines(hosts) + \
+            job_lines([r for r in rows if "slots" not in r])
     return lines, ok
+
+
+def broker_host_lines(hosts: list[dict]) -> list[str]:
+    """A broker's live hosts: name, slots in use, commands, tags."""
+    return [f"  host {h.get('host')}: {h.get('busy')}/{h.get('slots')} slots busy, tags "
+            f"{h.get('tags') or '-'}; commands: {h.get('commands') or '(none)'}" for h in hosts]

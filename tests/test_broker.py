@@ -165,3 +165,13 @@ def test_per_slot_environment(start_daemon, tmp_path, work):
                               stdout=subprocess.PIPE) for _ in range(2)]
     outs = sorted(p.communicate(timeout=60)[0] for p in procs)
     assert outs == [b"0\n", b"1\n"]
+
+
+def test_status_of_a_broker_lists_its_hosts(cluster):
+    """offloadd status -H BROKER shows each live host with its slots and commands."""
+    broker, _ = cluster
+    got = subprocess.run([OFFLOADD, "status", "-H", f"127.0.0.1:{broker.client_port}"],
+                         capture_output=True, text=True, timeout=30)
+    assert got.returncode == 0
+    hosts = [line for line in got.stdout.splitlines() if line.strip().startswith("host h")]
+    assert len(hosts) == 3 and any("gpujob" in line and "gpu" in line for line in hosts)
