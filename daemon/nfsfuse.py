@@ -3,6 +3,7 @@
 The host's kernel has no NFS client, so the daemon starts one of these per (server, export)::
 
     python -m offloadd.nfsfuse SERVER[:PORT] EXPORT MOUNTPOINT [--foreground] [-v]
+                               [--timeout SECONDS] [--write-path raw|libnfs]
 
 It mounts EXPORT of SERVER (NFSv4 over TCP, AUTH_SYS) at MOUNTPOINT with ``allow_other`` and
 ``default_permissions``: the kernel checks mode bits against the attributes we return, and every
@@ -13,10 +14,13 @@ opener's credentials, as the kernel NFS client does.
 
 Readiness: the mount point shows up in /proc/self/mountinfo (fstype ``fuse.offloadnfs``) once the
 kernel mount exists (requests made before libfuse answers the kernel's INIT wait for it), and
-the process logs ``mounted SERVER:PORT:EXPORT`` once it has. On
-SIGTERM/SIGINT libfuse leaves its loop, the file system is unmounted and the process exits 0;
-``auto_unmount`` also unmounts it if the process is killed. Exit status 1: bad arguments or the
-server could not be reached at start (one line on stderr says why).
+the process logs ``mounted SERVER:PORT:EXPORT`` right after that answer. On SIGTERM/SIGINT
+libfuse leaves its loop, the file system is unmounted, ``unmounted ...`` is logged and the
+process exits 0 (a signal in the instant between the mount and libfuse installing its handlers,
+i.e. before the ``mounted`` line, kills it instead). ``auto_unmount`` unmounts the file system
+if the process dies. Exit status 1: bad arguments or the server could not be reached at start
+(the last line on stderr says why). The process does not exit when the server goes away: calls
+fail with EIO and work again once it is back.
 
 libnfs 4.0.0 (Debian libnfs13) and its NFSv4 support, as found by testing against nfs-ganesha
 4.3 -- each limit below is worked around here:
@@ -62,9 +66,13 @@ libnfs 4.0.0 (Debian libnfs13) and its NFSv4 support, as found by testing agains
 * READDIR returns garbage inode numbers: readdir reports names and types only (``stat`` gives
   the real inode numbers, ``use_ino``). ``st_blocks`` is computed from space used (libnfs
   reports 4 KiB units). rmdir of a non-directory would remove it (NFSv4 REMOVE): checked first.
-* ``nfs_set_timeout`` works for the sync API: a call to a hung server fails after ``--timeout``
-  seconds (EIO to the caller); a dead server fails at once (connection refused). A context that
-  timed out or lost its connection is discarded and a new one is connected on the next use.
+* ``nfs_set_timeout`` works for the sync API (and for ``nfs_mount``): a call to a hung server
+  fails after ``--timeout`` seconds, whole seconds only; a dead server fails at once (connection
+  refused). A context that timed out or lost its connection is discarded and the call is tried
+  once more on a new one, so the caller gets EIO within about twice ``--timeout``. (A retried
+  mkdir/rename/... that had in fact been done may then fail with EEXIST/ENOENT, as on a soft
+  NFS mount.) A host that drops packets should make a connect give up after ~15 s
+  (``nfs_set_tcp_syncnt`` 3; not tested here).
 
 The server should not cache attributes or names: nfs-ganesha's default (Attr_Expiration_Time
 60 s, VFS FSAL) keeps serving a file's old size, a deleted file or a renamed file's old name
@@ -860,7 +868,6 @@ class NfsFuse(fuse.Operations):
             with handle.ctx.lock:
                 handle.ctx.destroy()
         self.server.close()
-        log.info("unmounted %s", self.server)
 
     def _keepalive(self) -> None:
         """Renew the leases of idle open files; close contexts idle too long."""
@@ -1292,6 +1299,7 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
         return 1
     server.close()
+    log.info("unmounted %s", server)
     return 0
 
 

@@ -214,7 +214,8 @@ def ganesha_config(cfg: ExportConfig) -> str:
     """An nfs-ganesha config exporting ``cfg.root`` over NFSv4 to ``cfg.clients`` only.
 
     Graceless: no 90 s grace period at start (we keep no state across restarts). Numeric
-    owners: uids travel as numbers, so files belong to the caller on both sides."""
+    owners: uids travel as numbers, so files belong to the caller on both sides. No attribute
+    caching: the VM changes its files locally too, and the host must see that at once."""
     host, port = cfg.address()
     clients = ", ".join(cfg.clients)
     return f"""NFS_CORE_PARAM {{
@@ -240,6 +241,7 @@ EXPORT {{
     Transports = TCP;
     SecType = sys;
     Squash = No_Root_Squash;
+    Attr_Expiration_Time = 0;
     Access_Type = None;
     CLIENT {{ Clients = {clients}; Access_Type = RW; }}
     FSAL {{ Name = VFS; }}

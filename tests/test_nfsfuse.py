@@ -512,6 +512,7 @@ def test_open_file_survives_a_server_restart(server, fs):
 
 
 def test_sigterm_unmounts_and_exits_zero(server, fs):
+    wait_for(lambda: "mounted" in fs.log(), 10, "the mounted line")  # libfuse handles signals
     fs.proc.send_signal(signal.SIGTERM)
     assert fs.proc.wait(20) == 0
     wait_for(lambda: not mounted(fs.mnt), 10, "the mount to go")
