@@ -254,7 +254,9 @@ class Broker:
         """Ping hosts and the clients with jobs; let the rules expire the silent."""
         now = time.monotonic()
         for host in list(self.rules.hosts):
-            self._send(self.back, host, protocol.encode("ping"))
+            if not self._send(self.back, host, protocol.encode("ping")):
+                log.info("host %r disconnected", host)
+                self._act(self.rules.host_gone(host, now))   # no need to wait for silence
         by_client: dict[bytes, list[str]] = {}
         for client, job_id in self.jobs:
             by_client.setdefault(client, []).append(job_id)
@@ -333,13 +335,15 @@ class Broker:
         """An error about a client's job."""
         self._to_client(client, protocol.encode("error", job_id, kind=kind, text=text))
 
-    def _send(self, sock: zmq.Socket, peer: bytes, frames: list) -> None:
-        """Send, ignoring a peer that is gone (heartbeats find it)."""
+    def _send(self, sock: zmq.Socket, peer: bytes, frames: list) -> bool:
+        """Send; False if the peer is gone (ZeroMQ saw its connection close)."""
         try:
             sock.send_multipart([peer] + frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
+            return False
+        return True
 
     def _close(self) -> None:
         """Close sockets, the wake-up pipe and the metrics server."""

@@ -391,7 +391,8 @@ class Agent(ClientLoop):
         c = request.caller
         env = environ.passing(c.env, list(environ.DEFAULT_PASS) + self.config.env_pass)
         return JobSpec(argv=[os.fsencode(request.name)] + request.args, cwd=c.cwd, uid=c.uid,
-                       gid=c.gid, groups=c.groups, env=env)
+                       gid=c.gid, groups=c.groups, env=env,
+                       tags=self.config.tags.get(request.name, []))
 
     def _forward_signals(self, request: ShimRequest) -> None:
         """Forward signals newly pending on the caller to its job. A caller being killed

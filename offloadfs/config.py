@@ -83,6 +83,7 @@ class ClientConfig:
     state_file: str = ""
     export: object = None      # export.ExportConfig
     stage_commands: list[str] = dataclasses.field(default_factory=list)
+    tags: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def timing(self):
         """Heartbeat, liveness and acknowledgement limits for job runs."""
@@ -110,6 +111,8 @@ class ClientConfig:
         cfg.deny = [str(x) for x in typed(commands, "deny", list, [])]
         cfg.state_file = typed(section(data, "mount"), "state_file", str,
                                os.path.join(state_dir(), "state.json"))
+        cfg.tags = {str(k): [str(t) for t in (v if isinstance(v, list) else [v])]
+                    for k, v in section(data, "tags").items()}
         cfg.stage_commands = [str(x) for x in
                               typed(section(data, "staging"), "commands", list, [])]
         from .export import ExportConfig

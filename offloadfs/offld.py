@@ -110,7 +110,8 @@ def spec_here(command: list[str], cfg: ClientConfig) -> JobSpec:
     """The job as this process would run it: its argv, cwd, credentials and environment."""
     env = environ.passing(dict(os.environb), list(environ.DEFAULT_PASS) + cfg.env_pass)
     return JobSpec(argv=[os.fsencode(a) for a in command], cwd=os.fsencode(os.getcwd()),
-                   uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), env=env)
+                   uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), env=env,
+                   tags=cfg.tags.get(os.path.basename(command[0]), []))
 
 
 def run(command: list[str], opts, say: Reporter) -> int:

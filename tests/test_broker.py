@@ -108,13 +108,25 @@ def test_killed_host_fails_its_running_job_and_the_queue_goes_elsewhere(cluster,
     procs = [subprocess.Popen([OFFLD, "-L", f"127.0.0.1:{broker.client_port}", "--", "sh", "-c",
                                "sleep 2; echo ok"], cwd=work, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) for _ in range(6)]
-    wait_for(lambda: all(" started" in h.log() for h in hosts), 20, "every host to run a job")
-    killed_at = time.monotonic()
-    hosts[0].proc.kill()
-    results = [(p.wait(60), time.monotonic() - killed_at) for p in procs]
-    lost = [r for r in results if r[0] == 255]
-    assert len(lost) == 1 and lost[0][1] < 5
-    assert sum(1 for r in results if r[0] == 0) == 5
+    ended: dict[int, tuple[int, float]] = {}
+
+    def all_ended() -> bool:
+        for i, p in enumerate(procs):
+            if i not in ended and p.poll() is not None:
+                ended[i] = (p.returncode, time.monotonic() - killed_at)
+        return len(ended) == len(procs)
+
+    try:
+        wait_for(lambda: all(" started" in h.log() for h in hosts), 20, "every host's job")
+        killed_at = time.monotonic()
+        hosts[0].proc.kill()
+        wait_for(all_ended, 60, "every job to end")
+    finally:
+        for p in procs:
+            p.communicate(timeout=60)
+    lost = [r for r in ended.values() if r[0] == 255]
+    assert len(lost) == 1 and lost[0][1] < 5, ended
+    assert sum(1 for r in ended.values() if r[0] == 0) == 5
 
 
 def test_hosts_and_clients_survive_a_broker_restart(start_broker, start_daemon, tmp_path, work):
@@ -175,3 +187,16 @@ def test_status_of_a_broker_lists_its_hosts(cluster):
     assert got.returncode == 0
     hosts = [line for line in got.stdout.splitlines() if line.strip().startswith("host h")]
     assert len(hosts) == 3 and any("gpujob" in line and "gpu" in line for line in hosts)
+
+
+def test_tags_from_the_vms_config_route_a_job(cluster, tmp_path, work):
+    """[tags] sh = ["gpu"]: sh runs only on the host tagged gpu."""
+    broker, hosts = cluster
+    cfg = tmp_path / "tags.toml"
+    cfg.write_text('[tags]\nsh = ["gpu"]\n')
+    for _ in range(2):
+        got = subprocess.run([OFFLD, "-c", str(cfg), "-L", f"127.0.0.1:{broker.client_port}",
+                              "--", "sh", "-c", "exit 0"], cwd=work, capture_output=True,
+                             timeout=60)
+        assert got.returncode == 0, got.stderr
+    assert [h.log().count("(sh) started") for h in hosts] == [0, 0, 2]
