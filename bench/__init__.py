@@ -3,9 +3,10 @@
 Each benchmark is one module with a docstring (its help line), an optional
 ``add_arguments(parser)`` and ``run(opts) -> dict``; register it in :data:`BENCHMARKS`.
 """
-from . import overhead, shim_designs
+from . import cluster, overhead, shim_designs
 
 BENCHMARKS = {
     "overhead": overhead,
     "shim_designs": shim_designs,
+    "cluster": cluster,
 }

@@ -4,7 +4,9 @@ Every benchmark measures through these so that their numbers are taken the same 
 time of a whole command (``timed_run``), median and p99 (``summary``), the stage breakdown
 ``offld -p`` prints (``parse_profile``), then a table on stdout and ``bench/results/NAME.json``
 + ``NAME.png`` (``publish``). ``daemon`` starts a throw-away ``offloadd``; ``shims`` mounts its
-shims (``offloadfs mount -f``) on a temporary mount point.
+shims (``offloadfs mount -f``) on a temporary mount point; ``broker`` starts a throw-away
+``offloadd broker`` and ``host`` an ``offloadd serve --connect`` to it; ``cpu_seconds`` and
+``system_cpu`` read what processes and the machine spent.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from offloadfs import mountinfo
 RESULTS = Path(__file__).resolve().parent / "results"
 PROJECT = RESULTS.parent.parent
 LISTENING = re.compile(rb"listening on tcp://[^\s:]+:(\d+)")
+BROKER_UP = re.compile(rb"clients on (tcp://\S+), hosts on (tcp://\S+)")
+HOST_READY = b" ready: "   # the broker's log line for each host that announced itself
 PROFILE = re.compile(r"offld: profile on \S+: (.*)$", re.MULTILINE)
 STAGE = re.compile(r"(\w+) ([0-9.]+) ms")
 START_DEADLINE = 20.0
@@ -123,6 +127,95 @@ def stop(proc: subprocess.Popen) -> None:
               file=sys.stderr)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+# --- a broker and its hosts -----------------------------------------------------------------
+
+@dataclasses.dataclass
+class BrokerProc:
+    """A running ``offloadd broker``: its client and worker endpoints, log and process."""
+
+    clients: str
+    workers: str
+    log: Path
+    proc: subprocess.Popen
+
+    def hosts_ready(self) -> int:
+        """How many times a host announced itself (the broker logs one line each)."""
+        return self.log.read_bytes().count(HOST_READY)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the broker's log, for error messages."""
+        text = self.log.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join("  " + line for line in text)
+
+
+@contextlib.contextmanager
+def broker(*flags: str) -> Iterator[BrokerProc]:
+    """``offloadd broker`` on two ephemeral loopback ports; always stopped."""
+    with tempfile.TemporaryDirectory(prefix="offloadfs-bench-broker-") as tmp:
+        log = Path(tmp) / "broker.log"
+        argv = [tool("offloadd"), "broker", "--clients", "tcp://127.0.0.1:0",
+                "--workers", "tcp://127.0.0.1:0", *flags]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        try:
+            found = wait_log(proc, log, BROKER_UP, START_DEADLINE, "offloadd broker")
+            yield BrokerProc(found.group(1).decode(), found.group(2).decode(), log, proc)
+        finally:
+            stop(proc)
+
+
+@contextlib.contextmanager
+def host(commands: dict[str, str], connect: str, *flags: str,
+         listen: bool = False) -> Iterator[Daemon]:
+    """``offloadd serve --connect connect`` allowing ``commands``; with ``listen`` also on an
+    ephemeral loopback port for direct clients (``Daemon.host``, else ""). Always stopped;
+    wait for the broker to log it ready with :func:`wait_hosts`."""
+    with tempfile.TemporaryDirectory(prefix="offloadfs-bench-host-") as tmp:
+        log = Path(tmp) / "offloadd.log"
+        argv = serve_argv(commands, ["--connect", connect, *flags])
+        if not listen:
+            at = argv.index("--listen")
+            del argv[at:at + 2]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        try:
+            where = f"127.0.0.1:{wait_listening(proc, log, START_DEADLINE)}" if listen else ""
+            yield Daemon(where, log, Path(tmp), proc)
+        finally:
+            stop(proc)
+
+
+def wait_hosts(b: BrokerProc, n: int, deadline: float = START_DEADLINE) -> None:
+    """Wait until ``n`` hosts have announced themselves to ``b``, at most ``deadline`` s."""
+    end = time.monotonic() + deadline
+    while b.hosts_ready() < n:
+        if b.proc.poll() is not None:
+            raise BenchError(f"offloadd broker exited with status {b.proc.returncode}:\n"
+                             + b.log_tail())
+        if time.monotonic() > end:
+            raise BenchError(f"only {b.hosts_ready()} of {n} hosts announced themselves to the "
+                             f"broker within {deadline:.0f} s:\n" + b.log_tail())
+        time.sleep(0.02)
+
+
+def wait_log(proc: subprocess.Popen, log: Path, pattern: re.Pattern, deadline: float,
+             what: str) -> re.Match:
+    """The first match of ``pattern`` in ``log``, waiting at most ``deadline`` s while ``proc``
+    (called ``what`` in errors) runs."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if match := pattern.search(log.read_bytes()):
+            return match
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with status {proc.returncode}:\n"
+                             + log.read_text(errors="replace"))
+        time.sleep(0.02)
+    raise BenchError(f"{what} did not log {pattern.pattern!r} within {deadline:.0f} s:\n"
+                     + log.read_text(errors="replace"))
 
 
 # --- the shims -----------------------------------------------------------------------------
@@ -276,6 +369,27 @@ def median_by_key(records: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: percentile([r[k] for r in records if k in r], 50) for k in keys}
 
 
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """CPU time (user + system) of process ``pid`` and of its children it has waited for, or
+    of its thread ``thread`` alone (the main thread's id is ``pid``); 0.0 if it is gone."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = fields[11:15] if thread is None else fields[11:13]   # utime, stime, cutime, cstime
+    return sum(int(f) for f in ticks) / os.sysconf("SC_CLK_TCK")
+
+
+def system_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, over all CPUs."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]                                            # idle + iowait
+    total = sum(ticks[:8])                                                # not guest time
+    hz = os.sysconf("SC_CLK_TCK")
+    return (total - idle) / hz, total / hz
+
+
 # --- reporting ------------------------------------------------------------------------------
 
 def machine_info() -> dict[str, object]:
@@ -337,8 +451,16 @@ def pyplot():
 def publish(name: str, result: dict, figure) -> None:
     """Write bench/results/NAME.json and NAME.png and say where they are."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = RESULTS / f"{name}.json", RESULTS / f"{name}.png"
+    json_path = RESULTS / f"{name}.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
+    png_path = save_png(name, figure)
+    print(f"\nwrote {json_path.relative_to(PROJECT)} and {png_path.relative_to(PROJECT)}")
+
+
+def save_png(stem: str, figure) -> Path:
+    """Write bench/results/STEM.png (a benchmark's further figures) and close the figure."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    png_path = RESULTS / f"{stem}.png"
     figure.savefig(png_path, dpi=120, bbox_inches="tight")
     pyplot().close(figure)
-    print(f"\nwrote {json_path.relative_to(PROJECT)} and {png_path.relative_to(PROJECT)}")
+    return png_path

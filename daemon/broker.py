@@ -54,6 +54,7 @@ class BrokerJob:
     wire: str
     submit: Message
     host: bytes | None = None
+    told: bool = False
 
 
 class Broker:
@@ -72,6 +73,7 @@ class Broker:
         self.jobs: dict[tuple[bytes, str], BrokerJob] = {}
         self.wires: dict[str, tuple[bytes, str]] = {}
         self.ids = itertools.count(1)
+        self.positions: dict[tuple[bytes, str], int] = {}
         self.done = self.failed = 0
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -265,6 +267,7 @@ class Broker:
         r = self.rules
         self.metrics.load(r.slots, r.busy, len(r.queue))
         self._act(r.tick(now))
+        self._flush_positions()
 
     # --- actions -------------------------------------------------------------------------------
 
@@ -281,9 +284,26 @@ class Broker:
         self._send(self.back, a.host_id, protocol.encode("submit", job.wire, None, **msg.fields))
 
     def _do_queued(self, a: rules_mod.Queued) -> None:
-        """Tell the client where its job waits."""
+        """Tell the client where its job waits: at once the first time, then at most once a
+        heartbeat (re-telling every waiting job each time one leaves the queue cost O(n^2)
+        messages: at 64 waiting clients, 45% of the broker's time)."""
+        job = self.jobs.get(a.job)
+        if job is None:
+            return
+        if job.told:
+            self.positions[a.job] = a.position
+            return
+        job.told = True
         client, job_id = a.job
         self._to_client(client, protocol.encode("queued", job_id, position=a.position))
+
+    def _flush_positions(self) -> None:
+        """Send the latest queue position of each job whose position changed."""
+        positions, self.positions = self.positions, {}
+        for key, position in positions.items():
+            job = self.jobs.get(key)
+            if job is not None and job.host is None:
+                self._to_client(key[0], protocol.encode("queued", key[1], position=position))
 
     def _do_hostlost(self, a: rules_mod.HostLost) -> None:
         """The job's host died while it ran: exit 255 with one line on the client."""

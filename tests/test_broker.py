@@ -1,7 +1,9 @@
 """Many hosts: a real broker and real hosts on loopback, with clients through offld -L."""
 from __future__ import annotations
 
+import os
 import re
+import select
 import signal
 import subprocess
 import time
@@ -200,3 +202,38 @@ def test_tags_from_the_vms_config_route_a_job(cluster, tmp_path, work):
                              timeout=60)
         assert got.returncode == 0, got.stderr
     assert [h.log().count("(sh) started") for h in hosts] == [0, 0, 2]
+
+
+def test_queue_positions_through_the_broker(start_broker, start_daemon, work):
+    """With one slot busy, later jobs learn their position at once and as it improves."""
+    broker = start_broker()
+    start_daemon("--connect", broker.workers, "--slots", "1")
+    wait_for(lambda: " ready: " in broker.log(), 20, "the host")
+    lb = f"127.0.0.1:{broker.client_port}"
+    first = subprocess.Popen([OFFLD, "-L", lb, "--", "sh", "-c",
+                              "touch started; while [ ! -e release ]; do sleep 0.02; done"],
+                             cwd=work)
+    wait_for(lambda: (work / "started").exists(), 20, "the first job")
+    waiting = [subprocess.Popen([OFFLD, "-d", "-L", lb, "--", "sh", "-c", "sleep 0.3"],
+                                cwd=work, stderr=subprocess.PIPE) for _ in range(2)]
+    seen = [b"", b""]
+
+    def both_queued() -> bool:
+        for i, p in enumerate(waiting):
+            if select.select([p.stderr], [], [], 0)[0]:
+                seen[i] += os.read(p.stderr.fileno(), 4096)
+        return all(b"queued at position" in s for s in seen)
+
+    try:
+        wait_for(both_queued, 20, "both jobs to be told their place")
+        (work / "release").touch()
+        assert first.wait(30) == 0
+        errs = [(seen[i] + p.communicate(timeout=60)[1]).decode() for i, p in enumerate(waiting)]
+    finally:
+        for p in waiting:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert all(p.returncode == 0 for p in waiting)
+    told = sorted(e.count("queued at position") for e in errs)
+    assert told[0] >= 1 and "queued at position 2" in "".join(errs)
