@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import signal
 import socket
 import time
 
@@ -26,10 +25,10 @@ from offloadfs.protocol import Message, ProtocolError
 from . import broker_rules as rules_mod
 from .metrics import Metrics
 from .server import _drain_pipe, _wildcard_port
+from .signals import stopping_on_signals
 
 log = logging.getLogger("offloadd")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PASS_THROUGH = frozenset({"stdin", "stdin-eof", "credit", "close", "signal", "file"})
 
 
@@ -95,16 +94,12 @@ class Broker:
 
     def run(self) -> None:
         """Serve until SIGTERM (or :meth:`stop`); then close both sockets."""
-        old = {s: signal.signal(s, lambda n, f: self.stop()) for s in STOP_SIGNALS}
-        old_fd = signal.set_wakeup_fd(self._wake_w)
         log.info("broker %s: clients on %s, hosts on %s", self.name, self.front_endpoint,
                  self.back_endpoint)
         try:
-            self._loop()
+            with stopping_on_signals(self.stop, self._wake_w):
+                self._loop()
         finally:
-            signal.set_wakeup_fd(old_fd)
-            for s, h in old.items():
-                signal.signal(s, h)
             self._close()
 
     def stop(self) -> None:

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -29,11 +28,11 @@ from .mounts import MountTable
 from .worker import BrokerLink
 from .runner import Process, SpawnError, user_of
 from .scheduler import Position, Scheduler, Start
+from .signals import stopping_on_signals
 
 log = logging.getLogger("offloadd")
 
 MAX_CREDIT = 16 * 1024 * 1024   # a client may not make us buffer more than this per job
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclasses.dataclass
@@ -113,20 +112,17 @@ class Server:
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until :meth:`stop`; then kill running jobs, tell their clients, close."""
-        old = {s: signal.signal(s, self._stop_signal) for s in STOP_SIGNALS}
-        old_fd = signal.set_wakeup_fd(self._wake_w)
+        """Serve until :meth:`stop` (or SIGTERM); then kill running jobs, tell their clients,
+        close."""
         log.info("listening on %s as %s, %d slots, commands: %s", self.endpoint or "(no port)",
                  self.hostname, self.config.slots, " ".join(self.allow.names()) or "(none)")
         for link in self.links.values():
             log.info("taking jobs from broker %s", link.endpoint)
             link.send(self._announcement())
         try:
-            self._loop()
+            with stopping_on_signals(self.stop, self._wake_w):
+                self._loop()
         finally:
-            signal.set_wakeup_fd(old_fd)
-            for s, h in old.items():
-                signal.signal(s, h)
             self._shutdown()
 
     def stop(self) -> None:
@@ -140,11 +136,6 @@ class Server:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
-
-    def _stop_signal(self, signum, frame) -> None:
-        """Stop on SIGTERM, SIGINT or SIGHUP."""
-        log.info("stopping on %s", signal.Signals(signum).name)
-        self.stop()
 
     def _loop(self) -> None:
         """Poll and dispatch until stopped."""

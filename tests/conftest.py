@@ -27,6 +27,27 @@ COMMANDS = {"sh": "/bin/sh", "cat": "/bin/cat", "true": "/bin/true", "convert": 
             "sleep": "/bin/sleep", "head": "/usr/bin/head", "env": "/usr/bin/env"}
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on (just now)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_user(name: str) -> tuple[str, int]:
+    """A system test user (created once and kept: users are not per-test state)."""
+    import pwd
+    try:
+        return name, pwd.getpwnam(name).pw_uid
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
+        return name, pwd.getpwnam(name).pw_uid
+
+
+test_user.__test__ = False   # a helper, not a test
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
     """Poll ``predicate`` until it returns a truthy value or the deadline passes (then fail)."""
     deadline = time.monotonic() + timeout

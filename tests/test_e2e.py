@@ -14,7 +14,7 @@ import zmq
 
 from offloadfs import protocol
 
-from .conftest import CONVERT, DATA, OFFLD, alive, offld, offld_argv, wait_for
+from .conftest import free_port, CONVERT, DATA, OFFLD, alive, offld, offld_argv, wait_for
 
 
 def local(*command: str, cwd, **kw) -> subprocess.CompletedProcess:
@@ -175,7 +175,7 @@ def test_job_runs_as_the_callers_uid_gid_and_groups(daemon):
 
 def test_refused_connection_fails_at_once_with_one_line(work):
     """No daemon at the address: exit 255 and one line, without waiting out the timeout."""
-    port = _free_port()
+    port = free_port()
     got = subprocess.run([OFFLD, "-H", f"127.0.0.1:{port}", "--", "true"],
                          cwd=work, capture_output=True, timeout=4)
     assert got.returncode == 255 and got.stderr.count(b"\n") == 1
@@ -199,7 +199,7 @@ def test_silent_host_fails_after_the_connect_timeout(tmp_path, work):
 
 def test_second_host_is_tried_when_the_first_refuses(daemon, work):
     """-H twice: a refusing first host is skipped, the job runs on the second."""
-    got = subprocess.run([OFFLD, "-H", f"127.0.0.1:{_free_port()}", "-H", daemon.hostport,
+    got = subprocess.run([OFFLD, "-H", f"127.0.0.1:{free_port()}", "-H", daemon.hostport,
                           "--", "sh", "-c", "echo second"], cwd=work, capture_output=True,
                          timeout=20)
     assert got.returncode == 0 and got.stdout == b"second\n"
@@ -349,13 +349,6 @@ def _read(path) -> str | None:
         return None
 
 
-def _free_port() -> int:
-    """A loopback port nobody listens on (just now)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _raw_job(daemon, argv: list[bytes], uid: int, gid: int, groups: list[int]) -> list:
     """Run a job with a hand-made submit; the messages until its exit."""
@@ -392,7 +385,7 @@ def test_oversize_frame_is_refused_without_buffering_it(daemon, work):
 
 def test_fallback_runs_locally_only_when_nothing_ran(daemon, work):
     """--fallback execs the local command when no host took the job, never after it ran."""
-    port = _free_port()
+    port = free_port()
     got = subprocess.run([OFFLD, "-H", f"127.0.0.1:{port}", "--fallback", "/bin/sh", "--",
                           "sh", "-c", "echo local"], cwd=work, capture_output=True, timeout=20)
     assert got.returncode == 0 and got.stdout == b"local\n" and got.stderr == b""

@@ -1,5 +1,4 @@
 """The VM's export settings and descriptors, and the host's path rules, without servers."""
-import os
 
 import pytest
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pwd
 import select
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import time
 
 import pytest
 
-from .conftest import CONVERT, DATA, OFFLOADFS, alive, fuse_mounts, wait_for
+from .conftest import free_port, test_user, CONVERT, DATA, OFFLOADFS, alive, fuse_mounts, wait_for
 
 
 @pytest.fixture
@@ -109,7 +108,7 @@ def test_commands_filtered_by_the_vms_config(start_mount, host, tmp_path):
 def test_a_host_that_comes_up_adds_its_commands(start_daemon, start_mount, config, tmp_path):
     """Shims follow the hosts: a second host's command appears once it answers."""
     first = start_daemon(commands={"cat": "/bin/cat"})
-    port = _free_port()
+    port = free_port()
     m = start_mount(hosts=[first.hostport, f"127.0.0.1:{port}"], config=config,
                     wait_for_shim="cat")
     assert not (m.path / "echo").exists()
@@ -205,7 +204,7 @@ def test_killed_shim_gets_its_remote_job_killed(mount, work):
 
 def test_concurrent_shims_from_several_users(mount, work, traversable):
     """Shims run at once for two users: each job runs as its caller's uid."""
-    users = [_user("offfs1"), _user("offfs2")]
+    users = [test_user("offfs1"), test_user("offfs2")]
     path = mount.env()["PATH"]   # runuser resets PATH: pass the shims' one on
     procs = [(uid, subprocess.Popen(["runuser", "-u", name, "--", "env", f"PATH={path}", "sh",
                                      "-c", "sh -c 'sleep 0.3; echo $OFFLOAD_SLOT; id -u'"],
@@ -276,7 +275,7 @@ def test_policy_persists_across_remounts(start_mount, host, config, mount, marke
 
 def test_only_root_or_the_owner_sets_policy(mount, traversable):
     """Another user cannot change a shim's policy."""
-    name, _ = _user("offfs1")
+    name, _ = test_user("offfs1")
     got = subprocess.run(["runuser", "-u", name, "--", "setfattr", "-n", "user.offload.policy",
                           "-v", "never", str(mount.path / "cat")], capture_output=True)
     assert got.returncode != 0 and xattr_get(mount.path / "cat", "user.offload.policy") == b"auto"
@@ -404,21 +403,6 @@ def _listdir(path) -> list[str] | None:
         return None
 
 
-def _user(name: str) -> tuple[str, int]:
-    """A system test user (created once, kept: users are not per-test state)."""
-    try:
-        return name, pwd.getpwnam(name).pw_uid
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
-        return name, pwd.getpwnam(name).pw_uid
-
-
-def _free_port() -> int:
-    """A loopback port nobody listens on (just now)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_signal_caught_before_the_read_reaches_the_job(mount):

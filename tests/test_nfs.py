@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pwd
 import signal
 import subprocess
 
@@ -13,18 +12,11 @@ import zmq
 
 from offloadfs import protocol
 
-from .conftest import CONVERT, OFFLD, alive, wait_for
+from .conftest import free_port, test_user, CONVERT, OFFLD, alive, wait_for
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/ganesha.nfsd"),
                                 reason="nfs-ganesha is not installed (make install)")
 
-
-def _free_port() -> int:
-    """A loopback port nobody listens on (just now)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -40,7 +32,7 @@ def vm(tmp_path):
 @pytest.fixture
 def nfs_port():
     """The port the VM's NFS server listens on."""
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture
@@ -98,7 +90,7 @@ def test_convert_reads_and_writes_through_nfs(mount, vm):
 
 def test_files_created_on_the_host_belong_to_the_caller(mount, vm, traversable):
     """A job run by a user writes files owned by that user in the VM's tree."""
-    user = _user("offnfs1")
+    user = test_user("offnfs1")
     got = run(mount, "sh -c 'echo mine > owned.txt; echo $OFFLOAD_SLOT'", vm / "work",
               user=user[0])
     assert got.returncode == 0 and got.stdout.strip().isdigit(), got   # it ran on the host
@@ -208,12 +200,3 @@ def _nfs_client_pid(vm) -> int:
             if b"offloadd.nfsfuse" in cmd and str(vm).encode() in cmd:
                 return int(entry)
     pytest.fail("no NFS client process")
-
-
-def _user(name: str) -> tuple[str, int]:
-    """A system test user (created once, kept)."""
-    try:
-        return name, pwd.getpwnam(name).pw_uid
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
-        return name, pwd.getpwnam(name).pw_uid
