@@ -159,6 +159,7 @@ class JobRun:
         self.outbox, self.inbox = staged or (None, None)
         self.as_caller = as_caller   # context for staged file I/O with the caller's ids
         self.stage_credit = 0
+        self.ran_on = ""
         self.outcome: Outcome | None = None
         self.submitted = self.last_ping = 0.0
 
@@ -300,6 +301,7 @@ class JobRun:
         """The job runs; stdin may flow."""
         self.state = advance(self.state, "started")
         self.credit = msg["window"]
+        self.ran_on = msg["host"]   # through a broker: the host it chose
         self.debug(f"started on {msg['host']} as pid {msg['pid']}")
 
     def _on_stdout(self, msg: Message) -> None:
@@ -321,8 +323,9 @@ class JobRun:
     def _on_exit(self, msg: Message) -> None:
         """The job ended with a status."""
         self.state = advance(self.state, "exit")
-        self._finish(Outcome(msg["status"], self.channel.host, None, dict(msg.get("timings", {})),
-                             dict(msg.get("rusage", {})), msg.get("signal")))
+        self._finish(Outcome(msg["status"], self.ran_on or self.channel.host, None,
+                             dict(msg.get("timings", {})), dict(msg.get("rusage", {})),
+                             msg.get("signal")))
 
     def _on_error(self, msg: Message) -> None:
         """The daemon refused or lost the job."""

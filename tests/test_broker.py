@@ -237,3 +237,28 @@ def test_queue_positions_through_the_broker(start_broker, start_daemon, work):
     assert all(p.returncode == 0 for p in waiting)
     told = sorted(e.count("queued at position") for e in errs)
     assert told[0] >= 1 and "queued at position 2" in "".join(errs)
+
+
+def test_the_mount_offloads_through_a_broker(cluster, start_mount, tmp_path, work):
+    """offloadfs mount -L BROKER: the shims are the union of the hosts' commands, and run."""
+    broker, hosts = cluster
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(f'[mount]\nstate_file = "{tmp_path}/state.json"\n')
+    mount = start_mount("-L", f"127.0.0.1:{broker.client_port}", config=str(cfg),
+                        wait_for_shim="gpujob")
+    assert sorted(os.listdir(mount.path)) == ["cat", "gpujob", "sh"]
+    got = subprocess.run([str(mount.path / "gpujob"), "via-broker"], cwd=work,
+                         env=mount.env(OFFLOADFS_DEBUG="1"), capture_output=True, timeout=60)
+    assert got.stdout == b"via-broker\n" and b"ran on h3" in got.stderr, got.stderr
+    assert hosts[2].log().count("(gpujob) started") == 1
+
+
+def test_one_host_serves_two_brokers(start_broker, start_daemon, work):
+    """A host with two --connect takes jobs from both brokers."""
+    brokers = [start_broker(), start_broker()]
+    start_daemon("--connect", brokers[0].workers, "--connect", brokers[1].workers,
+                 "--slots", "2")
+    for b in brokers:
+        wait_for(lambda b=b: " ready: " in b.log(), 20, "the host at each broker")
+    for i, b in enumerate(brokers):
+        assert offld(b, "sh", "-c", f"echo {i}", cwd=work).stdout == f"{i}\n".encode()
