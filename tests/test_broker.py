@@ -262,3 +262,16 @@ def test_one_host_serves_two_brokers(start_broker, start_daemon, work):
         wait_for(lambda b=b: " ready: " in b.log(), 20, "the host at each broker")
     for i, b in enumerate(brokers):
         assert offld(b, "sh", "-c", f"echo {i}", cwd=work).stdout == f"{i}\n".encode()
+
+
+def test_a_vanished_client_has_its_job_killed_on_the_host(cluster, work):
+    """kill -9 of offld mid-job through the broker: the host kills the job."""
+    from .conftest import alive
+    broker, _ = cluster
+    proc = subprocess.Popen([OFFLD, "-L", f"127.0.0.1:{broker.client_port}", "--", "sh", "-c",
+                             "echo $$ > pid; exec sleep 60"], cwd=work)
+    pid = int(wait_for(lambda: (work / "pid").exists() and (work / "pid").read_text().strip(),
+                       20, "the job's pid"))
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not alive(pid), 15, "the job to be killed on its host")
