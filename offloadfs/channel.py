@@ -13,7 +13,6 @@ import zmq
 
 from . import protocol
 from .protocol import Message, ProtocolError
-from .states import HostState, advance_host
 
 
 REFUSED = protocol.Message("refused")  # what wait() returns when the peer refused the connection
@@ -43,7 +42,6 @@ class Channel:
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(endpoint)
         self.heard = 0.0
-        self.state = HostState.UNKNOWN
         self.welcome: Message | None = None
 
     @property
@@ -62,7 +60,6 @@ class Channel:
         except zmq.Again:
             return None
         self.heard = time.monotonic()
-        self.state = advance_host(self.state, "heard")
         try:
             return protocol.decode(frames)
         except ProtocolError as exc:
@@ -80,10 +77,8 @@ class Channel:
             self.sock.disable_monitor()
             monitor.close(linger=0)
         if msg is None:
-            self.state = advance_host(self.state, "expired")
             raise OffloadError(f"no answer from {self.endpoint} within {timeout:g}s", "no-host")
         if msg == REFUSED:
-            self.state = advance_host(self.state, "expired")
             raise OffloadError(f"{self.endpoint}: connection refused", "no-host")
         if msg.kind == "error":
             raise OffloadError(f"{self.endpoint}: {msg['text']}", msg["kind"])

@@ -19,8 +19,8 @@ import time
 
 from fuse import FuseOSError, Operations, fuse_get_context
 
+from . import mountinfo, shim
 from . import registry as reg
-from . import shim
 from .agent import Agent, ShimRequest
 from .caller import Caller, CallerGone
 
@@ -267,10 +267,11 @@ class ShimFS(Operations):
         return None
 
     def _dev(self) -> int:
-        """The device number of this filesystem (the mount point's, once mounted)."""
+        """The device number of this filesystem, from mountinfo (a stat of our own root from
+        a callback would be a request to ourselves); -1 when unknown."""
         if self.dev is None:
-            self.dev = os.stat(self.root).st_dev if self.root else -1
-        return self.dev
+            self.dev = mountinfo.device(self.root) if self.root else None
+        return -1 if self.dev is None else self.dev
 
     # --- xattrs ---------------------------------------------------------------------------------
 

@@ -29,6 +29,22 @@ def parse(text: str) -> list[tuple[str, str]]:
     return mounts
 
 
+def device(mount_point: str, path: str = MOUNTINFO) -> int | None:
+    """The device number (st_dev) of the filesystem mounted at ``mount_point``, read from
+    mountinfo's major:minor field (no stat: that could be a request to a FUSE server)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):          # the last mount at a point is the visible one
+        fields = line.split()
+        if len(fields) > 4 and _unescape(fields[4]) == mount_point:
+            major, _, minor = fields[2].partition(":")
+            return os.makedev(int(major), int(minor))
+    return None
+
+
 def offloadfs_mounts(path: str = MOUNTINFO) -> list[str]:
     """Mount points of offloadfs filesystems seen by this process."""
     try:

@@ -88,8 +88,11 @@ class Registry:
         return sorted(n for n in offered if self._allowed(n))
 
     def has(self, name: str) -> bool:
-        """True if a shim ``name`` is shown."""
-        return name in self.names()
+        """True if a shim ``name`` is shown (every FUSE lookup asks: no list is built)."""
+        with self.lock:
+            shown = self.policies.get(name) == "always" or \
+                any(name in cmds for cmds in self.offers.values())
+        return shown and self._allowed(name)
 
     def hosts(self, name: str) -> list[str]:
         """Hosts offering ``name``, sorted."""

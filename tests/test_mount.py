@@ -444,3 +444,11 @@ def test_the_same_command_runs_again_while_one_waits(mount, work):
         assert second.returncode == 0 and second.stdout.strip().isdigit(), second.stderr
     finally:
         first.communicate(b"\n", timeout=30)
+
+
+def test_stdio_from_the_mount_itself_runs_locally(mount, work):
+    """A caller whose stdin is a shim file is not served from ourselves: it runs locally."""
+    got = sh(mount, f"cat < {mount.path}/cat", work)
+    assert got.returncode == 0 and got.stdout.startswith(b"#!/bin/sh")
+    stats = json.loads(xattr_get(mount.path / "cat", "user.offload.stats"))
+    assert (stats["jobs"], stats["fallbacks"]) == (0, 1)

@@ -1,4 +1,6 @@
 """Finding offloadfs mounts in mountinfo, to refuse commands that would offload again."""
+import os
+
 from offloadfs import mountinfo
 
 SAMPLE = """\
@@ -41,3 +43,11 @@ def test_symlink_into_a_mount_is_detected(tmp_path):
     (tmp_path / "link").symlink_to(mnt / "convert")
     info.write_text(f"40 22 0:35 / {mnt} rw - fuse.offloadfs offloadfs rw\n")
     assert mountinfo.resolves_into_offloadfs(str(tmp_path / "link"), str(info))
+
+
+def test_device_of_a_mount_point(tmp_path):
+    """The device number comes from the major:minor field of the last mount at that point."""
+    info = tmp_path / "mountinfo"
+    info.write_text(SAMPLE + "43 22 0:41 / /opt/offload rw - fuse.offloadfs offloadfs rw\n")
+    assert mountinfo.device("/opt/offload", str(info)) == os.makedev(0, 41)
+    assert mountinfo.device("/nowhere", str(info)) is None
