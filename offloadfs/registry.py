@@ -60,22 +60,18 @@ class Registry:
         self.offers: dict[str, set[str]] = {}      # host -> commands
         self.policies: dict[str, str] = self._load()
         self.stats: dict[str, Stats] = {}
-        self.generation = 0
 
     # --- hosts (agent thread) -----------------------------------------------------------------
 
     def offer(self, host: str, commands) -> None:
         """``host`` offers ``commands`` (replacing what it offered before)."""
         with self.lock:
-            if self.offers.get(host) != set(commands):
-                self.offers[host] = set(commands)
-                self.generation += 1
+            self.offers[host] = set(commands)
 
     def withdraw(self, host: str) -> None:
         """``host`` is gone: its commands go unless another host offers them."""
         with self.lock:
-            if self.offers.pop(host, None) is not None:
-                self.generation += 1
+            self.offers.pop(host, None)
 
     # --- reading (FUSE threads) ---------------------------------------------------------------
 
