@@ -1,10 +1,16 @@
 # offloadfs: `make demo` and `make test` work on a fresh Debian machine as root.
-PYTHON ?= python3
+# Debian's python3 by default: jobs' callers run offld as themselves, so the venv's interpreter
+# must be one every user can run (a pyenv build under /root, mode 0700, is not).
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV   := .venv
 # Debian packages: FUSE (libfuse2 for fusepy, fuse3 for fusermount), the real ImageMagick,
 # attr (getfattr/setfattr), shellcheck and systemd-analyze for the hooks, nfs-ganesha (the
 # VM's userspace NFS server) and libnfs (the host's userspace NFS client, through ctypes).
-APT_PKGS := fuse3 libfuse2 imagemagick attr shellcheck systemd nfs-ganesha nfs-ganesha-vfs libnfs13 libnfs-utils
+APT_PKGS := python3-venv fuse3 libfuse2 imagemagick attr shellcheck systemd nfs-ganesha nfs-ganesha-vfs libnfs13 libnfs-utils
+# What `make bench` also needs (not `make test`): fio (the I/O benchmark), openssh-server and
+# openssh-client (ssh on loopback, compared with the shim), distcc with gcc (compared with gcc
+# through the shim), util-linux (findmnt: where a job's cwd lives).
+BENCH_APT_PKGS := fio openssh-server openssh-client distcc gcc libc6-dev util-linux
 
 .PHONY: install apt venv demo test bench clean
 
@@ -27,7 +33,11 @@ demo: install
 test: install
 	$(VENV)/bin/pytest -q
 
+# Every benchmark, then bench/results/RESULTS.md (tables, machine, date, command) and the PNGs.
+# py-spy profiles the streaming path (where the time goes when a target is missed).
 bench: install
+	@scripts/apt-install $(BENCH_APT_PKGS)
+	@test -x $(VENV)/bin/py-spy || $(VENV)/bin/pip install -q py-spy
 	$(VENV)/bin/python -m bench all
 
 clean:

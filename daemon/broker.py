@@ -19,11 +19,15 @@ import time
 
 import zmq
 
-from offloadfs import protocol
+from offloadfs import keys, protocol
 from offloadfs.protocol import Message, ProtocolError
 
 from . import broker_rules as rules_mod
+from . import limits
+from .config import Security, is_loopback
 from .metrics import Metrics
+from offloadfs.config import ConfigError
+
 from .server import _drain_pipe, _wildcard_port
 from .signals import stopping_on_signals
 
@@ -43,6 +47,18 @@ class BrokerConfig:
     client_timeout: float = 5.0
     name: str = ""
     metrics: str = ""
+    security: Security = dataclasses.field(default_factory=Security)
+
+    def default(self, port: str) -> str:
+        """The default endpoint of ``port`` (clients, workers): loopback only without keys."""
+        endpoint = getattr(BrokerConfig, port)
+        return endpoint if self.security.on else endpoint.replace("0.0.0.0", "127.0.0.1")
+
+    def check_security(self) -> None:
+        """With keys, the worker port needs the hosts' keys too."""
+        if self.security.on and not self.security.authorized_hosts:
+            raise ConfigError("[security] of a broker needs authorized_hosts (the hosts' "
+                              "public keys) besides authorized_keys (the VMs')")
 
 
 @dataclasses.dataclass
@@ -54,6 +70,8 @@ class BrokerJob:
     submit: Message
     host: bytes | None = None
     told: bool = False
+    vm: str | None = None
+    cost: int = 0               # what its spec holds of the budget (limits.cost)
 
 
 class Broker:
@@ -67,8 +85,10 @@ class Broker:
                                      grace=2 * config.heartbeat)
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
-        self.front, self.front_endpoint = self._bind(config.clients)
-        self.back, self.back_endpoint = self._bind(config.workers)
+        self.keys, self.rings, self.gate = self._security(config.security)
+        self.sender_key: str | None = None
+        self.front, self.front_endpoint = self._bind(config.clients, "clients")
+        self.back, self.back_endpoint = self._bind(config.workers, "hosts")
         self.jobs: dict[tuple[bytes, str], BrokerJob] = {}
         self.wires: dict[str, tuple[bytes, str]] = {}
         self.ids = itertools.count(1)
@@ -77,12 +97,27 @@ class Broker:
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.metrics = Metrics("broker")
+        self.replies = limits.replies(self.metrics.dropped.inc)
+        self.answers = limits.answers(self.metrics.dropped.inc)
+        self.warnings = limits.warnings()
+        self.budget = limits.budget()
         if config.metrics:
             self.metrics.serve(config.metrics)
 
-    def _bind(self, endpoint: str) -> tuple[zmq.Socket, str]:
-        """A ROUTER bound to ``endpoint`` (port 0: any free port)."""
+    def _security(self, sec: Security):
+        """(our keys, a keyring per port, the ZAP gate) with keys; (None, {}, None) without."""
+        if not sec.on:
+            return None, {}, None
+        rings = {"clients": keys.Keyring(sec.authorized_keys),
+                 "hosts": keys.Keyring(sec.authorized_hosts)}
+        return keys.ServerKeys.load(sec.secret_key), rings, keys.Gate(self.ctx, rings)
+
+    def _bind(self, endpoint: str, domain: str) -> tuple[zmq.Socket, str]:
+        """A ROUTER bound to ``endpoint`` (port 0: any free port), CURVE with keys, whose
+        peers' keys the ZAP ``domain`` checks."""
         sock = self.ctx.socket(zmq.ROUTER)
+        if self.keys:
+            self.keys.apply(sock, domain)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -96,6 +131,14 @@ class Broker:
         """Serve until SIGTERM (or :meth:`stop`); then close both sockets."""
         log.info("broker %s: clients on %s, hosts on %s", self.name, self.front_endpoint,
                  self.back_endpoint)
+        if self.keys:
+            log.info("CURVE on: %d VM keys, %d host keys authorized",
+                     len(self.rings["clients"].names()), len(self.rings["hosts"].names()))
+        elif not (is_loopback(self.front_endpoint) and is_loopback(self.back_endpoint)):
+            log.warning("no keys ([security] secret_key): anyone who reaches %s or %s can "
+                        "submit jobs or pose as a host", self.front_endpoint, self.back_endpoint)
+        else:
+            log.info("no keys ([security] secret_key): listening on loopback only")
         try:
             with stopping_on_signals(self.stop, self._wake_w):
                 self._loop()
@@ -133,16 +176,37 @@ class Broker:
         """Handle what waits on ``sock`` (bounded per round)."""
         for _ in range(1000):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=self.keys is None)
             except zmq.Again:
                 return
-            peer, body = frames[0], frames[1:]
-            try:
-                msg = protocol.decode(body)
-            except ProtocolError as exc:
-                self._send(sock, peer, protocol.error_frames(exc))
-                continue
+            if self.keys is not None:   # CURVE: the ZAP handler put the sender's key on frames
+                self.sender_key = frames[1].get("User-Id") if len(frames) > 1 else None
+                frames = [f.bytes for f in frames]
+            self._received(sock, frames, handle)
+
+    def _received(self, sock: zmq.Socket, frames: list, handle) -> None:
+        """Decode one message from a peer on ``sock`` and ``handle`` it. Bad input gets an
+        error reply within the peer's rate limit; a bug in handling costs that message, never
+        the broker."""
+        peer, body = frames[0], frames[1:]
+        try:
+            msg = protocol.decode(body)
+        except ProtocolError as exc:
+            self._refuse(sock, peer, None, exc.kind, str(exc))
+            self._note(peer, logging.WARNING, "bad message from peer %s: %s (further ones "
+                       "logged at debug level)", peer.hex(), exc)
+            return
+        try:
             handle(peer, msg)
+        except Exception:
+            self._note(peer, logging.ERROR, "internal error handling %s from %s", msg.kind,
+                       peer.hex(), exc_info=True)
+            self._refuse(sock, peer, msg.job, "internal", f"internal error handling {msg.kind}")
+
+    def _note(self, peer: bytes, level: int, text: str, *args, **kw) -> None:
+        """Log a line about a peer's input at ``level`` within the log's rate limit (once a
+        minute per peer, ten a minute in all), else at debug level."""
+        log.log(level if self.warnings.allow(peer) else logging.DEBUG, text, *args, **kw)
 
     # --- clients -------------------------------------------------------------------------------
 
@@ -150,15 +214,15 @@ class Broker:
         """A client's message: hello, status, ping, submit, cancel, or a job's stream."""
         now = time.monotonic()
         self._act(self.rules.client_heard(client, now))
-        if msg.kind == "hello":
-            self._to_client(client, self._welcome())
-        elif msg.kind == "status":
-            self._to_client(client, self._status())
+        if msg.kind in ("hello", "status"):
+            if self.answers.allow(client):
+                self._to_client(client, self._welcome() if msg.kind == "hello" else self._status())
         elif msg.kind == "ping":
-            for job_id in msg.get("jobs", []):
-                if (client, job_id) not in self.jobs:
-                    self._client_error(client, job_id, "unknown-job",
-                                       f"{self.name} has no job {job_id} (broker restarted?)")
+            for job_id in dict.fromkeys(msg.get("jobs", [])):
+                if (client, job_id) not in self.jobs and not self._refuse(
+                        self.front, client, job_id, "unknown-job",
+                        f"{self.name} has no job {job_id} (broker restarted?)"):
+                    break
         elif msg.kind == "submit":
             self._submit(client, msg, now)
         elif msg.kind == "cancel":
@@ -168,15 +232,27 @@ class Broker:
         elif msg.kind in PASS_THROUGH:
             self._pass_to_host(client, msg)
         else:
-            self._client_error(client, msg.job, "kind", f"{msg.kind} is not for a broker")
+            self._refuse(self.front, client, msg.job, "kind", f"{msg.kind} is not for a broker")
 
     def _submit(self, client: bytes, msg: Message, now: float) -> None:
         """A new job: remember it and let the rules place or queue it."""
         key = (client, msg.job)
         if key in self.jobs:
-            self._client_error(client, msg.job, "duplicate", f"job {msg.job} is already known")
+            self._refuse(self.front, client, msg.job, "duplicate",
+                         f"job {msg.job} is already known")
             return
-        job = BrokerJob(key, str(next(self.ids)), msg)
+        if self.keys and self.rings["clients"].name_of(self.sender_key) is None:
+            self._refuse(self.front, client, msg.job, "unauthorized",
+                         f"this VM's key is no longer authorized on {self.name}")
+            return
+        cost = limits.cost(msg.fields)
+        why = self.budget.take(client, cost)
+        if why is not None:
+            self.failed += 1
+            self._refuse(self.front, client, msg.job, "busy", f"{self.name}: {why}")
+            return
+        job = BrokerJob(key, str(next(self.ids)), msg, vm=self.sender_key if self.keys else None,
+                        cost=cost)
         self.jobs[key] = job
         self.wires[job.wire] = key
         command = os.path.basename(os.fsdecode(msg["argv"][0]))
@@ -186,7 +262,8 @@ class Broker:
         """A job's stream message goes to its host under the broker's id for the job."""
         job = self.jobs.get((client, msg.job))
         if job is None:
-            self._client_error(client, msg.job, "unknown-job", f"{self.name} has no job {msg.job}")
+            self._refuse(self.front, client, msg.job, "unknown-job",
+                         f"{self.name} has no job {msg.job}")
         elif job.host is not None:
             self._send(self.back, job.host,
                        protocol.encode(msg.kind, job.wire, msg.payload, **msg.fields))
@@ -275,8 +352,10 @@ class Broker:
         """Send the job's submit to its host, under the broker's id."""
         job = self.jobs[a.job]
         job.host = a.host_id
-        msg = job.submit
-        self._send(self.back, a.host_id, protocol.encode("submit", job.wire, None, **msg.fields))
+        fields = {k: v for k, v in job.submit.fields.items() if k != "vm"}   # never the client's
+        if job.vm:
+            fields["vm"] = job.vm
+        self._send(self.back, a.host_id, protocol.encode("submit", job.wire, None, **fields))
 
     def _do_queued(self, a: rules_mod.Queued) -> None:
         """Tell the client where its job waits: at once the first time, then at most once a
@@ -339,12 +418,24 @@ class Broker:
         job = self.jobs.pop(key, None)
         if job is not None:
             self.wires.pop(job.wire, None)
+            self.budget.give(job.key[0], job.cost)
 
     # --- sending -------------------------------------------------------------------------------
 
     def _to_client(self, client: bytes, frames: list) -> None:
         """Send to a client."""
         self._send(self.front, client, frames)
+
+    def _refuse(self, sock: zmq.Socket, peer: bytes, job_id: str | None, kind: str,
+                text: str) -> bool:
+        """An error reply to input we do not act on (bad, refused, or about a job the peer
+        does not have here); past the peer's rate limit it is dropped silently and counted.
+        True if it went."""
+        if not self.replies.allow(peer):
+            return False
+        self._send(sock, peer, protocol.encode("error", job_id, kind=kind,
+                                               text=text[:protocol.MAX_TEXT]))
+        return True
 
     def _client_error(self, client: bytes, job_id: str | None, kind: str, text: str) -> None:
         """An error about a client's job."""
@@ -363,6 +454,8 @@ class Broker:
     def _close(self) -> None:
         """Close sockets, the wake-up pipe and the metrics server."""
         self.metrics.close()
+        if self.gate is not None:
+            self.gate.close()
         self.front.close(linger=500)
         self.back.close(linger=500)
         os.close(self._wake_r)

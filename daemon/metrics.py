@@ -11,7 +11,8 @@ STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800)
 
 
 class Metrics:
-    """Jobs by command and outcome, queue length, slots, stage times, heartbeats missed."""
+    """Jobs by command and outcome, queue length, slots, stage times, heartbeats missed,
+    replies dropped by the rate limit."""
 
     def __init__(self, role: str):
         """A private registry (``role`` is daemon or broker: the metrics' prefix)."""
@@ -27,6 +28,8 @@ class Metrics:
                                 ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
         self.missed = Counter(f"{prefix}_heartbeats_missed", "Peers given up for silence",
                               ["peer"], registry=self.registry)
+        self.dropped = Counter(f"{prefix}_replies_dropped", "Replies to bad or refused input "
+                               "not sent: the peer passed its rate limit", registry=self.registry)
         self.server = self.thread = None
 
     def serve(self, address: str) -> None:

@@ -1,4 +1,4 @@
-"""One job's process on the host: spawn as the caller, pipes, signals, reaping.
+"""One job's process on the host: spawned as the caller and confined, pipes, signals, reaping.
 
 A :class:`Process` is created, polled and closed by the server's loop thread only. Its pipe
 ends on this side are non-blocking; the loop polls them (and the process's pidfd) and calls
@@ -7,16 +7,26 @@ ends on this side are non-blocking; the loop polls them (and the process's pidfd
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import fcntl
 import os
 import pwd
+import resource
 import signal
 import subprocess
 import time
 
 
 PIPE_SIZE = 1024 * 1024
+PR_SET_NO_NEW_PRIVS = 38
+RLIMITS = {"cpu": resource.RLIMIT_CPU, "memory": resource.RLIMIT_AS,
+           "open_files": resource.RLIMIT_NOFILE, "file_size": resource.RLIMIT_FSIZE,
+           "processes": resource.RLIMIT_NPROC}   # [limits] names that are rlimits
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl   # bound once: the child only calls it
+_prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+_prctl.restype = ctypes.c_int
 
 
 class SpawnError(Exception):
@@ -26,12 +36,14 @@ class SpawnError(Exception):
 class Process:
     """A job's process, leader of its own session and process group."""
 
-    def __init__(self, path: str, argv: list[bytes], cwd: bytes, env: dict[bytes, bytes],
-                 ids: tuple[int, int, list[int]] | None):
-        """Start ``path`` with ``argv`` in ``cwd``; ``ids`` = (uid, gid, groups) to switch to."""
+    def __init__(self, path: str, argv: list[bytes], cwd: bytes | str, env: dict[bytes, bytes],
+                 ids: tuple[int, int, list[int]] | None, root: str | None = None,
+                 limits: list[tuple[int, int, int]] = ()):
+        """Start ``path`` with ``argv`` in ``cwd``, which must be ``root`` or below it (if
+        given); ``ids`` = (uid, gid, groups) to switch to; ``limits`` from :func:`rlimits`."""
         self.started = time.monotonic()
         self.ended: float | None = None
-        self.popen = _spawn(path, argv, cwd, env, ids)
+        self.popen = _spawn(path, argv, env, ids, _confiner(cwd, root, ids, limits))
         self.pid = self.popen.pid
         self.pidfd = os.pidfd_open(self.pid)
         self.fds = {"stdin": self.popen.stdin.fileno(), "stdout": self.popen.stdout.fileno(),
@@ -180,16 +192,82 @@ def _killpg(pgid: int, signum: int) -> None:
         pass
 
 
-def _spawn(path, argv, cwd, env, ids) -> subprocess.Popen:
-    """Popen in a new session, as ``ids`` when given; raise SpawnError with a clear text."""
+def rlimits(limits: dict[str, int]) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard) for each rlimit in ``limits``, never above this daemon's own hard
+    limit. The CPU hard limit is one second past the soft one: at the soft limit the job gets
+    SIGXCPU (exit 152), which it may catch; SIGKILL comes at the hard one (the kernel checks
+    the hard limit first, so soft = hard would be SIGKILL at once)."""
+    out = []
+    for name, res in RLIMITS.items():
+        if name in limits:
+            grace = 1 if res == resource.RLIMIT_CPU else 0
+            out.append((res, _clamp(res, limits[name]), _clamp(res, limits[name] + grace)))
+    return out
+
+
+def _clamp(res: int, n: int) -> int:
+    """``n``, or this daemon's own hard limit of ``res`` if that is lower."""
+    ceiling = resource.getrlimit(res)[1]
+    return n if ceiling == resource.RLIM_INFINITY else min(n, ceiling)
+
+
+def _confiner(cwd, root, ids, limits):
+    """The job's ``preexec_fn``: in the child, as the caller, enter ``cwd``, check it lies in
+    ``root``, set ``limits`` and no_new_privs; on a failure, one line on the job's stderr and
+    exit 126 (an exception in a preexec_fn would reach us without its detail)."""
+    cwd = os.fsencode(cwd)
+    inside = None if root is None else os.fsencode(os.path.realpath(root))
+    prefix = None if inside is None else inside.rstrip(b"/") + b"/"
+    uid = os.getuid() if ids is None else ids[0]
+    entering = b"offloadd: cannot enter %s as uid %d: " % (cwd, uid)
+
+    # Runs between fork and exec, after CPython's setgroups/setregid/setreuid and its dup2 of
+    # fds 0-2 (3.11), in a daemon with other threads (ZeroMQ's, mount workers). Only the forking
+    # thread exists in the child, so a lock another thread held at fork stays held forever:
+    # this function therefore takes none. It only calls pre-bound functions doing the syscalls
+    # chdir, getcwd, setrlimit, prctl and write; it imports nothing and does not log. Python
+    # objects it makes come from glibc malloc, which is fork-safe (its locks are reset in the
+    # child); CPython re-initialises its own runtime state after fork before calling us.
+    def confine(chdir=os.chdir, getcwd=os.getcwdb, setrlimit=resource.setrlimit,
+                prctl=_prctl, get_errno=ctypes.get_errno, die=_die) -> None:
+        """Enter, check, limit, no_new_privs: see above."""
+        try:
+            chdir(cwd)
+            here = getcwd()
+        except OSError as exc:
+            die(entering + (exc.strerror or "error").encode() + b"\n")
+        if inside is not None and here != inside and not here.startswith(prefix):
+            die(b"offloadd: cannot run in %s as uid %d: it is %s, outside %s\n"
+                % (cwd, uid, here, inside))
+        for res, soft, hard in limits:
+            try:
+                setrlimit(res, (soft, hard))
+            except (OSError, ValueError):
+                die(b"offloadd: cannot set resource limit %d to %d\n" % (res, soft))
+        if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            die(b"offloadd: cannot set no_new_privs (errno %d)\n" % get_errno())
+    return confine
+
+
+def _die(line: bytes, write=os.write, end=os._exit) -> None:
+    """In the job's child: ``line`` on its stderr (the job's pipe), then exit 126."""
+    try:
+        write(2, line)
+    finally:
+        end(126)
+
+
+def _spawn(path, argv, env, ids, confine) -> subprocess.Popen:
+    """Popen in a new session, as ``ids`` when given, ``confine`` run in the child before exec;
+    raise SpawnError with a clear text."""
     who = {} if ids is None else {"user": ids[0], "group": ids[1], "extra_groups": ids[2]}
     try:
-        return subprocess.Popen(argv, executable=path, cwd=cwd, env=env, stdin=subprocess.PIPE,
+        return subprocess.Popen(argv, executable=path, env=env, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                                start_new_session=True, close_fds=True, **who)
-    except FileNotFoundError as exc:
-        missing = cwd if exc.filename in (cwd, os.fsdecode(cwd)) else path
-        raise SpawnError(f"{os.fsdecode(missing)}: no such file or directory on this host") from None
+                                start_new_session=True, close_fds=True, preexec_fn=confine,
+                                **who)
+    except FileNotFoundError:
+        raise SpawnError(f"{path}: no such file or directory on this host") from None
     except PermissionError as exc:
         raise SpawnError(f"{exc.filename or path}: permission denied") from None
     except OSError as exc:

@@ -10,23 +10,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
 
 import zmq
 
-from offloadfs import mountinfo, protocol, staging
+from offloadfs import keys, mountinfo, protocol, staging
 from offloadfs.protocol import Message, ProtocolError
 from offloadfs.states import JobState, advance
 
-from . import policy
-from .config import ServeConfig
+from . import limits, policy
+from .config import ServeConfig, is_loopback, show_size
 from .metrics import Metrics
 from .mounts import MountTable
 from .worker import BrokerLink
-from .runner import Process, SpawnError, user_of
+from .runner import Process, SpawnError, rlimits, user_of
 from .scheduler import Position, Scheduler, Start
 from .signals import stopping_on_signals
 
@@ -57,6 +59,9 @@ class Job:
     inbox: staging.Inbox | None = None
     outbox: staging.Outbox | None = None
     before: dict | None = None
+    output: int = 0
+    cost: int = 0               # what its spec holds of the budget (limits.cost)
+    stdin_held: int = 0         # stdin bytes received, not yet written to the process
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -76,30 +81,49 @@ class Server:
         self.config = config
         self.allow = policy.Allowlist(config.commands)
         self.sched = Scheduler(config.slots)
+        self.rlimits = rlimits(config.limits)
         self.hostname = config.name or socket.gethostname()
         self.jobs: dict[tuple[bytes, str], Job] = {}
         self.peers: dict[bytes, float] = {}
         self.fdmap: dict[int, tuple[Job, str]] = {}
         self.done = self.failed = 0
         self.recent: list[dict] = []
-        self._bad_logged: dict[bytes, float] = {}
+        self.metrics = Metrics("daemon")
+        self.replies = limits.replies(self.metrics.dropped.inc)
+        self.answers = limits.answers(self.metrics.dropped.inc)
+        self.warnings = limits.warnings()
+        self.budget = limits.budget()
+        self._peers_cap = limits.MAX_PEERS
+        self._positions: dict[tuple[bytes, str], int] = {}
         self._stopping = False
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
+        self.keys, self.ring, self.gate = self._security(config.security)
+        self.sender_key: str | None = None
         self.sock = self._bind(config.listen) if config.listen else None
         self.endpoint = getattr(self, "endpoint", "")
-        self.links = {link.peer: link for link in
-                      (BrokerLink(self.ctx, e, 3 * config.heartbeat) for e in config.connect)}
+        link_keys = self.keys.client(keys.load_public(config.security.broker_key)) \
+            if self.keys and config.connect else None
+        self.links = {link.peer: link for link in (BrokerLink(
+            self.ctx, e, 3 * config.heartbeat, link_keys) for e in config.connect)}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.mounts = MountTable(config.mounts_dir, config.mounts_client, config.idle_unmount,
                                  self._poke)
-        self.metrics = Metrics("daemon")
         if config.metrics:
             self.metrics.serve(config.metrics)
 
+    def _security(self, sec):
+        """(our keys, the authorized keyring, the ZAP gate) with keys; three Nones without."""
+        if not sec.on:
+            return None, None, None
+        ring = keys.Keyring(sec.authorized_keys)
+        return keys.ServerKeys.load(sec.secret_key), ring, keys.Gate(self.ctx, {"clients": ring})
+
     def _bind(self, endpoint: str) -> zmq.Socket:
-        """A ROUTER socket bound to ``endpoint`` (port 0 picks a free port)."""
+        """A ROUTER socket bound to ``endpoint`` (port 0 picks a free port), CURVE with keys."""
         sock = self.ctx.socket(zmq.ROUTER)
+        if self.keys:
+            self.keys.apply(sock, "clients")
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -116,6 +140,7 @@ class Server:
         close."""
         log.info("listening on %s as %s, %d slots, commands: %s", self.endpoint or "(no port)",
                  self.hostname, self.config.slots, " ".join(self.allow.names()) or "(none)")
+        self._say_security()
         for link in self.links.values():
             log.info("taking jobs from broker %s", link.endpoint)
             link.send(self._announcement())
@@ -124,6 +149,17 @@ class Server:
                 self._loop()
         finally:
             self._shutdown()
+
+    def _say_security(self) -> None:
+        """Log whether clients must hold a key, and warn when anyone may reach us without."""
+        if self.ring is not None:
+            log.info("CURVE on: %d authorized keys in %s (%s)", len(self.ring.names()),
+                     self.ring.directory, " ".join(self.ring.names()) or "none yet")
+        elif self.endpoint and not is_loopback(self.endpoint):
+            log.warning("no keys ([security] secret_key): anyone who reaches %s can run the "
+                        "allowlisted commands as any non-root user", self.endpoint)
+        elif self.endpoint:
+            log.info("no keys ([security] secret_key): listening on loopback only")
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler or another thread)."""
@@ -208,10 +244,14 @@ class Server:
         """Handle every message waiting on the socket (bounded per round)."""
         for _ in range(1000):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=self.keys is None)
             except zmq.Again:
                 return
-            self._received(frames)
+            if self.keys is None:
+                self._received(frames)
+            else:   # CURVE: the ZAP handler put the sender's key on each frame
+                key = frames[1].get("User-Id") if len(frames) > 1 else None
+                self._received([f.bytes for f in frames], key)
 
     def _drain_link(self, link: BrokerLink) -> None:
         """Handle what a broker sent (bounded per round), as from the peer ``link.peer``."""
@@ -221,7 +261,7 @@ class Server:
             except zmq.Again:
                 return
             link.received()
-            self._received([link.peer] + frames)
+            self._received([link.peer] + frames, via_link=True)
 
     def _announcement(self) -> list:
         """The announcement a broker gets: who we are and what we offer."""
@@ -230,10 +270,19 @@ class Server:
 
     # --- messages ------------------------------------------------------------------------------
 
-    def _received(self, frames: list[bytes]) -> None:
-        """Decode one message from a peer and handle it; bad input gets an error reply."""
+    def _received(self, frames: list[bytes], key: str | None = None, *,
+                  via_link: bool = False) -> None:
+        """Decode one message from a peer (authenticated by CURVE ``key``, if any) and handle
+        it; bad input gets an error reply. Handlers read the key as ``sender_key``. Only
+        ``_drain_link`` passes ``via_link``: a client on our socket whose routing id is a
+        broker link's name is an impostor (it would act on the broker's jobs)."""
         peer, body = frames[0], frames[1:]
-        self.peers[peer] = time.monotonic()
+        if peer in self.links and not via_link:
+            self._note(peer, logging.WARNING, "peer on %s poses as broker link %s; dropped",
+                       self.endpoint, peer.decode(errors="replace"))
+            return
+        self.sender_key = key
+        self._heard(peer)
         try:
             msg = protocol.decode(body)
         except ProtocolError as exc:
@@ -246,33 +295,60 @@ class Server:
         try:
             handler(peer, msg)
         except Exception:  # a bug must cost one message, never the daemon and its jobs
-            log.exception("internal error handling %s from %s", msg.kind, peer.hex())
-            self.send(peer, protocol.encode("error", msg.job, kind="internal",
-                                            text=f"internal error handling {msg.kind}"))
+            self._note(peer, logging.ERROR, "internal error handling %s from %s", msg.kind,
+                       peer.hex(), exc_info=True)
+            self._refuse(peer, msg.job, "internal", f"internal error handling {msg.kind}")
+
+    def _heard(self, peer: bytes) -> None:
+        """Note when ``peer`` was last heard; a flood of new routing ids makes us forget the
+        peers without jobs (only theirs are ever looked up)."""
+        if len(self.peers) >= self._peers_cap:
+            self._prune_peers()
+        self.peers[peer] = time.monotonic()
+
+    def _prune_peers(self) -> None:
+        """Forget the peers that hold no job."""
+        holding = {job.peer for job in self.jobs.values()}
+        self.peers = {p: t for p, t in self.peers.items() if p in holding}
+        self._peers_cap = max(limits.MAX_PEERS, 2 * len(self.peers))
 
     def _bad_input(self, peer: bytes, exc: ProtocolError) -> None:
-        """Reply with an error and log at most once a minute per peer."""
-        self.send(peer, protocol.error_frames(exc))
-        now = time.monotonic()
-        if now - self._bad_logged.get(peer, -1e9) > 60:
-            self._bad_logged[peer] = now
-            log.warning("bad message from peer %s: %s (further ones logged at debug level)",
-                        peer.hex(), exc)
-        else:
-            log.debug("bad message from peer %s: %s", peer.hex(), exc)
+        """Reply with an error (rate limited) and log sparingly."""
+        self._refuse(peer, None, exc.kind, str(exc))
+        self._note(peer, logging.WARNING, "bad message from peer %s: %s (further ones logged "
+                   "at debug level)", peer.hex(), exc)
+
+    def _note(self, peer: bytes, level: int, text: str, *args, **kw) -> None:
+        """Log a line about a peer's input at ``level`` if the log's rate limit lets it (once
+        a minute per peer, ten a minute in all), else at debug level."""
+        log.log(level if self.warnings.allow(peer) else logging.DEBUG, text, *args, **kw)
+
+    def _refuse(self, peer: bytes, job_id: str | None, kind: str, text: str) -> bool:
+        """An error reply to input we do not act on (bad, refused, or about a job the peer
+        does not have here); past the peer's rate limit it is dropped silently and counted.
+        A broker link has no limit: it frees the job's slot only when it hears of it, and its
+        load is bounded by what it dispatches. True if it went."""
+        if peer not in self.links and not self.replies.allow(peer):
+            return False
+        self.send(peer, protocol.encode("error", job_id, kind=kind, text=text[:protocol.MAX_TEXT]))
+        return True
 
     def _on_hello(self, peer: bytes, msg: Message) -> None:
-        """Tell the client who we are and what we offer."""
+        """Tell the client who we are and what we offer (rate limited per peer)."""
+        if not self.answers.allow(peer):
+            return
         self.send(peer, protocol.encode(
             "welcome", host=self.hostname, commands=self.allow.names(), slots=self.config.slots,
             tags=list(self.config.tags), busy=self.sched.busy, queued=len(self.sched.queue)))
 
     def _on_ping(self, peer: bytes, msg: Message) -> None:
-        """A heartbeat: jobs the client believes live but we do not know get an error."""
-        for job_id in msg.get("jobs", []):
-            if (peer, job_id) not in self.jobs:
-                self._job_error(peer, job_id, "unknown-job",
-                                f"{self.hostname} has no job {job_id} (daemon restarted?)")
+        """A heartbeat: jobs the client believes live but we do not know get an error (each
+        once, within the rate limit; the client's next ping names the rest again)."""
+        for job_id in dict.fromkeys(msg.get("jobs", [])):
+            if (peer, job_id) not in self.jobs and not self._refuse(
+                    peer, job_id, "unknown-job",
+                    f"{self.hostname} has no job {job_id} (daemon restarted?)"):
+                return
 
     def _on_error(self, peer: bytes, msg: Message) -> None:
         """A broker that does not know us asks us to announce ourselves again."""
@@ -283,7 +359,9 @@ class Server:
             log.warning("broker %s: %s: %s", link.endpoint, msg["kind"], msg["text"])
 
     def _on_status(self, peer: bytes, msg: Message) -> None:
-        """Report slots, queue and recent jobs."""
+        """Report slots, queue and recent jobs (rate limited per peer)."""
+        if not self.answers.allow(peer):
+            return
         self.send(peer, protocol.encode(
             "status-reply", host=self.hostname, slots=self.config.slots, busy=self.sched.busy,
             queued=len(self.sched.queue), commands=self.allow.names(),
@@ -294,16 +372,18 @@ class Server:
         """A new job: check it, then start or queue it."""
         key = (peer, msg.job)
         if key in self.jobs:
-            self._job_error(peer, msg.job, "duplicate", f"job {msg.job} is already known")
+            self._refuse(peer, msg.job, "duplicate", f"job {msg.job} is already known")
             return
         try:
-            path = self._check(msg)
+            path = self._check(peer, msg)
+            cost = self._admit(peer, msg)
         except policy.Refused as exc:
-            log.info("refused job %s from %s: %s", msg.job, peer.hex(), exc)
+            self._note(peer, logging.INFO, "refused job %s from %s: %s", msg.job, peer.hex(), exc)
             self.failed += 1
-            self._job_error(peer, msg.job, exc.kind, str(exc))
+            self._refuse(peer, msg.job, exc.kind, str(exc))
             return
-        job = Job(peer, msg.job, msg, path=path, credit=min(msg["window"], MAX_CREDIT))
+        job = Job(peer, msg.job, msg, path=path, credit=min(msg["window"], MAX_CREDIT),
+                  cost=cost)
         self.jobs[key] = job
         data = msg.get("data") or {}
         if data.get("mode") == "stage":
@@ -332,7 +412,14 @@ class Server:
         if job.inbox is None or job.state != JobState.NEW or len(msg.payload) > job.stage_left:
             self._fail(job, "stage", "file data the job did not announce")
             return
-        job.inbox.write(msg["name"], msg["mode"], msg["last"], msg.payload)
+        if msg["name"] not in job.inbox.open and len(job.inbox.open) >= limits.STAGE_OPEN:
+            self._fail(job, "stage", f"more than {limits.STAGE_OPEN} input files at once")
+            return
+        try:
+            job.inbox.write(msg["name"], msg["mode"], msg["last"], msg.payload)
+        except OSError as exc:
+            self._fail(job, "stage", f"cannot write {os.fsdecode(msg['name'])}: {exc.strerror}")
+            return
         job.stage_left -= len(msg.payload)
         job.owed += len(msg.payload)
         if job.owed >= protocol.CREDIT_BATCH:
@@ -347,19 +434,42 @@ class Server:
             job.before = staging.snapshot(job.scratch)
             self._act(self.sched.submit(job.key))
 
-    def _check(self, msg: Message) -> str:
+    def _check(self, peer: bytes, msg: Message) -> str:
         """Apply the host's policy to a submit; the command's path, or Refused."""
         path = self.allow.resolve(msg["argv"][0])
-        policy.check_identity(msg["uid"], msg["gid"], self.config.allow_root, os.getuid())
+        policy.check_identity(msg["uid"], msg["gid"], self.config.allow_root, os.getuid(),
+                              msg["groups"])
+        if self.ring is not None:
+            self._check_vm(peer, msg)
         if mountinfo.resolves_into_offloadfs(path):
             raise policy.Refused("loop", f"{path} lies in an offloadfs mount on {self.hostname}; "
                                          f"running it would offload again")
         return path
 
+    def _check_vm(self, peer: bytes, msg: Message) -> None:
+        """With keys: the VM behind the submit (its CURVE key, or the key its broker vouches
+        for) must still be authorized, and may claim only what its rule allows."""
+        key = msg.get("vm") if peer in self.links else self.sender_key
+        vm = self.ring.name_of(key)
+        if vm is None:
+            raise policy.Refused("unauthorized", f"this VM's key is not (or no longer) "
+                                                 f"authorized on {self.hostname}")
+        data = msg.get("data") or {}
+        export = f"{data.get('server')}:{data.get('export')}" if data.get("mode") == "nfs" \
+            else None
+        policy.check_claim(vm, self.config.security.vms.get(vm), msg["uid"], msg["gid"],
+                           msg["groups"], export)
+
     def _on_stdin(self, peer: bytes, msg: Message) -> None:
         """Stdin data for a running job."""
         job = self._job(peer, msg)
         if job and job.process:
+            if job.process.is_open("stdin"):
+                job.stdin_held += len(msg.payload)
+                held = job.stdin_held + limits.STDIN_SLACK * (len(job.process.pending) + 1)
+                if held > 2 * protocol.WINDOW:   # a client keeping to its credit stays under
+                    self._fail(job, "credit", "the client sent more stdin than its credit")
+                    return
             job.process.feed(msg.payload)
             self._credit_back(job, job.process.write_pending())
 
@@ -385,9 +495,13 @@ class Server:
 
     def _on_signal(self, peer: bytes, msg: Message) -> None:
         """Forward a signal to the job's process group."""
+        if msg["signum"] not in SIGNALS:
+            self._refuse(peer, msg.job, "field", f"{msg['signum']} is not a signal here")
+            return
         job = self._job(peer, msg)
         if job and job.process:
-            log.info("%s: signal %d from client", job.describe(), msg["signum"])
+            self._note(peer, logging.INFO, "%s: signal %d from client", job.describe(),
+                       msg["signum"])
             job.process.signal(msg["signum"])
 
     def _on_cancel(self, peer: bytes, msg: Message) -> None:
@@ -400,8 +514,18 @@ class Server:
         """The job a message names, or None after telling the client it is unknown."""
         job = self.jobs.get((peer, msg.job))
         if job is None:
-            self._job_error(peer, msg.job, "unknown-job", f"{self.hostname} has no job {msg.job}")
+            self._refuse(peer, msg.job, "unknown-job", f"{self.hostname} has no job {msg.job}")
         return job
+
+    def _admit(self, peer: bytes, msg: Message) -> int:
+        """Check a submit's data descriptor and take the job's cost from the budget of the
+        peer and of the host; its cost, or Refused."""
+        _check_data(msg.get("data") or {})
+        size = limits.cost(msg.fields)
+        why = self.budget.take(peer, size)
+        if why is not None:
+            raise policy.Refused("busy", f"{self.hostname}: {why}")
+        return size
 
     # --- jobs ----------------------------------------------------------------------------------
 
@@ -414,9 +538,21 @@ class Server:
             if isinstance(action, Start):
                 job.slot = action.slot
                 self._start(job)
+            elif isinstance(action, Position) and job.state == JobState.QUEUED:
+                self._positions[job.key] = action.position   # told at the next heartbeat
             elif isinstance(action, Position):
                 job.state = advance(job.state, "queued")
                 self.send(job.peer, protocol.encode("queued", job.id, position=action.position))
+
+    def _flush_positions(self) -> None:
+        """Tell queued jobs their new positions: at most once a heartbeat (telling every
+        queued job each time one leaves the queue costs O(n^2) messages, which a client
+        submitting and cancelling could make us send)."""
+        positions, self._positions = self._positions, {}
+        for key, position in positions.items():
+            job = self.jobs.get(key)
+            if job is not None and job.state == JobState.QUEUED:
+                self.send(job.peer, protocol.encode("queued", job.id, position=position))
 
     def _start(self, job: Job) -> None:
         """Attach the job's data (maybe later, when its mount is made), then spawn it."""
@@ -427,9 +563,9 @@ class Server:
             self.mounts.attach(data["server"], data["export"],
                                lambda result: self._attached(job, data, result))
         elif job.scratch:
-            self._spawn(job, lambda: job.scratch)
+            self._spawn(job, lambda: (job.scratch, job.scratch))
         else:
-            self._spawn(job, lambda: self._shared_cwd(job.spec))
+            self._spawn(job, lambda: (self._shared_cwd(job.spec), None))
 
     def _attached(self, job: Job, data: dict, result) -> None:
         """The job's export is mounted (``result`` is its path) or could not be."""
@@ -441,17 +577,17 @@ class Server:
             self._fail(job, "attach", str(result))
             return
         job.mounted = (data["server"], data["export"])
-        self._spawn(job, lambda: self._nfs_cwd(result, data))
+        self._spawn(job, lambda: (self._nfs_cwd(result, data), result))
 
     def _spawn(self, job: Job, where) -> None:
-        """Spawn the job's process in its slot in the directory ``where()`` gives, or fail
-        the job with a clear error."""
+        """Spawn the job's process in its slot in the directory ``where()`` gives, confined
+        to the tree it also gives (None: shared mode), or fail the job with a clear error."""
         spec = job.spec
         try:
-            cwd = where()
+            cwd, root = where()
             job.timings["attach"] = time.monotonic() - job.attaching
             job.process = Process(job.path, spec["argv"], cwd, self._env(spec, job.slot),
-                                  self._ids(spec))
+                                  self._ids(spec), root, self.rlimits)
         except (SpawnError, policy.Refused) as exc:
             self._fail(job, getattr(exc, "kind", "spawn"), str(exc))
             return
@@ -508,14 +644,28 @@ class Server:
         self._maybe_finish(job)
 
     def _pump_output(self, job: Job, name: str) -> None:
-        """Send what the job wrote on ``name``, within the client's credit."""
+        """Send what the job wrote on ``name``, within the client's credit; a job whose
+        output passes the host's limit is killed."""
         data = job.process.read(name, min(protocol.CHUNK, job.credit))
-        if data:
-            job.credit -= len(data)
-            self.send(job.peer, protocol.encode(name, job.id, data))
+        if not data:
+            return
+        allowed = self._output_allowed(job, len(data))
+        if allowed:
+            job.credit -= allowed
+            self.send(job.peer, protocol.encode(name, job.id, data[:allowed]))
+        if allowed < len(data):
+            self._fail(job, "limit", f"the job's output passed the host's limit of "
+                                     f"{show_size(self.config.limits['output'])}; it was killed")
+
+    def _output_allowed(self, job: Job, n: int) -> int:
+        """How many of ``n`` more output bytes the host's output limit lets through."""
+        limit = self.config.limits.get("output")
+        job.output += n
+        return n if limit is None else max(0, min(n, limit - (job.output - n)))
 
     def _credit_back(self, job: Job, n: int) -> None:
         """Give the client back stdin credit for bytes written to the job, in batches."""
+        job.stdin_held -= n
         job.owed += n
         if job.owed >= protocol.CREDIT_BATCH or (job.owed and not job.process.pending):
             self.send(job.peer, protocol.encode("credit", job.id, n=job.owed))
@@ -566,6 +716,7 @@ class Server:
         """Remove a job (once), kill what is left of it, free its slot and mount, count it."""
         if self.jobs.pop(job.key, None) is None:
             return
+        self.budget.give(job.peer, job.cost)
         if job.process:
             job.process.kill()
         if job.mounted:
@@ -624,7 +775,8 @@ class Server:
                 self._peer_gone(peer, "client silent for %.0fs" % self.config.client_timeout)
             else:
                 self.send(peer, protocol.encode("ping", jobs=ids))
-        self.peers = {p: t for p, t in self.peers.items() if now - t < 600}
+        self._prune_peers()
+        self._flush_positions()
 
     def _peer_gone(self, peer: bytes, why: str) -> None:
         """Kill every job of a vanished client."""
@@ -641,6 +793,8 @@ class Server:
             self.jobs.pop(job.key, None)
         self.mounts.close()
         self.metrics.close()
+        if self.gate is not None:
+            self.gate.close()
         for link in self.links.values():
             link.close()
         if self.sock is not None:
@@ -650,6 +804,27 @@ class Server:
         if self._own_ctx:
             self.ctx.term()
         log.info("stopped")
+
+
+SIGNALS = frozenset(signal.valid_signals())   # a signal a client may send its job
+_SERVER = re.compile(r"[A-Za-z0-9_.%\[:][A-Za-z0-9_.%\[\]:-]*:[0-9]{1,5}")   # host:port, no "-o"
+
+
+def _check_data(data: dict) -> None:
+    """Refuse a submit's data descriptor of an unknown mode or with a field of the wrong type
+    (the mount of an nfs job gets its server and export as arguments)."""
+    mode, n = data.get("mode"), data.get("bytes", 0)
+    if mode == "stage":
+        ok = type(n) is int and 0 <= n <= limits.MAX_STAGE_BYTES
+    elif mode == "nfs":
+        server, export = data.get("server"), data.get("export")
+        ok = isinstance(server, str) and bool(_SERVER.fullmatch(server)) and \
+            isinstance(export, str) and export.startswith("/") and \
+            all(isinstance(data.get(k, ""), str) for k in ("path", "nonce"))
+    else:
+        ok = mode is None
+    if not ok:
+        raise policy.Refused("field", f"bad data descriptor {repr(data)[:80]}")
 
 
 def _summary(job: Job, status: int | None) -> dict:

@@ -23,9 +23,9 @@ BACKOFF_MAX = 32.0
 class BrokerLink:
     """One DEALER socket to one broker's worker port."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, liveness: float):
-        """Connect; :meth:`announce` offers this host."""
-        self.ctx, self.endpoint, self.liveness = ctx, endpoint, liveness
+    def __init__(self, ctx: zmq.Context, endpoint: str, liveness: float, keys=None):
+        """Connect (CURVE with ``keys``, a keys.ClientKeys, if given)."""
+        self.ctx, self.endpoint, self.liveness, self.keys = ctx, endpoint, liveness, keys
         self.peer = b"broker:" + endpoint.encode()
         self.backoff = 1.0
         self.sock = self._socket()
@@ -35,6 +35,8 @@ class BrokerLink:
     def _socket(self) -> zmq.Socket:
         """A fresh DEALER connected to the broker."""
         sock = self.ctx.socket(zmq.DEALER)
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)

@@ -31,6 +31,8 @@ from .states import HostState
 log = logging.getLogger("offloadfs")
 
 SIGNAL_POLL = 0.05          # seconds between looks at running callers' pending signals
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 HOST_LIVENESS = 3.0         # a host not answering hello this long is dead for new jobs
 FORWARD = frozenset(int(s) for s in FORWARDED)
 
@@ -128,12 +130,13 @@ class ShimRequest:
 class HostLink:
     """The agent's view of one configured host: its channel, monitor and liveness."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str):
-        """Connect and watch the connection."""
+    def __init__(self, ctx: zmq.Context, endpoint: str, keys=None):
+        """Connect (with CURVE ``keys`` if given) and watch the connection."""
         self.endpoint = endpoint
-        self.channel = Channel(ctx, endpoint)
+        self.channel = Channel(ctx, endpoint, keys)
         self.monitor = self.channel.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+        self.failure = ""
         self.state = HostState.UNKNOWN
         self.hello_sent = 0.0
         self.name = endpoint
@@ -195,7 +198,7 @@ class Agent(ClientLoop):
         runs and close every socket."""
         self._start_export()
         self.ctx = zmq.Context()
-        self.links = [HostLink(self.ctx, e) for e in self.endpoints]
+        self.links = [HostLink(self.ctx, e, self.config.keys) for e in self.endpoints]
         try:
             while not self._stopping:
                 self.step(SIGNAL_POLL if self.requests else self.timing.heartbeat / 2)
@@ -252,13 +255,24 @@ class Agent(ClientLoop):
     def _monitor_event(self, link: HostLink) -> None:
         """A connection came up (say hello now) or went down (no new jobs there)."""
         try:
-            event = recv_monitor_message(link.monitor, zmq.NOBLOCK)["event"]
+            message = recv_monitor_message(link.monitor, zmq.NOBLOCK)
         except zmq.Again:
             return
+        event = message["event"]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            link.failure = ""
             self._hello(link, time.monotonic())
         elif event == zmq.EVENT_DISCONNECTED:
             self._host_down(link, "disconnected")
+        elif event & HANDSHAKE_FAILED:
+            self._refused(link, link.channel.failure(message)["text"])
+
+    def _refused(self, link: HostLink, why: str) -> None:
+        """The host refused our connection (CURVE): say why once, not at every retry."""
+        if why != link.failure:
+            log.warning("host %s refused the connection: %s", link.endpoint, why)
+            link.failure = why
+        self._host_down(link, why)
 
     def unrouted(self, channel: Channel, msg) -> None:
         """Welcomes refresh a host's commands; other stray messages are ignored."""

@@ -10,12 +10,16 @@ import os
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol
 from .protocol import Message, ProtocolError
 
 
-REFUSED = protocol.Message("refused")  # what wait() returns when the peer refused the connection
+# The connection events hello() watches: each one means no welcome will ever come.
+FAILURES = (zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+MECHANISM_MISMATCH = 0x11000002     # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 
 
 class OffloadError(Exception):
@@ -31,10 +35,14 @@ class OffloadError(Exception):
 class Channel:
     """One DEALER socket to ``endpoint``."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str):
-        """Connect (ZeroMQ connects in the background; :meth:`hello` proves the peer is there)."""
+    def __init__(self, ctx: zmq.Context, endpoint: str, keys=None):
+        """Connect, with CURVE if ``keys`` (keys.ClientKeys) are given (ZeroMQ connects in the
+        background; :meth:`hello` proves the peer is there)."""
         self.endpoint = endpoint
+        self.keys = keys
         self.sock = ctx.socket(zmq.DEALER)
+        if keys is not None:
+            keys.apply(self.sock)
         self.sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(11))
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)
@@ -66,28 +74,32 @@ class Channel:
             raise OffloadError(f"{self.host} sent a bad message: {exc}", "protocol") from None
 
     def hello(self, timeout: float) -> Message:
-        """Say hello and wait up to ``timeout`` s for the welcome, or raise OffloadError.
+        """Say hello and wait up to ``timeout`` s for the welcome, or raise OffloadError."""
+        self.welcome = self.ask(protocol.encode("hello"), "welcome", timeout)
+        return self.welcome
 
-        A refused connection fails at once instead of waiting out the timeout."""
-        monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECT_RETRIED)
+    def ask(self, frames: list, reply: str, timeout: float) -> Message:
+        """Send a request and wait up to ``timeout`` s for its ``reply``, or raise
+        OffloadError. A refused connection or a failed CURVE handshake fails at once instead
+        of waiting out the timeout."""
+        monitor = self.sock.get_monitor_socket(FAILURES)
         try:
-            self.send(protocol.encode("hello"))
-            msg = self.wait(timeout, {"welcome", "error"}, monitor)
+            self.send(frames)
+            msg = self.wait(timeout, {reply, "error"}, monitor)
         finally:
             self.sock.disable_monitor()
             monitor.close(linger=0)
         if msg is None:
             raise OffloadError(f"no answer from {self.endpoint} within {timeout:g}s", "no-host")
-        if msg == REFUSED:
-            raise OffloadError(f"{self.endpoint}: connection refused", "no-host")
+        if msg.kind == "refused":
+            raise OffloadError(f"{self.endpoint}: {msg['text']}", msg["why"])
         if msg.kind == "error":
             raise OffloadError(f"{self.endpoint}: {msg['text']}", msg["kind"])
-        self.welcome = msg
         return msg
 
     def wait(self, timeout: float, kinds: set[str], monitor: zmq.Socket | None = None):
         """The next message of one of ``kinds`` within ``timeout`` s (others are dropped);
-        None on timeout; REFUSED if ``monitor`` reports a refused connection first."""
+        None on timeout; a ``refused`` message if ``monitor`` reports a failure first."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         if monitor is not None:
@@ -96,11 +108,29 @@ class Channel:
         while (left := deadline - time.monotonic()) > 0:
             ready = dict(poller.poll(left * 1000))
             if monitor in ready:
-                return REFUSED
+                return self.failure(recv_monitor_message(monitor))
             msg = self.recv() if self.sock in ready else None
             if msg is not None and msg.kind in kinds:
                 return msg
         return None
+
+    def failure(self, event: dict) -> Message:
+        """What a connection event means for the user, as a ``refused`` message."""
+        kind, value = event["event"], event["value"]
+        if kind == zmq.EVENT_CONNECT_RETRIED:
+            why, text = "no-host", "connection refused"
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why, text = "unauthorized", ("this VM's key is not authorized there (its public key "
+                                         "must be in the host's authorized_keys)")
+        elif self.keys is None:
+            why, text = "unauthorized", ("the host requires CURVE keys: set [security] "
+                                         "secret_key and server_key")
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == MECHANISM_MISMATCH:
+            why, text = "handshake", "the host uses no keys, but [security] sets keys here"
+        else:
+            why, text = "handshake", ("the secure handshake failed: [security] server_key is "
+                                      "not the host's public key, or the host uses no keys")
+        return Message("refused", fields={"why": why, "text": text})
 
     def close(self) -> None:
         """Close the socket (pending messages get LINGER ms to leave)."""

@@ -32,6 +32,10 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("-H", "--host", action="append", metavar="HOST[:PORT]",
                     help="ask this host (default: the configured ones; repeatable)")
     st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each host")
+    k = sub.add_parser("keygen", help="write a CURVE key pair: DIR/NAME.key and "
+                       "DIR/NAME.key_secret")
+    k.add_argument("directory", metavar="DIR")
+    k.add_argument("name", metavar="NAME", help="the key's name (this VM's)")
     return p
 
 
@@ -42,10 +46,17 @@ def main(argv: list[str] | None = None) -> int:
         return offld.main(argv[1:], prog="offloadfs run")
     args = parser().parse_args(argv)
     try:
-        return {"status": status, "mount": mount.mount, "umount": mount.umount}[args.cmd](args)
+        return {"status": status, "mount": mount.mount, "umount": mount.umount,
+                "keygen": keygen}[args.cmd](args)
     except ConfigError as exc:
         print(f"offloadfs: {exc}", file=sys.stderr)
         return 2
+
+
+def keygen(args) -> int:
+    """``offloadfs keygen DIR NAME``: write this VM's key pair, say where."""
+    from .keys import keygen_command
+    return keygen_command(args.directory, args.name)
 
 
 def status(args) -> int:
@@ -58,7 +69,7 @@ def status(args) -> int:
         lines += st.mount_lines(mnt)
     if not mounts:
         endpoints = [host_endpoint(h) for h in args.host or []] or cfg.brokers + cfg.hosts
-        lines, ok = st.report(endpoints, args.timeout)
+        lines, ok = st.report(endpoints, args.timeout, cfg.keys)
     recent = [dict(e.get("timings", {}), command=" ".join(e.get("command", []))[:40],
                    status=e.get("status"), host=e.get("host")) for e in joblog.read(cfg.job_log)]
     lines += ["last offld jobs from here:"] + (st.job_lines(recent) or ["  (none)"])

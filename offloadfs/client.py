@@ -18,11 +18,13 @@ from .jobrun import FORWARDED, JobRun, Outcome, Timing
 from .protocol import Message
 
 
-def connect(ctx: zmq.Context, endpoints: list[str], timeout: float, debug) -> Channel:
-    """A channel to the first of ``endpoints`` that answers hello, or OffloadError."""
+def connect(ctx: zmq.Context, endpoints: list[str], timeout: float, debug,
+            keys=None) -> Channel:
+    """A channel (with CURVE ``keys`` if given) to the first of ``endpoints`` that answers
+    hello, or OffloadError."""
     errors = []
     for endpoint in endpoints:
-        channel = Channel(ctx, endpoint)
+        channel = Channel(ctx, endpoint, keys)
         try:
             welcome = channel.hello(timeout)
         except OffloadError as exc:

@@ -84,6 +84,7 @@ class ClientConfig:
     export: object = None      # export.ExportConfig
     stage_commands: list[str] = dataclasses.field(default_factory=list)
     tags: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    keys: object = None        # keys.ClientKeys: CURVE on every connection when set
 
     def timing(self):
         """Heartbeat, liveness and acknowledgement limits for job runs."""
@@ -117,4 +118,18 @@ class ClientConfig:
                               typed(section(data, "staging"), "commands", list, [])]
         from .export import ExportConfig
         cfg.export = ExportConfig.from_toml(data)
+        cfg.keys = client_keys(section(data, "security"))
         return cfg
+
+
+def client_keys(security: dict):
+    """The [security] table's CURVE keys of a client (keys.ClientKeys), or None without
+    keys; both keys or neither."""
+    secret = typed(security, "secret_key", str, "")
+    server = typed(security, "server_key", str, "")
+    if not secret and not server:
+        return None
+    if not (secret and server):
+        raise ConfigError("[security] needs both secret_key and server_key (or neither)")
+    from .keys import ClientKeys
+    return ClientKeys.load(secret, server)

@@ -122,7 +122,7 @@ def run(command: list[str], opts, say: Reporter) -> int:
     out_fd = _output_fd(opts.output)
     ctx = zmq.Context()
     try:
-        channel = connect(ctx, endpoints(opts, cfg), cfg.connect_timeout, say.debug)
+        channel = connect(ctx, endpoints(opts, cfg), cfg.connect_timeout, say.debug, cfg.keys)
         connected = time.monotonic()
         spec = spec_here(command, cfg)
         if opts.no_mount:

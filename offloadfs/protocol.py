@@ -18,7 +18,9 @@ Messages, by stage (C = client, D = daemon or broker on the client's behalf)::
     C->D hello        {}                                    ask who is there
     D->C welcome      {host, commands, slots, tags, busy, queued}
     C->D submit       job, argv[bin], cwd bin, uid, gid, groups[int], env{bin:bin},
-                      window int (output credit granted up front), tags[str]?, data map?
+                      window int (output credit granted up front), tags[str]?, data map?,
+                      vm str? (only broker->host: the z85 CURVE key the broker authenticated
+                      the client by; a daemon ignores it from anyone but its brokers)
     D->C queued       job, position int (1 = next to start)
     D->C started      job, host str, pid int, window int (stdin credit granted up front)
     C->D file         job, name bin, mode int, last bool + payload   staging (-n): an input
@@ -290,7 +292,7 @@ SCHEMA: dict[str, tuple[bool, dict, dict]] = {
                 {"tags": _TAGS, "busy": _POS, "queued": _POS}),
     "submit": (True, {"argv": _argv, "cwd": _path, "uid": _ID, "gid": _ID,
                       "groups": _list(_ID, MAX_GROUPS), "env": _env, "window": _int(1, 2**30)},
-               {"tags": _TAGS, "data": _opt(_any_map)}),
+               {"tags": _TAGS, "data": _opt(_any_map), "vm": _str(40)}),
     "queued": (True, {"position": _POS}, {}),
     "started": (True, {"host": _str(255), "pid": _int(0, 2**31), "window": _int(0, 2**30)}, {}),
     "file": (True, {"name": _relpath, "mode": _int(0, 0o7777), "last": _bool}, {}),

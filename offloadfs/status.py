@@ -14,21 +14,15 @@ from .channel import Channel, OffloadError
 from .protocol import Message
 
 
-def fetch(endpoint: str, timeout: float) -> Message:
+def fetch(endpoint: str, timeout: float, keys=None) -> Message:
     """The status-reply of the daemon or broker at ``endpoint``, or OffloadError."""
     ctx = zmq.Context()
-    channel = Channel(ctx, endpoint)
+    channel = Channel(ctx, endpoint, keys)
     try:
-        channel.send(protocol.encode("status"))
-        msg = channel.wait(timeout, {"status-reply", "error"})
+        return channel.ask(protocol.encode("status"), "status-reply", timeout)
     finally:
         channel.close()
         ctx.term()
-    if msg is None:
-        raise OffloadError(f"no answer from {endpoint} within {timeout:g}s", "no-host")
-    if msg.kind == "error":
-        raise OffloadError(f"{endpoint}: {msg['text']}", msg["kind"])
-    return msg
 
 
 def host_lines(endpoint: str, msg: Message) -> list[str]:
@@ -73,12 +67,13 @@ def mount_lines(mnt: str) -> list[str]:
     return lines + (job_lines(data.get("jobs", [])) or ["    (none)"])
 
 
-def report(endpoints: list[str], timeout: float) -> tuple[list[str], bool]:
-    """Status lines for every endpoint; False if any did not answer."""
+def report(endpoints: list[str], timeout: float, keys=None) -> tuple[list[str], bool]:
+    """Status lines for every endpoint (asked with CURVE ``keys`` if given); False if any did
+    not answer."""
     lines, ok = [], True
     for endpoint in endpoints:
         try:
-            msg = fetch(endpoint, timeout)
+            msg = fetch(endpoint, timeout, keys)
         except OffloadError as exc:
             lines.append(f"{endpoint}: {exc}")
             ok = False

@@ -18,13 +18,14 @@ class Broker:
     """An ``offloadd broker`` process on two ephemeral loopback ports."""
 
     def __init__(self, workdir: Path, clients: str = "tcp://127.0.0.1:0",
-                 workers: str = "tcp://127.0.0.1:0"):
-        """Start it and read both endpoints from its log."""
+                 workers: str = "tcp://127.0.0.1:0", args=()):
+        """Start it (with extra ``args``) and read both endpoints from its log."""
         self.log_path = workdir / f"broker-{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen([OFFLOADD, "broker", "--clients", clients, "--workers",
-                                      workers], stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     cwd=workdir, start_new_session=True)
+                                      workers, *args], stdout=self.log_file,
+                                     stderr=subprocess.STDOUT, cwd=workdir,
+                                     start_new_session=True)
         found = wait_for(lambda: re.search(r"clients on (tcp://\S+), hosts on (tcp://\S+)",
                                            self.log_path.read_text()), 20, "the broker")
         self.clients, self.workers = found.group(1), found.group(2)

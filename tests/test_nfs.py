@@ -157,17 +157,16 @@ def test_cwd_outside_the_export_runs_locally_or_fails_closed(mount, tmp_path):
     assert got.returncode == 255 and b"outside the exported tree" in got.stderr
 
 
-def test_a_job_without_the_vms_nonce_is_refused(host, vm, nfs_port, mount):
-    """A mapping the host cannot prove (no nonce file in the mount) never runs the job."""
-    data = {"mode": "nfs", "server": f"127.0.0.1:{nfs_port}", "export": str(vm), "path": "work",
-            "nonce": "0" * 24}
+def _submit_raw(host, data: dict, script: bytes):
+    """Submit ``sh -c script`` with the data descriptor ``data`` on a raw socket; the reply
+    that ends it (exit or error)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(host.endpoint)
     sock.send_multipart(protocol.encode(
-        "submit", "forged", argv=[b"sh", b"-c", b"touch forged"], cwd=str(vm / "work").encode(),
-        uid=0, gid=0, groups=[], env={}, window=1 << 20, data=data))
+        "submit", "raw", argv=[b"sh", b"-c", script], cwd=b"/", uid=0, gid=0, groups=[],
+        env={}, window=1 << 20, data=data))
     try:
         reply = None
         while reply is None or reply.kind not in ("exit", "error"):
@@ -176,8 +175,38 @@ def test_a_job_without_the_vms_nonce_is_refused(host, vm, nfs_port, mount):
     finally:
         sock.close()
         ctx.term()
+    return reply
+
+
+def test_a_job_without_the_vms_nonce_is_refused(host, vm, nfs_port, mount):
+    """A mapping the host cannot prove (no nonce file in the mount) never runs the job."""
+    data = {"mode": "nfs", "server": f"127.0.0.1:{nfs_port}", "export": str(vm), "path": "work",
+            "nonce": "0" * 24}
+    reply = _submit_raw(host, data, b"touch forged")
     assert reply.kind == "error" and "nonce" in reply["text"]
     assert not (vm / "work" / "forged").exists()
+
+
+@pytest.mark.parametrize("path", ["..", "work/../..", "../elsewhere", "/tmp", "out",
+                                  "work/out"])
+def test_a_cwd_that_escapes_the_export_is_refused(host, vm, nfs_port, mount, tmp_path, path):
+    """With the VM's real nonce in place, a cwd leaving the export by '..', an absolute path
+    or a symlink (absolute, to a directory on the host, or relative) is refused, and the job
+    never runs."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (vm / ".offloadfs").mkdir(mode=0o755, exist_ok=True)
+    (vm / ".offloadfs" / ("1" * 24)).touch()
+    (vm / "out").symlink_to(outside)
+    (vm / "work" / "out").symlink_to("../..")
+    data = {"mode": "nfs", "server": f"127.0.0.1:{nfs_port}", "export": str(vm), "path": path,
+            "nonce": "1" * 24}
+    reply = _submit_raw(host, data, b"touch escaped")
+    assert reply.kind == "error" and reply["kind"] == "cwd", reply
+    assert not list(tmp_path.rglob("escaped"))
+    good = _submit_raw(host, dict(data, path="work"), b"touch inside")
+    assert good.kind == "exit" and good["status"] == 0, good
+    assert (vm / "work" / "inside").exists()
 
 
 def test_offld_alone_exports_for_one_job(host, vm, vm_config):

@@ -254,3 +254,61 @@ def test_matches():
     assert not matches("XLC_ALL", ("LC_*",))
     assert not matches("LANG", ())
     assert matches("LANG", ("L?NG",))
+
+
+# --- what a keyed VM may claim -----------------------------------------------------------------
+
+@pytest.mark.parametrize("text, ranges", [
+    ("1000-60000", ((1000, 60000),)),
+    ("0", ((0, 0),)),
+    ("1000-2000, 65534", ((1000, 2000), (65534, 65534))),
+])
+def test_parse_ranges(text, ranges):
+    """uid and gid ranges as the config writes them."""
+    assert policy.parse_ranges(text) == ranges
+
+
+@pytest.mark.parametrize("text", ["", "a-b", "10-1", "1-", "-5", "1,,2", "1-2-3"])
+def test_parse_ranges_refuses_nonsense(text):
+    """A range that means nothing is an error, never an empty or open range."""
+    with pytest.raises(ValueError):
+        policy.parse_ranges(text)
+
+
+RULE = policy.VmRule(uids=((1000, 2000),), gids=((100, 100), (1000, 2000)),
+                     exports=("10.0.0.5:/srv/vm1*",))
+
+
+@pytest.mark.parametrize("uid, gid, groups, export, refused", [
+    (1500, 1500, [100], "10.0.0.5:/srv/vm1", None),
+    (1500, 1500, [], "10.0.0.5:/srv/vm1/sub", None),
+    (1500, 1500, [], None, None),
+    (999, 1500, [], None, "uid 999"),
+    (0, 1500, [], None, "uid 0"),
+    (1500, 0, [], None, "group 0"),
+    (1500, 1500, [27], None, "group 27"),
+    (1500, 1500, [], "10.0.0.6:/srv/vm1", "export 10.0.0.6:/srv/vm1"),
+])
+def test_check_claim_with_a_rule(uid, gid, groups, export, refused):
+    """A rule bounds the uid, the gid and every supplementary group, and the exports."""
+    if refused is None:
+        policy.check_claim("vm1", RULE, uid, gid, groups, export)
+        return
+    with pytest.raises(policy.Refused) as err:
+        policy.check_claim("vm1", RULE, uid, gid, groups, export)
+    assert refused in str(err.value) and err.value.kind == "identity"
+
+
+def test_check_claim_without_a_rule_allows_any_uid_but_root():
+    """No [security.vms.NAME]: any uid, group and export, but never uid 0."""
+    policy.check_claim("vm1", None, 12345, 0, [0], "any:/where")
+    with pytest.raises(policy.Refused, match="may not run jobs as root"):
+        policy.check_claim("vm1", None, 0, 100, [], None)
+    policy.check_claim("vm1", policy.VmRule(uids=((0, 0),)), 0, 0, [], None)
+
+
+def test_check_identity_refuses_a_root_group():
+    """A supplementary group 0 is root's too: refused unless root is allowed."""
+    with pytest.raises(policy.Refused):
+        policy.check_identity(1000, 1000, False, 0, [5, 0])
+    policy.check_identity(1000, 1000, True, 0, [5, 0])
