@@ -3,10 +3,13 @@
 Each benchmark is one module with a docstring (its help line), an optional
 ``add_arguments(parser)`` and ``run(opts) -> dict``; register it in :data:`BENCHMARKS`.
 """
-from . import cluster, overhead, shim_designs
+from . import cluster, imagemagick, io, overhead, shim_designs, stream
 
 BENCHMARKS = {
     "overhead": overhead,
+    "imagemagick": imagemagick,
     "shim_designs": shim_designs,
     "cluster": cluster,
+    "stream": stream,
+    "io": io,
 }

@@ -1,11 +1,13 @@
-"""``python -m bench NAME [--quick]``: run one registered benchmark, or ``all`` of them."""
+"""``python -m bench NAME [--quick]``: run one registered benchmark, or ``all`` of them and
+write bench/results/RESULTS.md; ``report`` rewrites RESULTS.md from the JSON already there."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 
-from . import BENCHMARKS
+from . import BENCHMARKS, report
 from .common import BenchError
 
 
@@ -20,19 +22,22 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, parents=[shared], help=module.__doc__.splitlines()[0])
         if hasattr(module, "add_arguments"):
             module.add_arguments(s)
-    sub.add_parser("all", parents=[shared], help="run every benchmark with its defaults")
+    sub.add_parser("all", parents=[shared], help="run every benchmark with its defaults, then "
+                   "write bench/results/RESULTS.md")
+    sub.add_parser("report", help="write bench/results/RESULTS.md from the JSON of earlier runs")
     return p
 
 
-def run_one(name: str, argv: list[str]) -> bool:
-    """Run benchmark ``name`` with its own options parsed from ``argv``; False if it failed."""
+def run_one(name: str, argv: list[str]) -> str | None:
+    """Run benchmark ``name`` with its own options parsed from ``argv``; why it failed, or
+    None."""
     opts = parser().parse_args([name, *argv])
     try:
         BENCHMARKS[name].run(opts)
     except BenchError as exc:
         print(f"bench {name}: {exc}", file=sys.stderr)
-        return False
-    return True
+        return str(exc).splitlines()[0]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,10 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # run finally:s
     opts = parser().parse_args(argv)
+    command = shlex.join(["python", "-m", "bench", *argv])
+    if opts.name == "report":
+        report.write(BENCHMARKS, {}, command + " (from the JSON of earlier runs)")
+        return 0
     names = list(BENCHMARKS) if opts.name == "all" else [opts.name]
     rest = ["--quick"] if opts.name == "all" and opts.quick else argv[1:]
-    failed = [name for name in names if not run_one(name, rest)]
-    return 1 if failed else 0
+    failures = {}
+    for name in names:
+        if opts.name == "all":
+            print(f"\n=== {name} ===", flush=True)
+        if (why := run_one(name, rest)) is not None:
+            failures[name] = why
+    if opts.name == "all":
+        report.write(BENCHMARKS, failures, command)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

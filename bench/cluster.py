@@ -36,14 +36,10 @@ where its time goes; those cases are slowed down by the sampling.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
-import signal
-import subprocess
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -62,11 +58,15 @@ from .common import (
     cpu_seconds,
     host,
     machine_info,
+    md_table,
     percentile,
     print_table,
     publish,
     pyplot,
     save_png,
+    start_py_spy,
+    stop_py_spy,
+    summarize_profile,
     summary,
     system_cpu,
     wait_hosts,
@@ -539,61 +539,6 @@ def one_case(b: BrokerProc, pids: dict, kind: str, hosts: int, clients: int, opt
 
 # --- profiling the broker -------------------------------------------------------------------
 
-def start_py_spy(pid: int, out: Path) -> subprocess.Popen:
-    """py-spy record (raw format) of ``pid`` until :func:`stop_py_spy`."""
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
-        raise BenchError(f"{spy} not found: --profile needs py-spy in this venv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([str(spy), "record", "-o", str(out), "-f", "raw", "-r", "200",
-                             "-p", str(pid)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    time.sleep(0.3)   # attach before the window opens
-    return proc
-
-
-def stop_py_spy(proc: subprocess.Popen) -> None:
-    """SIGINT makes py-spy write its output; kill it if it does not end in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def summarize_profile(path: Path, top: int = 10) -> dict:
-    """From a py-spy raw file: the functions taking most of the broker's samples, including
-    what they call (the chain down to its loop, in every sample, left out), each with its
-    own share (self time)."""
-    own: collections.Counter = collections.Counter()
-    inclusive: collections.Counter = collections.Counter()
-    total = 0
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            stack, _, count = line.rpartition(" ")
-            if not stack or not count.isdigit():
-                continue
-            n = int(count)
-            total += n
-            frames = [short_frame(f) for f in stack.split(";")]
-            own[frames[-1]] += n
-            for f in set(frames):
-                inclusive[f] += n
-    if not total:
-        return {"samples": 0, "functions": []}
-    rows = [[f, round(100 * n / total, 1), round(100 * own[f] / total, 1)]
-            for f, n in inclusive.most_common() if n < total][:top]
-    return {"samples": total, "functions": rows}
-
-
-def short_frame(frame: str) -> str:
-    """``name (path/file.py:123)`` without the line number."""
-    name, sep, where = frame.partition(" (")
-    return f"{name} ({where.split(':')[0].rstrip(')')})" if sep else frame
-
-
 # --- 2. the broker hop ------------------------------------------------------------------------
 
 def broker_hop(runs: int, fields: dict, fake_fields: dict) -> dict:
@@ -817,23 +762,63 @@ def results(rows: list[dict], hop: dict, timelines: list[dict], fields: dict, op
     return out
 
 
+THROUGHPUT_HEADERS = ["kind", "hosts", "slots/host", "clients", "jobs/s", "rounds", "p50 ms",
+                      "p99 ms", "broker %", "its loop %", "hosts %", "load %", "other %"]
+HOP_HEADERS = ["path", "p50 ms", "p99 ms"]
+GPU_HEADERS = ["client", "connect ms", "queue ms", "run ms", "first position"]
+
+
+def throughput_rows(r: dict) -> list[list]:
+    """One row per throughput case."""
+    return [[x["kind"], x["hosts"], x["slots_per_host"], x["clients"], x["jobs_per_s"],
+             "/".join(f"{v:.0f}" for v in x["rounds_jobs_per_s"]),
+             x["latency_p50_ms"], x["latency_p99_ms"], x["cpu_pct"]["broker"],
+             x["cpu_pct"]["broker_loop"], x["cpu_pct"]["hosts"], x["cpu_pct"]["load"],
+             x["cpu_pct"]["other"]] for x in r["throughput"]]
+
+
+def hop_rows(r: dict) -> list[list]:
+    """The broker hop's paths: direct and through the broker, real and fake host."""
+    return [[name, r[f"{name}_p50_ms"], r[f"{name}_p99_ms"]]
+            for name in ("direct", "broker", "fake_direct", "fake_broker")]
+
+
+def gpu_rows(r: dict) -> list[list]:
+    """The GPU queue: per client its connect, queue and run."""
+    return [[x["client"], x["connect_s"] * 1000, x["queue_s"] * 1000, x["run_s"] * 1000,
+             x["positions"][0] if x["positions"] else "-"] for x in r["gpu_queue"]["timelines"]]
+
+
+def throughput_line(r: dict) -> str:
+    """The broker's best jobs/s against its target."""
+    t = r["targets"]
+    return (f"broker alone (fake hosts): best {r['best_fake_jobs_per_s']} jobs/s; target over "
+            f"{t['broker_jobs_per_s']}: {'met' if t['broker_jobs_per_s_met'] else 'NOT met'}")
+
+
+def hop_line(r: dict) -> str:
+    """What the broker adds to a job, against its target."""
+    t = r["targets"]
+    return (f"added by the broker, real host: p50 {r['broker_added_p50_ms']:.3f} ms, p99 "
+            f"{r['broker_added_p99_ms']:.3f} ms (target under {t['broker_added_p50_ms']:g} ms at "
+            f"p50: {'met' if t['broker_added_p50_met'] else 'NOT met'}); fake host: p50 "
+            f"{r['fake_broker_added_p50_ms']:.3f} ms, p99 {r['fake_broker_added_p99_ms']:.3f} ms")
+
+
+def gpu_line(r: dict) -> str:
+    """What the GPU queue case ran."""
+    g = r["gpu_queue"]
+    return (f"GPU queue: {g['clients']} clients, {g['host']}, gpujob {g['job_s']:g} s "
+            f"(all done after {g['total_s']:.2f} s)")
+
+
 def report(r: dict) -> None:
     """Print the throughput, hop and GPU queue tables."""
     print()
-    rounds = r["settings"]["rounds"]
-    print(f"jobs/s: the best of {rounds} round(s); latency and CPU (% of one CPU; other = the "
-          f"rest of the machine) of that round")
-    print_table(["kind", "hosts", "slots/host", "clients", "jobs/s", "rounds", "p50 ms",
-                 "p99 ms", "broker %", "its loop %", "hosts %", "load %", "other %"],
-                [[x["kind"], x["hosts"], x["slots_per_host"], x["clients"], x["jobs_per_s"],
-                  "/".join(f"{v:.0f}" for v in x["rounds_jobs_per_s"]),
-                  x["latency_p50_ms"], x["latency_p99_ms"], x["cpu_pct"]["broker"],
-                  x["cpu_pct"]["broker_loop"],
-                  x["cpu_pct"]["hosts"], x["cpu_pct"]["load"], x["cpu_pct"]["other"]]
-                 for x in r["throughput"]])
-    t = r["targets"]
-    print(f"\nbroker alone (fake hosts): best {r['best_fake_jobs_per_s']} jobs/s; target over "
-          f"{t['broker_jobs_per_s']}: {'met' if t['broker_jobs_per_s_met'] else 'NOT met'}")
+    print(f"jobs/s: the best of {r['settings']['rounds']} round(s); latency and CPU (% of one "
+          "CPU; other = the rest of the machine) of that round")
+    print_table(THROUGHPUT_HEADERS, throughput_rows(r))
+    print(f"\n{throughput_line(r)}")
     for x in r["throughput"]:
         if "profile_summary" in x and x["profile_summary"].get("samples"):
             print(f"\npy-spy of the broker, {x['kind']} {x['hosts']} host(s) {x['clients']} "
@@ -841,19 +826,23 @@ def report(r: dict) -> None:
                   f"samples, {x['profile']}):")
             print_table(["function", "incl. %", "self %"], x["profile_summary"]["functions"])
     print(f"\nbroker hop ({r['hop_n']} no-op jobs per path, interleaved):")
-    rows = [[name, r[f"{name}_p50_ms"], r[f"{name}_p99_ms"]]
-            for name in ("direct", "broker", "fake_direct", "fake_broker")]
-    print_table(["path", "p50 ms", "p99 ms"], rows)
-    print(f"added by the broker, real host: p50 {r['broker_added_p50_ms']:.3f} ms, p99 "
-          f"{r['broker_added_p99_ms']:.3f} ms (target under {t['broker_added_p50_ms']:g} ms at "
-          f"p50: {'met' if t['broker_added_p50_met'] else 'NOT met'}); fake host: p50 "
-          f"{r['fake_broker_added_p50_ms']:.3f} ms, p99 {r['fake_broker_added_p99_ms']:.3f} ms")
-    g = r["gpu_queue"]
-    print(f"\nGPU queue: {g['clients']} clients, {g['host']}, gpujob {g['job_s']:g} s "
-          f"(all done after {g['total_s']:.2f} s):")
-    print_table(["client", "connect ms", "queue ms", "run ms", "first position"],
-                [[x["client"], x["connect_s"] * 1000, x["queue_s"] * 1000, x["run_s"] * 1000,
-                  x["positions"][0] if x["positions"] else "-"] for x in g["timelines"]])
+    print_table(HOP_HEADERS, hop_rows(r))
+    print(hop_line(r))
+    print(f"\n{gpu_line(r)}:")
+    print_table(GPU_HEADERS, gpu_rows(r))
+
+
+def markdown(r: dict) -> list[str]:
+    """This benchmark's section of RESULTS.md."""
+    return [f"Jobs/s: the best of {r['settings']['rounds']} round(s) of "
+            f"{r['settings']['window_s']:g} s; latency and CPU (% of one CPU; other = the rest "
+            "of the machine) of that round. " + ", ".join(f"`{k}`: {v}" for k, v in KINDS.items())
+            + ".", "", md_table(THROUGHPUT_HEADERS, throughput_rows(r)), "",
+            throughput_line(r) + ".", "",
+            f"Broker hop, {r['hop_n']} no-op jobs per path, interleaved:", "",
+            md_table(HOP_HEADERS, hop_rows(r)), "", hop_line(r) + ".", "",
+            gpu_line(r) + " — the thesis's ten VMs sharing one GPU host:", "",
+            md_table(GPU_HEADERS, gpu_rows(r))]
 
 
 def plot(r: dict):

@@ -6,10 +6,14 @@ time of a whole command (``timed_run``), median and p99 (``summary``), the stage
 + ``NAME.png`` (``publish``). ``daemon`` starts a throw-away ``offloadd``; ``shims`` mounts its
 shims (``offloadfs mount -f``) on a temporary mount point; ``broker`` starts a throw-away
 ``offloadd broker`` and ``host`` an ``offloadd serve --connect`` to it; ``cpu_seconds`` and
-``system_cpu`` read what processes and the machine spent.
+``system_cpu`` read what processes and the machine spent. What offloadfs is compared with runs
+from here too: ``sshd`` (Debian's openssh-server on an ephemeral loopback port, its own config
+and keys), ``distccd`` (likewise), and ``cpu_quota`` (a cgroup capping a "VM" to a share of one
+CPU). Every one of them is stopped, unmounted or removed on the way out, even on error.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -20,11 +24,12 @@ import platform
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from offloadfs import mountinfo
@@ -104,15 +109,24 @@ def serve_argv(commands: dict[str, str], flags: Sequence[str]) -> list[str]:
 
 def wait_listening(proc: subprocess.Popen, log: Path, deadline: float) -> int:
     """The port from the daemon's "listening on" log line, waiting at most ``deadline`` s."""
+    found = wait_for(lambda: LISTENING.search(log.read_bytes()), proc, log, deadline,
+                     "offloadd", "log 'listening on'")
+    return int(found.group(1))
+
+
+def wait_for(check: Callable[[], object], proc: subprocess.Popen, log: Path, deadline: float,
+             what: str, waiting_for: str):
+    """What ``check()`` returns once it is true, polling while ``proc`` (called ``what`` in
+    errors, which end with its ``log``) runs, at most ``deadline`` s."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        if match := LISTENING.search(log.read_bytes()):
-            return int(match.group(1))
+        if found := check():
+            return found
         if proc.poll() is not None:
-            raise BenchError(f"offloadd exited with status {proc.returncode} before listening:\n"
+            raise BenchError(f"{what} exited with status {proc.returncode}:\n"
                              + log.read_text(errors="replace"))
         time.sleep(0.02)
-    raise BenchError(f"offloadd did not log 'listening on' within {deadline:.0f} s:\n"
+    raise BenchError(f"{what} did not {waiting_for} within {deadline:.0f} s:\n"
                      + log.read_text(errors="replace"))
 
 
@@ -206,16 +220,8 @@ def wait_log(proc: subprocess.Popen, log: Path, pattern: re.Pattern, deadline: f
              what: str) -> re.Match:
     """The first match of ``pattern`` in ``log``, waiting at most ``deadline`` s while ``proc``
     (called ``what`` in errors) runs."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if match := pattern.search(log.read_bytes()):
-            return match
-        if proc.poll() is not None:
-            raise BenchError(f"{what} exited with status {proc.returncode}:\n"
-                             + log.read_text(errors="replace"))
-        time.sleep(0.02)
-    raise BenchError(f"{what} did not log {pattern.pattern!r} within {deadline:.0f} s:\n"
-                     + log.read_text(errors="replace"))
+    return wait_for(lambda: pattern.search(log.read_bytes()), proc, log, deadline, what,
+                    f"log {pattern.pattern!r}")
 
 
 # --- the shims -----------------------------------------------------------------------------
@@ -240,6 +246,15 @@ class Shims:
     def stats(self, name: str) -> dict:
         """The mount's counts for shim ``name``: {"jobs", "failures", "fallbacks", "mean_ms"}."""
         return json.loads(os.getxattr(self.shim(name), XATTR_STATS))
+
+    def offloaded(self, name: str, expected: int) -> dict:
+        """Shim ``name``'s stats, after checking that all ``expected`` runs went to the daemon
+        (a local fallback would measure the wrong thing, with the same output)."""
+        stats = self.stats(name)
+        if (stats["jobs"], stats["failures"], stats["fallbacks"]) != (expected, 0, 0):
+            raise BenchError(f"{name} shim: expected {expected} offloaded jobs, the mount "
+                             f"counted {stats}:\n{self.log_tail()}")
+        return stats
 
     def set_policy(self, name: str, policy: str) -> None:
         """Set shim ``name``'s policy (auto, always, never); kept in this mount's temp state."""
@@ -330,6 +345,344 @@ def unmount(m: Shims) -> None:
                 break
 
 
+# --- processes, ports and memory ------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, log: Path, deadline: float, what: str) -> None:
+    """Wait until 127.0.0.1:``port`` accepts connections while ``proc`` (``what``) runs."""
+    def accepts() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+    wait_for(accepts, proc, log, deadline, what, f"listen on 127.0.0.1:{port}")
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below ``pid`` (children, their children...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def end_tree(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop ``proc`` (started in its own session) and every process below it, each by its pid:
+    ``sig`` first, SIGKILL for what is left after :data:`STOP_DEADLINE`."""
+    pids = [*descendants(proc.pid), proc.pid] if proc.poll() is None else []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    try:
+        proc.wait(STOP_DEADLINE)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident memory (VmHWM) of process ``pid`` in MB (10^6 bytes); 0.0 if gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    return 0.0
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start process ``pid``'s peak resident memory afresh (its current size)."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+# --- ssh and distcc: what offloadfs is compared with ----------------------------------------
+
+SSHD = "/usr/sbin/sshd"
+SSHD_PRIVSEP = Path("/run/sshd")   # Debian's sshd refuses to start without it
+SSHD_CONFIG = """Port {port}
+ListenAddress 127.0.0.1
+HostKey {tmp}/host_ed25519
+PidFile {tmp}/sshd.pid
+AuthorizedKeysFile {tmp}/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitRootLogin prohibit-password
+StrictModes no
+UseDNS no
+PrintMotd no
+PrintLastLog no
+MaxStartups 100
+MaxSessions 100
+"""
+
+
+@dataclasses.dataclass
+class Sshd:
+    """A running throw-away sshd on 127.0.0.1 and a client key it accepts."""
+
+    port: int
+    tmp: Path
+    log: Path
+    proc: subprocess.Popen
+
+    @property
+    def target(self) -> str:
+        """user@127.0.0.1 for this process's user."""
+        return f"{user_name()}@127.0.0.1"
+
+    def options(self, master: str | None = None) -> list[str]:
+        """The client's options: our key and port, a throw-away known_hosts, batch mode; with
+        ``master`` ("yes" or "no") the ControlMaster setting and our ControlPath."""
+        opts = ["-F", "/dev/null", "-i", str(self.tmp / "id_ed25519"), "-p", str(self.port),
+                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                "-o", f"UserKnownHostsFile={self.tmp / 'known_hosts'}", "-o", "LogLevel=ERROR"]
+        if master:
+            opts += ["-o", f"ControlPath={self.tmp / 'cm'}", "-o", f"ControlMaster={master}"]
+        return opts
+
+    def argv(self, command: Sequence[str], mux: bool = False) -> list[str]:
+        """ssh running ``command`` here through this sshd: a new connection with key auth, or
+        with ``mux`` a session over the connection of :func:`ssh_master`."""
+        return ["ssh", *self.options("no" if mux else None), self.target, "--",
+                shlex.join(command)]
+
+
+def user_name() -> str:
+    """This process's user name (for ssh user@host)."""
+    import pwd
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+@contextlib.contextmanager
+def sshd() -> Iterator[Sshd]:
+    """Debian's sshd on an ephemeral loopback port with its own config, host key and
+    authorized key in a temp dir (the system's sshd and its config are never touched);
+    always stopped, with every session process it started."""
+    if not os.access(SSHD, os.X_OK):
+        raise BenchError(f"{SSHD} not found: install openssh-server (make bench does)")
+    made_privsep = not SSHD_PRIVSEP.exists()
+    with tempfile.TemporaryDirectory(prefix="offloadfs-bench-sshd-") as name:
+        tmp = Path(name)
+        for key in ("host_ed25519", "id_ed25519"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench",
+                            "-f", str(tmp / key)], check=True, stdin=subprocess.DEVNULL)
+        (tmp / "authorized_keys").write_bytes((tmp / "id_ed25519.pub").read_bytes())
+        port = free_port()
+        (tmp / "sshd_config").write_text(SSHD_CONFIG.format(port=port, tmp=tmp))
+        if made_privsep:
+            SSHD_PRIVSEP.mkdir(mode=0o755)
+        log = tmp / "sshd.log"
+        try:
+            with open(log, "wb") as out:
+                proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(tmp / "sshd_config")],
+                                        stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+            try:
+                wait_port(port, proc, log, START_DEADLINE, "sshd")
+                yield Sshd(port, tmp, log, proc)
+            finally:
+                end_tree(proc)
+        finally:
+            if made_privsep:
+                with contextlib.suppress(OSError):
+                    SSHD_PRIVSEP.rmdir()
+
+
+@contextlib.contextmanager
+def ssh_master(s: Sshd) -> Iterator[int]:
+    """An ssh ControlMaster connection to ``s`` (``Sshd.argv(..., mux=True)`` uses it), its
+    pid yielded; always told to exit, and killed if it does not."""
+    start = ["ssh", *s.options("yes"), "-o", "ControlPersist=yes",
+             "-E", str(s.tmp / "master.log"), "-f", "-N", s.target]
+    subprocess.run(start, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=START_DEADLINE)
+    control = ["ssh", *s.options("no")]
+    check = subprocess.run([*control, "-O", "check", s.target], capture_output=True, text=True,
+                           check=False)
+    found = re.search(r"pid=(\d+)", check.stderr)
+    pid = int(found.group(1)) if found else 0
+    try:
+        if not pid:
+            raise BenchError(f"ssh ControlMaster did not start: {check.stderr.strip()}")
+        yield pid
+    finally:
+        subprocess.run([*control, "-O", "exit", s.target], capture_output=True, check=False)
+        end = time.monotonic() + STOP_DEADLINE
+        while pid and Path(f"/proc/{pid}").exists() and time.monotonic() < end:
+            time.sleep(0.02)
+        if pid and Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+DISTCCD = "/usr/bin/distccd"
+DISTCC_USER = "distccd"   # Debian's distcc package creates it; distccd as root needs --user
+
+
+@dataclasses.dataclass
+class Distccd:
+    """A running throw-away distccd on 127.0.0.1 and the client environment that uses it."""
+
+    port: int
+    tmp: Path
+    log: Path
+    proc: subprocess.Popen
+    jobs: int
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """``base`` (default: ours) with distcc sent to this server only, never falling back to
+        compiling locally (a failure is an error, not a silently local figure)."""
+        return {**(os.environ if base is None else base),
+                "DISTCC_HOSTS": f"127.0.0.1:{self.port}/{self.jobs}",
+                "DISTCC_DIR": str(self.tmp / "client"), "DISTCC_FALLBACK": "0",
+                "DISTCC_SKIP_LOCAL_RETRY": "1", "DISTCC_BACKOFF_PERIOD": "0"}
+
+    def compiled(self) -> int:
+        """How many compilations the server logged as done."""
+        return self.log.read_bytes().count(b"COMPILE_OK")
+
+
+@contextlib.contextmanager
+def distccd(jobs: int | None = None) -> Iterator[Distccd]:
+    """Debian's distccd in the foreground on an ephemeral loopback port, serving 127.0.0.1
+    only; always stopped with its workers."""
+    if not os.access(DISTCCD, os.X_OK):
+        raise BenchError(f"{DISTCCD} not found: install distcc (make bench does)")
+    jobs = jobs or len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory(prefix="offloadfs-bench-distccd-") as name:
+        tmp, port = Path(name), free_port()
+        (tmp / "client").mkdir()
+        log = tmp / "distccd.log"
+        argv = [DISTCCD, "--daemon", "--no-detach", "--log-stderr", "--log-level=info",
+                "--listen", "127.0.0.1", "--port", str(port), "--allow", "127.0.0.1",
+                "--jobs", str(jobs)]
+        if os.geteuid() == 0:
+            argv += ["--user", DISTCC_USER]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        try:
+            wait_port(port, proc, log, START_DEADLINE, "distccd")
+            yield Distccd(port, tmp, log, proc, jobs)
+        finally:
+            end_tree(proc)
+
+
+# --- a slow "VM": a cgroup with a CPU quota -------------------------------------------------
+
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+CFS_PERIOD_US = 100_000
+
+
+@dataclasses.dataclass
+class CpuCgroup:
+    """A cgroup whose processes together get ``percent`` % of one CPU."""
+
+    path: Path
+    version: int
+    percent: float
+
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` (all its threads) into the cgroup."""
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` run from a sh that first moves itself into the cgroup, then execs it."""
+        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"),
+                *argv]
+
+    def pids(self) -> list[int]:
+        """The processes in the cgroup now."""
+        with contextlib.suppress(OSError):
+            return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+        return []
+
+    def describe(self) -> str:
+        """How the quota is set, for the report."""
+        quota = int(CFS_PERIOD_US * self.percent / 100)
+        knob = (f"cpu.cfs_quota_us={quota}, cpu.cfs_period_us={CFS_PERIOD_US}"
+                if self.version == 1 else f"cpu.max=\"{quota} {CFS_PERIOD_US}\"")
+        return f"cgroup v{self.version} {self.path} ({knob}: {self.percent:g}% of one CPU)"
+
+
+def cgroup2_root() -> Path | None:
+    """Where the unified (v2) hierarchy is mounted with the cpu controller available, if it is."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == "cgroup2":
+            root = Path(fields[1])
+            with contextlib.suppress(OSError):
+                if "cpu" in (root / "cgroup.controllers").read_text().split():
+                    return root
+    return None
+
+
+@contextlib.contextmanager
+def cpu_quota(percent: float) -> Iterator[CpuCgroup]:
+    """A new cgroup capped at ``percent`` % of one CPU: v1 ``cpu.cfs_quota_us`` if the machine
+    has the v1 cpu controller, else v2 ``cpu.max``. On the way out every process still in it
+    is killed (by pid) and the cgroup removed."""
+    if (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists():
+        parent, version = CGROUP_V1_CPU, 1
+    elif (root := cgroup2_root()) is not None:
+        parent, version = root, 2
+        control = root / "cgroup.subtree_control"
+        if "cpu" not in control.read_text().split():
+            control.write_text("+cpu")
+    else:
+        raise BenchError("no cgroup cpu controller (v1 cpu or v2 with cpu) to make a slow VM")
+    path = parent / f"offloadfs-bench-{os.getpid()}"
+    quota = int(CFS_PERIOD_US * percent / 100)
+    try:
+        path.mkdir()
+    except OSError as exc:
+        raise BenchError(f"cannot create cgroup {path}: {exc} (needs root)") from exc
+    group = CpuCgroup(path, version, percent)
+    try:
+        if version == 1:
+            (path / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (path / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            (path / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+        yield group
+    finally:
+        remove_cgroup(group)
+
+
+def remove_cgroup(group: CpuCgroup) -> None:
+    """Kill what is left in ``group`` (by pid) and remove it, retrying while it empties."""
+    for pid in group.pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + STOP_DEADLINE
+    while True:
+        try:
+            group.path.rmdir()
+            return
+        except OSError as exc:
+            if time.monotonic() > end:
+                print(f"bench: cannot remove cgroup {group.path}: {exc}", file=sys.stderr)
+                return
+            time.sleep(0.05)
+
+
 # --- measuring ------------------------------------------------------------------------------
 
 def timed_run(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, str]:
@@ -369,15 +722,17 @@ def median_by_key(records: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: percentile([r[k] for r in records if k in r], 50) for k in keys}
 
 
-def cpu_seconds(pid: int, thread: int | None = None) -> float:
-    """CPU time (user + system) of process ``pid`` and of its children it has waited for, or
-    of its thread ``thread`` alone (the main thread's id is ``pid``); 0.0 if it is gone."""
+def cpu_seconds(pid: int, thread: int | None = None, children: bool = True) -> float:
+    """CPU time (user + system) of process ``pid`` and (unless not ``children``) of its
+    children it has waited for, or of its thread ``thread`` alone (the main thread's id is
+    ``pid``); 0.0 if it is gone."""
     path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
         fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    ticks = fields[11:15] if thread is None else fields[11:13]   # utime, stime, cutime, cstime
+    with_children = thread is None and children
+    ticks = fields[11:15] if with_children else fields[11:13]   # utime, stime, cutime, cstime
     return sum(int(f) for f in ticks) / os.sysconf("SC_CLK_TCK")
 
 
@@ -390,15 +745,78 @@ def system_cpu() -> tuple[float, float]:
     return (total - idle) / hz, total / hz
 
 
+# --- profiling -----------------------------------------------------------------------------
+
+def start_py_spy(pid: int, out: Path, gil: bool = False) -> subprocess.Popen:
+    """py-spy record (raw format) of ``pid`` until :func:`stop_py_spy`; with ``gil`` only the
+    samples of the thread holding the GIL (where the interpreter spends CPU, no waits)."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        raise BenchError(f"{spy} not found: --profile needs py-spy in this venv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(spy), "record", "-o", str(out), "-f", "raw", "-r", "200",
+                             *(["--gil"] if gil else []), "-p", str(pid)],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.3)   # attach before the window opens
+    return proc
+
+
+def stop_py_spy(proc: subprocess.Popen) -> None:
+    """SIGINT makes py-spy write its output; kill it if it does not end in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def summarize_profile(path: Path, top: int = 10) -> dict:
+    """From a py-spy raw file: the functions taking most of a process's samples, including
+    what they call (frames in every sample, such as the main loop, left out), each with its
+    own share (self time)."""
+    own: collections.Counter = collections.Counter()
+    inclusive: collections.Counter = collections.Counter()
+    total = 0
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = [short_frame(f) for f in stack.split(";")]
+            own[frames[-1]] += n
+            for f in set(frames):
+                inclusive[f] += n
+    if not total:
+        return {"samples": 0, "functions": []}
+    rows = [[f, round(100 * n / total, 1), round(100 * own[f] / total, 1)]
+            for f, n in inclusive.most_common() if n < total][:top]
+    return {"samples": total, "functions": rows}
+
+
+def short_frame(frame: str) -> str:
+    """``name (path/file.py:123)`` without the line number."""
+    name, sep, where = frame.partition(" (")
+    return f"{name} ({where.split(':')[0].rstrip(')')})" if sep else frame
+
+
 # --- reporting ------------------------------------------------------------------------------
 
 def machine_info() -> dict[str, object]:
-    """Where and how the numbers were taken: CPU, cores, Python, kernel, date, command line."""
+    """Where and how the numbers were taken: CPU, cores, memory, OS, Python, kernel, load,
+    date, command line, commit."""
     return {
         "cpu": cpu_model(),
         "nproc": len(os.sched_getaffinity(0)),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+        "os": os_release(),
         "python": platform.python_version(),
         "kernel": platform.release(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],   # at the end: was the machine busy?
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
         "commit": git_commit(),
@@ -414,6 +832,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def os_release() -> str:
+    """The distribution's name and version (Debian: with /etc/debian_version's point release)."""
+    name = platform.system()
+    with contextlib.suppress(OSError):
+        name = platform.freedesktop_os_release().get("PRETTY_NAME", name)
+    with contextlib.suppress(OSError):
+        name += f" ({Path('/etc/debian_version').read_text().strip()})"
+    return name
+
+
 def git_commit() -> str:
     """The project's commit, "+dirty" if the tree has changes; "" outside a git checkout."""
     def git(*args: str) -> str:
@@ -424,10 +852,10 @@ def git_commit() -> str:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """A plain-text table: text left-aligned, numbers right-aligned with one decimal."""
+    """A plain-text table: text left-aligned, numbers right-aligned (see :func:`fmt`)."""
     cells = [[fmt(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    numeric = [isinstance(c, (int, float)) for c in (rows[0] if rows else headers)]
+    numeric = numeric_columns(rows, len(headers))
     for n, row in enumerate(cells):
         print("  ".join(c.rjust(w) if num else c.ljust(w)
                         for c, w, num in zip(row, widths, numeric, strict=True)).rstrip())
@@ -435,9 +863,27 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
             print("  ".join("-" * w for w in widths))
 
 
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table, numbers right-aligned and formatted as in :func:`print_table`."""
+    numeric = numeric_columns(rows, len(headers))
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
+    lines += ["| " + " | ".join(fmt(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def numeric_columns(rows: Sequence[Sequence[object]], n: int) -> list[bool]:
+    """Per column: True if it holds numbers (and at most "-" placeholders), to right-align."""
+    return [any(isinstance(row[i], (int, float)) for row in rows)
+            and all(isinstance(row[i], (int, float)) or row[i] == "-" for row in rows)
+            for i in range(n)]
+
+
 def fmt(value: object) -> str:
-    """A table cell: floats with one decimal, the rest as str."""
-    return f"{value:.1f}" if isinstance(value, float) else str(value)
+    """A table cell: floats with one decimal (two below 10), the rest as str."""
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
 
 
 def pyplot():

@@ -1,29 +1,52 @@
-"""Per-job cost of a no-op, run locally, through offld and through a shim, with a real offloadd.
+"""Per-job cost of a no-op and of a small compile: local, the shim, offld, ssh and distcc.
 
-Every path in :func:`paths` runs the same no-op; the runs are interleaved (one of each path per
-round) so that drift in the machine's load hits every path alike. The first path is the
-baseline the others are compared with. ``offld -p`` also gives the stage breakdown. The shim
-path runs ``MOUNTPOINT/true`` of an ``offloadfs mount`` of the same daemon, the file a PATH
-lookup finds with the mount first on PATH; the mount's counters must show every run offloaded.
+Every path in :func:`paths` runs in the same run on the same machine, interleaved (one of each
+path per round), so that drift in the machine's load hits every path alike. Two groups:
+
+- **no-op**: local ``/bin/true`` (the baseline); ``MOUNTPOINT/true``, the shim of an
+  ``offloadfs mount`` of a real ``offloadd`` (the file a PATH lookup finds with the mount first
+  on PATH; the mount's counters must show every run offloaded); ``offld -- true``; ``ssh`` to
+  Debian's sshd on a loopback port (key auth, a new connection per job, as a script would use
+  it) and the same over an ssh ControlMaster connection (multiplexed: no handshake per job);
+  and, when this build has CURVE keys (``offloadd keygen``), the shim and ``offld`` against a
+  second daemon that requires them.
+- **gcc**: ``gcc -O2 -c`` of a small C file locally (the baseline), through the ``gcc`` shim,
+  and with ``distcc`` to Debian's distccd on a loopback port (it preprocesses here, compiles
+  there); the objects must be byte-identical and distccd must log every compile.
+
+``offld -p`` gives the stage breakdown (connect, queue, attach, run, drain) the thesis's
+overhead figure shows; the mount's own counters give the daemon's stages of the shim's jobs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import subprocess
+import tempfile
+from pathlib import Path
 
 from offloadfs import protocol
 
 from .common import (
     BenchError,
     Daemon,
+    Distccd,
     Shims,
+    Sshd,
     daemon,
+    distccd,
     machine_info,
+    md_table,
     median_by_key,
     parse_profile,
+    percentile,
     print_table,
     publish,
     pyplot,
     shims,
+    ssh_master,
+    sshd,
     summary,
     timed_run,
     tool,
@@ -32,18 +55,76 @@ from .common import (
 NAME = "overhead"
 RUNS, QUICK_RUNS = 200, 30
 WARMUP, QUICK_WARMUP = 5, 3
-DAEMON_COMMANDS = {"true": "/bin/true"}
+DAEMON_COMMANDS = {"true": "/bin/true", "gcc": "/usr/bin/gcc"}
 THESIS_BAND_MS = (50, 350)
-STAGES = tuple(s for s in protocol.STAGES if s != "total")
+STAGES = tuple(s for s in protocol.STAGES if s != "total")   # start: interpreter, imports
+CURVE_TARGET_SHARE = 0.10   # CURVE may add at most this share of the shim's overhead
+COMPARE = (("shim", "ssh"), ("shim", "ssh_cm"), ("offld", "ssh"), ("shim_gcc", "distcc"),
+           ("shim_gcc", "local_gcc"))
+SMALL_C = r"""/* bench overhead: a small C file, compiled three ways. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct item { char name[32]; int weight; double score; };
+
+static int by_score(const void *a, const void *b)
+{
+    const struct item *x = a, *y = b;
+    return (x->score < y->score) - (x->score > y->score);
+}
+
+static double score(const struct item *it)
+{
+    double s = 0;
+    for (size_t i = 0; i < strlen(it->name); i++)
+        s += (it->name[i] * 31 + it->weight) % 97;
+    return s / (it->weight + 1);
+}
+
+int main(int argc, char **argv)
+{
+    int n = argc > 1 ? atoi(argv[1]) : 16;
+    struct item *items = calloc((size_t)n, sizeof *items);
+    if (!items)
+        return 1;
+    for (int i = 0; i < n; i++) {
+        snprintf(items[i].name, sizeof items[i].name, "item-%d", i * 7919 % 1000);
+        items[i].weight = i % 13;
+        items[i].score = score(&items[i]);
+    }
+    qsort(items, (size_t)n, sizeof *items, by_score);
+    for (int i = 0; i < n && i < 5; i++)
+        printf("%-12s %3d %8.3f\n", items[i].name, items[i].weight, items[i].score);
+    free(items);
+    return 0;
+}
+"""
 
 
 @dataclasses.dataclass(frozen=True)
-class NoopPath:
-    """One way of running the no-op: a short name (the JSON key prefix), a label, a command."""
+class JobPath:
+    """One way of running a job: a short name (the JSON key prefix), a label, its group
+    ("noop" or "gcc"), a command, and its environment if not the daemon's clients' one."""
 
     name: str
     label: str
+    group: str
     argv: list[str]
+    env: dict[str, str] | None = None
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the paths run against: the daemons, mounts, sshd, distccd, temp dir."""
+
+    tmp: Path
+    d: Daemon
+    m: Shims
+    ssh: Sshd
+    distcc: Distccd
+    curve: tuple[Daemon, Shims, str] | None   # the CURVE daemon, its mount, the VM's config
+    curve_skipped: str = ""                   # why there is none
 
 
 def add_arguments(parser) -> None:
@@ -52,39 +133,129 @@ def add_arguments(parser) -> None:
                         f"--quick {QUICK_RUNS})")
 
 
-def paths(d: Daemon, m: Shims) -> list[NoopPath]:
-    """The paths measured, baseline first; later ones (ssh, distcc) are added here."""
-    return [
-        NoopPath("local", "local /bin/true", ["/bin/true"]),
-        NoopPath("offld", "offld -- true", [tool("offld"), "-p", "-H", d.host, "--", "true"]),
-        NoopPath("shim", "shim MOUNTPOINT/true", [m.shim("true")]),
+def gcc_argv(tmp: Path, out: str) -> list[str]:
+    """``-O2 -c small.c -o OUT.o`` with absolute paths (the job runs in the caller's cwd)."""
+    return ["-O2", "-c", str(tmp / "small.c"), "-o", str(tmp / f"{out}.o")]
+
+
+def paths(s: Setup) -> list[JobPath]:
+    """The paths measured; the first of each group is its baseline."""
+    offld = tool("offld")
+    out = [
+        JobPath("local", "local /bin/true", "noop", ["/bin/true"]),
+        JobPath("shim", "shim MOUNTPOINT/true", "noop", [s.m.shim("true")]),
+        JobPath("offld", "offld -- true", "noop", [offld, "-p", "-H", s.d.host, "--", "true"]),
+        JobPath("ssh", "ssh 127.0.0.1 true", "noop", s.ssh.argv(["true"])),
+        JobPath("ssh_cm", "ssh, ControlMaster", "noop", s.ssh.argv(["true"], mux=True)),
     ]
+    if s.curve:
+        cd, cm, vm_config = s.curve
+        out += [
+            JobPath("shim_curve", "shim, CURVE", "noop", [cm.shim("true")]),
+            JobPath("offld_curve", "offld -- true, CURVE", "noop",
+                    [offld, "-p", "-c", vm_config, "-H", cd.host, "--", "true"]),
+        ]
+    out += [
+        JobPath("local_gcc", "local gcc -c", "gcc", ["/usr/bin/gcc", *gcc_argv(s.tmp, "local")]),
+        JobPath("shim_gcc", "shim gcc -c", "gcc", [s.m.shim("gcc"), *gcc_argv(s.tmp, "shim")]),
+        JobPath("distcc", "distcc gcc -c", "gcc",
+                ["distcc", "gcc", *gcc_argv(s.tmp, "distcc")], s.distcc.env()),
+    ]
+    return out
+
+
+def curve_available() -> bool:
+    """True if this build makes CURVE keys (``offloadd keygen``)."""
+    done = subprocess.run([tool("offloadd"), "keygen", "--help"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def curve_configs(tmp: Path) -> tuple[Path, Path]:
+    """Keys for a host and a VM, and their TOML files (host's, VM's) authorizing the VM."""
+    keys, authorized = tmp / "keys", tmp / "authorized"
+    for program, name in (("offloadd", "host"), ("offloadfs", "vm")):
+        subprocess.run([tool(program), "keygen", str(keys), name], check=True,
+                       capture_output=True)
+    authorized.mkdir()
+    (authorized / "vm.key").write_bytes((keys / "vm.key").read_bytes())
+    host_toml, vm_toml = tmp / "host.toml", tmp / "vm.toml"
+    host_toml.write_text(f'[security]\nsecret_key = "{keys}/host.key_secret"\n'
+                         f'authorized_keys = "{authorized}"\n'
+                         f'[security.vms.vm]\nuids = "{os.getuid()}"\n')   # root needs a rule
+    vm_toml.write_text(f'[security]\nsecret_key = "{keys}/vm.key_secret"\n'
+                       f'server_key = "{keys}/host.key"\n')
+    return host_toml, vm_toml
+
+
+@contextlib.contextmanager
+def setup(names: list[str]):
+    """The daemon and its mount, sshd with a ControlMaster connection, distccd, and the CURVE
+    daemon and mount if this build has keys; all stopped on the way out."""
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="offloadfs-bench-o-")))
+        (tmp / "small.c").write_text(SMALL_C)
+        d = stack.enter_context(daemon(DAEMON_COMMANDS))
+        m = stack.enter_context(shims(d, names))
+        ssh = stack.enter_context(sshd())
+        stack.enter_context(ssh_master(ssh))
+        dcc = stack.enter_context(distccd())
+        curve, skipped = None, ""
+        if curve_available():
+            try:
+                curve = curve_setup(stack, tmp, names)
+            except (BenchError, subprocess.CalledProcessError) as exc:
+                skipped = f"the CURVE daemon or mount did not start: {str(exc).splitlines()[0]}"
+        else:
+            skipped = "this build has no `offloadd keygen`"
+        if skipped:
+            print(f"overhead: CURVE rows skipped: {skipped}")
+        yield Setup(tmp, d, m, ssh, dcc, curve, skipped)
+
+
+def curve_setup(stack: contextlib.ExitStack, tmp: Path, names: list[str]):
+    """A daemon requiring CURVE keys and a mount of it with the VM's keys, on ``stack``."""
+    host_toml, vm_toml = curve_configs(tmp)
+    cd = stack.enter_context(daemon(DAEMON_COMMANDS, "-c", str(host_toml)))
+    cm = stack.enter_context(shims(cd, names, "-c", str(vm_toml)))
+    return cd, cm, str(vm_toml)
 
 
 def run(opts) -> dict:
-    """Measure, print the table, write overhead.json and overhead.png."""
+    """Measure, print the tables, write overhead.json and overhead.png."""
     runs = opts.runs or (QUICK_RUNS if opts.quick else RUNS)
     warmup = QUICK_WARMUP if opts.quick else WARMUP
-    with daemon(DAEMON_COMMANDS) as d, shims(d, list(DAEMON_COMMANDS)) as m:
-        measured = paths(d, m)
-        print(f"overhead: {runs} runs of each path after {warmup} warm-up, interleaved ...")
-        samples, profiles = measure(measured, runs, warmup, d.client_env())
-        shim_stats = offloaded(m, "true", warmup + runs)
+    with setup(list(DAEMON_COMMANDS)) as s:
+        measured = paths(s)
+        print(f"overhead: {runs} runs of each of {len(measured)} paths after {warmup} warm-up, "
+              "interleaved ...")
+        samples, profiles = measure(measured, runs, warmup, s.d.client_env())
+        total = warmup + runs
+        shim_stats = s.m.offloaded("true", total)
+        s.m.offloaded("gcc", total)
+        if s.curve:
+            s.curve[1].offloaded("true", total)
+        if s.distcc.compiled() != total:
+            raise BenchError(f"distccd logged {s.distcc.compiled()} compiles of {total}:\n"
+                             + s.distcc.log.read_text(errors="replace")[-2000:])
+        identical = same_objects(s.tmp)
     result = results(measured, samples, profiles, warmup)
     result["shim_stages_mean_ms"] = {k: shim_stats["mean_ms"][k] for k in STAGES
                                      if k in shim_stats["mean_ms"]}
+    result["gcc_objects_identical"] = identical
+    result["curve"] = curve_figures(result) if s.curve else {"skipped": s.curve_skipped}
+    result["small_c"] = SMALL_C
     report(measured, result)
     publish(NAME, result, plot(result))
     return result
 
 
-def measure(measured: list[NoopPath], runs: int, warmup: int, env: dict[str, str]):
+def measure(measured: list[JobPath], runs: int, warmup: int, env: dict[str, str]):
     """Wall times (ms) per path and the ``-p`` stages of the runs that print them."""
     samples: dict[str, list[float]] = {p.name: [] for p in measured}
     profiles: dict[str, list[dict[str, float]]] = {p.name: [] for p in measured}
     for i in range(warmup + runs):
         for p in measured:
-            ms, stderr = timed_run(p.argv, env)
+            ms, stderr = timed_run(p.argv, p.env or env)
             stages = parse_profile(stderr)
             if i >= warmup:
                 samples[p.name].append(ms)
@@ -92,62 +263,148 @@ def measure(measured: list[NoopPath], runs: int, warmup: int, env: dict[str, str
     return samples, profiles
 
 
-def offloaded(m: Shims, name: str, expected: int) -> dict:
-    """The mount's stats of shim ``name``, after checking that all ``expected`` runs went to
-    the daemon (a local fallback would measure the wrong thing)."""
-    stats = m.stats(name)
-    if (stats["jobs"], stats["failures"], stats["fallbacks"]) != (expected, 0, 0):
-        raise BenchError(f"{name} shim: expected {expected} offloaded jobs, the mount counted "
-                         f"{stats}:\n{m.log_tail()}")
-    return stats
+def same_objects(tmp: Path) -> bool:
+    """True if the three compiles wrote byte-identical objects."""
+    objects = {(tmp / f"{out}.o").read_bytes() for out in ("local", "shim", "distcc")}
+    return len(objects) == 1
 
 
-def results(measured: list[NoopPath], samples: dict, profiles: dict, warmup: int) -> dict:
-    """The JSON record: per-path p50/p99, overhead and ratio over the baseline, stages."""
+def results(measured: list[JobPath], samples: dict, profiles: dict, warmup: int) -> dict:
+    """The JSON record: per-path p50/p99, overhead and ratio over its group's baseline, the
+    comparisons, the stages."""
     stats = {name: summary(s) for name, s in samples.items()}
-    base = stats[measured[0].name]["p50"]
+    base = {}
+    for p in measured:
+        base.setdefault(p.group, p.name)
     out: dict = {"benchmark": NAME, "n": len(samples[measured[0].name]), "warmup": warmup,
-                 "baseline": measured[0].name}
+                 "baselines": base}
     for p in measured:
         out[f"{p.name}_p50_ms"] = round(stats[p.name]["p50"], 3)
         out[f"{p.name}_p99_ms"] = round(stats[p.name]["p99"], 3)
-    for p in measured[1:]:
-        out[f"{p.name}_overhead_p50_ms"] = round(stats[p.name]["p50"] - base, 3)
-        out[f"{p.name}_ratio_p50"] = round(stats[p.name]["p50"] / base, 2)
+        b = stats[base[p.group]]["p50"]
+        if p.name != base[p.group]:
+            out[f"{p.name}_overhead_p50_ms"] = round(stats[p.name]["p50"] - b, 3)
+            out[f"{p.name}_ratio_p50"] = round(stats[p.name]["p50"] / b, 2)
+    out["compare"] = {f"{a}_vs_{b}": round(stats[a]["p50"] / stats[b]["p50"], 3)
+                      for a, b in COMPARE if a in stats and b in stats}
     out["stages_ms"] = {k: round(v, 3) for k, v in median_by_key(profiles["offld"]).items()}
     out["offld_unprofiled_p50_ms"] = round(out["offld_p50_ms"] - out["stages_ms"]["total"], 3)
+    if profiles.get("offld_curve"):
+        out["curve_stages_ms"] = {k: round(v, 3)
+                                  for k, v in median_by_key(profiles["offld_curve"]).items()}
     out["commands"] = {p.name: p.argv for p in measured}
     out["labels"] = {p.name: p.label for p in measured}
+    out["groups"] = {p.name: p.group for p in measured}
     out["samples_ms"] = {k: [round(v, 3) for v in s] for k, s in samples.items()}
     out["machine"] = machine_info()
     return out
 
 
-def report(measured: list[NoopPath], r: dict) -> None:
-    """Print the per-path table and the stage breakdown."""
-    rows = [[p.name, r[f"{p.name}_p50_ms"], r[f"{p.name}_p99_ms"],
-             r.get(f"{p.name}_overhead_p50_ms", 0.0), r.get(f"{p.name}_ratio_p50", 1.0)]
-            for p in measured]
+def curve_figures(r: dict) -> dict:
+    """What CURVE adds to the shim and offld per job, and its share of the shim's overhead."""
+    added = r["shim_curve_p50_ms"] - r["shim_p50_ms"]
+    share = added / r["shim_overhead_p50_ms"] if r["shim_overhead_p50_ms"] > 0 else 0.0
+    r["curve_added_p50_ms"] = round(added, 3)
+    r["offld_curve_added_p50_ms"] = round(r["offld_curve_p50_ms"] - r["offld_p50_ms"], 3)
+    r["curve_share_of_shim_overhead"] = round(share, 3)
+    paired = [c - p for p, c in zip(r["samples_ms"]["shim"], r["samples_ms"]["shim_curve"],
+                                    strict=True)]
+    return {"added_p50_ms": round(added, 3), "share_of_shim_overhead": round(share, 3),
+            "target_share": CURVE_TARGET_SHARE, "met": share <= CURVE_TARGET_SHARE,
+            "paired_added_p50_ms": round(percentile(paired, 50), 3),
+            "paired_added_p25_p75_ms": [round(percentile(paired, q), 3) for q in (25, 75)]}
+
+
+def curve_line(r: dict) -> str:
+    """What CURVE adds to a shim job, with how noisy that difference is, against its target."""
+    c = r["curve"]
+    low, high = c["paired_added_p25_p75_ms"]
+    return (f"CURVE adds {c['added_p50_ms']:.2f} ms to the shim's p50 "
+            f"({r['shim_curve_p50_ms']:.1f} vs {r['shim_p50_ms']:.1f} ms): "
+            f"{100 * c['share_of_shim_overhead']:.0f}% of its "
+            f"overhead, target under {100 * CURVE_TARGET_SHARE:.0f}% "
+            f"({'met' if c['met'] else 'missed'}); per round, the CURVE run minus the plain one: "
+            f"median {c['paired_added_p50_ms']:.2f} ms, middle half {low:.2f} to {high:.2f} ms; "
+            f"offld +{r['offld_curve_added_p50_ms']:.2f} ms (a new CURVE handshake per run)")
+
+
+def table_rows(r: dict) -> list[list]:
+    """One row per path: p50, p99, over its baseline, and its ratio to the baseline."""
+    rows = []
+    for name, label in r["labels"].items():
+        rows.append([name, label, r[f"{name}_p50_ms"], r[f"{name}_p99_ms"],
+                     r.get(f"{name}_overhead_p50_ms", 0.0),
+                     f"{r.get(f'{name}_ratio_p50', 1.0):.2f}x"])
+    return rows
+
+
+TABLE_HEADERS = ["path", "what", "p50 ms", "p99 ms", "p50 - baseline ms", "x baseline"]
+
+
+def stage_rows(r: dict) -> list[list]:
+    """offld's median stages, then what lies outside its -p total."""
+    rows = [[k, v] for k, v in r["stages_ms"].items()]
+    rows.append(["outside -p (interpreter, imports, exit)", r["offld_unprofiled_p50_ms"]])
+    return rows
+
+
+def report(measured: list[JobPath], r: dict) -> None:
+    """Print the per-path table, the comparisons and the stage breakdown."""
     print()
-    print_table(["path", "p50 ms", "p99 ms", f"p50 - {r['baseline']} ms", "x baseline"], rows)
+    print_table(TABLE_HEADERS, table_rows(r))
+    print("\nratios of medians: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["compare"].items()))
+    print(f"gcc objects identical (local, shim, distcc): {r['gcc_objects_identical']}")
     print(f"\noffld -p stages (median of {r['n']} runs):")
-    stage_rows = [[k, v] for k, v in r["stages_ms"].items()]
-    stage_rows.append(["outside -p (interpreter, imports, exit)", r["offld_unprofiled_p50_ms"]])
-    print_table(["stage", "ms"], stage_rows)
+    print_table(["stage", "ms"], stage_rows(r))
     daemon_ms = sum(r["shim_stages_mean_ms"].values())
     print("\nshim: the daemon's stages (mean of the mount's jobs) "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in r["shim_stages_mean_ms"].items())
           + f"; the other {r['shim_p50_ms'] - daemon_ms:.1f} ms of its p50 are sh, FUSE, the "
           "mount's agent and the round trip")
+    if "skipped" in r["curve"]:
+        print(f"\nCURVE: skipped ({r['curve']['skipped']})")
+    else:
+        print(f"\n{curve_line(r)}")
 
+
+def markdown(r: dict) -> list[str]:
+    """This benchmark's section of RESULTS.md."""
+    c = r["compare"]
+    lines = [md_table(TABLE_HEADERS, table_rows(r)), "",
+             f"Baselines: local `/bin/true` for the no-op paths, local `gcc -O2 -c` for the "
+             f"compiles; {r['n']} runs per path after {r['warmup']} warm-up, interleaved.", "",
+             f"- the shim is **{1 / c['shim_vs_ssh']:.0f}x faster than ssh** with a new "
+             f"connection ({r['shim_p50_ms']:.1f} vs {r['ssh_p50_ms']:.1f} ms) and "
+             f"{1 / c['shim_vs_ssh_cm']:.1f}x faster than ssh over a ControlMaster connection "
+             f"({r['ssh_cm_p50_ms']:.1f} ms); its overhead over local `true` is "
+             f"{r['shim_overhead_p50_ms']:.1f} ms at p50 (p99 {r['shim_p99_ms']:.1f} ms)",
+             f"- `gcc -c` through the shim takes {c['shim_gcc_vs_distcc']:.2f}x distcc's time "
+             f"({r['shim_gcc_p50_ms']:.1f} vs {r['distcc_p50_ms']:.1f} ms) and "
+             f"{c['shim_gcc_vs_local_gcc']:.2f}x local gcc's ({r['local_gcc_p50_ms']:.1f} ms); "
+             f"objects byte-identical: {'yes' if r['gcc_objects_identical'] else 'NO'}"]
+    if "skipped" in r["curve"]:
+        lines.append(f"- CURVE: not measured ({r['curve']['skipped']})")
+    else:
+        lines.append(f"- {curve_line(r)}")
+    lines += ["", f"`offld -p` stages, median of {r['n']} runs:", "",
+              md_table(["stage", "ms"], stage_rows(r)), "",
+              "The shim's jobs as the daemon timed them (mean): "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in r["shim_stages_mean_ms"].items())
+              + f"; the rest of its {r['shim_p50_ms']:.1f} ms are sh, FUSE, the mount's agent "
+              "and the loopback round trip."]
+    return lines
+
+
+# --- the plot -------------------------------------------------------------------------------
 
 def plot(r: dict):
-    """Distributions per path (log scale) beside the stacked offld stage breakdown."""
+    """No-op and gcc distributions per path (log scale) beside the stacked stage breakdown."""
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), width_ratios=(3, 2))
-    plot_distributions(left, r)
-    plot_stages(right, r)
-    fig.suptitle(f"Per-job overhead of a no-op ({r['n']} runs per path) — "
+    fig, (noop, gcc, stages) = plt.subplots(1, 3, figsize=(18, 5.5), width_ratios=(4, 2, 2))
+    plot_distributions(noop, r, "noop", "no-op job")
+    plot_distributions(gcc, r, "gcc", "gcc -O2 -c small.c")
+    plot_stages(stages, r)
+    fig.suptitle(f"Per-job overhead ({r['n']} runs per path, interleaved) — "
                  f"{r['machine']['cpu']}, {r['machine']['nproc']} CPUs")
     return fig
 
@@ -158,36 +415,46 @@ def thesis_band(ax) -> None:
                label=f"thesis overhead {THESIS_BAND_MS[0]}–{THESIS_BAND_MS[1]} ms")
 
 
-def plot_distributions(ax, r: dict) -> None:
-    """A box plot per path, with the median written beside each box."""
-    names = list(r["samples_ms"])
+def plot_distributions(ax, r: dict, group: str, title: str) -> None:
+    """A box plot per path of ``group``, with the median and p99 written beside each box."""
+    names = [n for n, g in r["groups"].items() if g == group]
     ax.boxplot([r["samples_ms"][n] for n in names], showfliers=True, widths=0.5)
-    ax.set_xticks(range(1, len(names) + 1), [r["labels"][n] for n in names])
+    ax.set_xticks(range(1, len(names) + 1), [r["labels"][n] for n in names], rotation=20,
+                  ha="right", fontsize=9)
     for i, n in enumerate(names, start=1):
-        ax.annotate(f"p50 {r[f'{n}_p50_ms']:.1f} ms\np99 {r[f'{n}_p99_ms']:.1f} ms",
-                    (i + 0.3, r[f"{n}_p50_ms"]), va="center", fontsize=9)
-    ax.set_xlim(0.5, len(names) + 0.95)   # room for the last box's label
-    thesis_band(ax)
+        ax.annotate(f"p50 {r[f'{n}_p50_ms']:.1f}\np99 {r[f'{n}_p99_ms']:.1f}",
+                    (i + 0.28, r[f"{n}_p50_ms"]), va="center", fontsize=8)
+    ax.set_xlim(0.5, len(names) + 0.95)
+    if group == "noop":
+        thesis_band(ax)
+        ax.legend(loc="upper left", fontsize=9)
     ax.set_yscale("log")
     ax.set_ylabel("wall time per job (ms, log scale)")
-    ax.set_title("wall time of the whole command")
-    ax.legend(loc="upper left", fontsize=9)
+    ax.set_title(title)
 
 
 def plot_stages(ax, r: dict) -> None:
-    """One stacked bar: offld's median stages, topped by the time outside its -p total."""
-    segments = [(k, r["stages_ms"].get(k, 0.0)) for k in STAGES]
-    segments.append(("outside -p: interpreter,\nimports, exit", r["offld_unprofiled_p50_ms"]))
-    bottom = 0.0
-    for label, ms in segments:
-        ax.bar([r["labels"]["offld"]], [ms], bottom=bottom, width=0.5, zorder=2,
-               label=f"{label} {ms:.1f} ms")
-        bottom += ms
-    ax.annotate(f"-p total {r['stages_ms']['total']:.1f} ms", (0, r["stages_ms"]["total"]),
-                xytext=(0, -14), textcoords="offset points", ha="center", color="white",
-                fontsize=9)
+    """Stacked bars: offld's median stages (and with CURVE), topped by the time outside -p;
+    the shim's daemon-side stages topped by the rest of its median."""
+    bars = [("offld", r["stages_ms"], r["offld_p50_ms"])]
+    if "curve_stages_ms" in r:
+        bars.append(("offld, CURVE", r["curve_stages_ms"], r["offld_curve_p50_ms"]))
+    bars.append(("shim", r["shim_stages_mean_ms"], r["shim_p50_ms"]))
+    colors = dict(zip([*STAGES, "rest"], pyplot().cm.tab10.colors, strict=False))
+    for x, (_, stages, wall) in enumerate(bars):
+        bottom = 0.0
+        for k in STAGES:
+            ms = stages.get(k, 0.0)
+            ax.bar(x, ms, bottom=bottom, width=0.5, color=colors[k], zorder=2,
+                   label=k if x == 0 else None)
+            bottom += ms
+        ax.bar(x, max(wall - bottom, 0.0), bottom=bottom, width=0.5, color=colors["rest"],
+               zorder=2, label="outside the stages (start-up, sh, FUSE...)" if x == 0 else None)
+        ax.annotate(f"{wall:.1f} ms", (x, wall), xytext=(0, 3), textcoords="offset points",
+                    ha="center", fontsize=9)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars])
     thesis_band(ax)
-    ax.set_ylim(0, max(bottom, THESIS_BAND_MS[1]) * 1.1)
-    ax.set_ylabel("median ms")
-    ax.set_title(f"offld stages (p50 wall {r['offld_p50_ms']:.1f} ms)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, title="stage")
+    ax.set_ylim(0, max(max(b[2] for b in bars), THESIS_BAND_MS[1]) * 1.1)
+    ax.set_ylabel("median ms (shim: the daemon's mean stages)")
+    ax.set_title("stages: start, connect, queue, attach, run, drain")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, title="stage")

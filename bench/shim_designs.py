@@ -40,6 +40,7 @@ from .common import (
     Shims,
     daemon,
     machine_info,
+    md_table,
     print_table,
     publish,
     pyplot,
@@ -90,7 +91,7 @@ SH_CONTROL = """#!/bin/sh
 # its reply is "x PATH" (run locally) at once; check it and exit without running PATH.
 trap : {signals}
 exec 3<>{control} || exit 255
-printf '%s\\0' "$0" "$@" >&3
+printf '%s\\0' "$0" $# "$@" >&3
 read -r st arg <&3
 exec 3<&-
 [ "$st" = x ] && [ -n "$arg" ] || exit 1
@@ -249,9 +250,10 @@ def rows(tmp: Path, socket_path: Path, real: Shims, never: Shims) -> list[Row]:
     control, text = write_script(tmp / "sh-control", SH_CONTROL.format(
         signals=" ".join(shim.FORWARDED), control=shlex.quote(str(never.path / shim.CTL / "true"))))
     out.append(Row("sh_control", "sh shim protocol, no job (policy never)",
-                   "sh design, floor: a sh script opens MOUNTPOINT/.ctl/true read-write, writes argv, "
-                   "reads the reply of a mount whose policy for true is never (caller's /proc "
-                   "and fds taken, local run decided and not done; no network, no job)",
+                   "sh design, floor: a sh script opens MOUNTPOINT/.ctl/true read-write, "
+                   "writes argv, reads the reply of a mount whose policy for true is never "
+                   "(caller's /proc and fds taken, local run decided and not done; no "
+                   "network, no job)",
                    [control, *ARGS], "sh", text))
     out.append(Row("sh_shim", "sh shim, real job on offloadd",
                    "sh design, end to end: the real shim MOUNTPOINT/true, its job run by "
@@ -323,14 +325,26 @@ def results(measured: list[Row], samples: dict, warmup: int) -> dict:
     return out
 
 
+def table_rows(r: dict) -> list[list]:
+    """One row per measured command: p50 and p99."""
+    return [[name, r[f"{name}_p50_ms"], r[f"{name}_p99_ms"]] for name in r["rows"]]
+
+
 def report(measured: list[Row], r: dict) -> None:
     """Print the table, then what each row measures."""
     print()
-    print_table(["row", "p50 ms", "p99 ms"],
-                [[m.name, r[f"{m.name}_p50_ms"], r[f"{m.name}_p99_ms"]] for m in measured])
+    print_table(["row", "p50 ms", "p99 ms"], table_rows(r))
     print()
     for m in measured:
         print(f"{m.name}: {m.what}")
+
+
+def markdown(r: dict) -> list[str]:
+    """This benchmark's section of RESULTS.md."""
+    return [f"{r['n']} runs per row after {r['warmup']} warm-up, interleaved "
+            "([docs/shim.md](../../docs/shim.md) says why the shim is a sh script).", "",
+            md_table(["row", "p50 ms", "p99 ms", "what it measures"],
+                     [[*row, r["rows"][row[0]]["what"]] for row in table_rows(r)])]
 
 
 COLORS = {"baseline": "0.6", "python": "tab:blue", "sh": "tab:green"}
