@@ -244,14 +244,12 @@ class Server:
         """Handle every message waiting on the socket (bounded per round)."""
         for _ in range(1000):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=self.keys is None)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)   # payloads as views
             except zmq.Again:
                 return
-            if self.keys is None:
-                self._received(frames)
-            else:   # CURVE: the ZAP handler put the sender's key on each frame
-                key = frames[1].get("User-Id") if len(frames) > 1 else None
-                self._received([f.bytes for f in frames], key)
+            # With CURVE, the ZAP handler put the sender's key on each frame.
+            key = frames[1].get("User-Id") if self.keys is not None and len(frames) > 1 else None
+            self._received([frames[0].bytes, *frames[1:]], key)
 
     def _drain_link(self, link: BrokerLink) -> None:
         """Handle what a broker sent (bounded per round), as from the peer ``link.peer``."""

@@ -64,7 +64,7 @@ class Channel:
     def recv(self) -> Message | None:
         """One decoded message if one is waiting, else None; bad input raises OffloadError."""
         try:
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)   # payloads as views
         except zmq.Again:
             return None
         self.heard = time.monotonic()

@@ -170,10 +170,14 @@ def test_empty_payload_is_kept():
 
 
 def test_frames_may_be_buffers():
-    """decode accepts bytearray and memoryview frames (as ZeroMQ hands them over)."""
+    """decode accepts bytearray and memoryview frames (as ZeroMQ hands them over), and keeps
+    a payload as a view of its frame, not a copy."""
     frames = encode("stdout", "j", b"data")
-    msg = decode([bytearray(frames[0]), memoryview(frames[1])])
-    assert msg.payload == b"data" and type(msg.payload) is bytes
+    buffer = bytearray(frames[1])
+    msg = decode([bytearray(frames[0]), memoryview(buffer)])
+    assert msg.payload == b"data" and len(msg.payload) == 4
+    buffer[0:1] = b"D"
+    assert bytes(msg.payload) == b"Data"
 
 
 def test_unknown_fields_are_dropped():
