@@ -36,13 +36,13 @@ class Channel:
     """One DEALER socket to ``endpoint``."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, keys=None):
-        """Connect, with CURVE if ``keys`` (keys.ClientKeys) are given (ZeroMQ connects in the
-        background; :meth:`hello` proves the peer is there)."""
+        """Connect, with CURVE if ``keys`` (a keys.Keychain or keys.ClientKeys) are given
+        (ZeroMQ connects in the background; :meth:`hello` proves the peer is there)."""
         self.endpoint = endpoint
-        self.keys = keys
+        self.keys = None if keys is None else keys.for_endpoint(endpoint)
         self.sock = ctx.socket(zmq.DEALER)
-        if keys is not None:
-            keys.apply(self.sock)
+        if self.keys is not None:
+            self.keys.apply(self.sock)
         self.sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(11))
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)

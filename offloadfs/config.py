@@ -84,7 +84,7 @@ class ClientConfig:
     export: object = None      # export.ExportConfig
     stage_commands: list[str] = dataclasses.field(default_factory=list)
     tags: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    keys: object = None        # keys.ClientKeys: CURVE on every connection when set
+    keys: object = None        # keys.Keychain: CURVE on every connection when set
 
     def timing(self):
         """Heartbeat, liveness and acknowledgement limits for job runs."""
@@ -123,13 +123,16 @@ class ClientConfig:
 
 
 def client_keys(security: dict):
-    """The [security] table's CURVE keys of a client (keys.ClientKeys), or None without
-    keys; both keys or neither."""
+    """The [security] table's CURVE keys of a client (a keys.Keychain), or None without keys:
+    secret_key with server_key (any host) and/or [security.server_keys] (per host)."""
     secret = typed(security, "secret_key", str, "")
     server = typed(security, "server_key", str, "")
-    if not secret and not server:
+    per_host = {host_endpoint(str(k)): str(v) for k, v in
+                section(security, "server_keys").items()}
+    if not (secret or server or per_host):
         return None
-    if not (secret and server):
-        raise ConfigError("[security] needs both secret_key and server_key (or neither)")
-    from .keys import ClientKeys
-    return ClientKeys.load(secret, server)
+    if not secret or not (server or per_host):
+        raise ConfigError("[security] needs secret_key and server_key (or "
+                          "[security.server_keys]), or none of them")
+    from .keys import Keychain
+    return Keychain.load(secret, server, per_host)

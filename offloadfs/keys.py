@@ -100,11 +100,42 @@ class ClientKeys:
         public, secret = load_pair(secret_path)
         return cls(public, secret, load_public(server_path))
 
+    def for_endpoint(self, endpoint: str) -> "ClientKeys":
+        """These keys, whatever the endpoint (as :meth:`Keychain.for_endpoint`)."""
+        return self
+
     def apply(self, sock: zmq.Socket) -> None:
         """Make ``sock`` a CURVE client (before it connects)."""
         sock.curve_publickey = self.public
         sock.curve_secretkey = self.secret
         sock.curve_serverkey = self.server
+
+
+@dataclasses.dataclass(frozen=True)
+class Keychain:
+    """A VM's key pair and the public keys of the servers it talks to: ``server`` for any
+    endpoint (may be None), ``servers`` per endpoint (tcp://HOST:PORT)."""
+
+    public: bytes
+    secret: bytes
+    server: bytes | None
+    servers: dict[str, bytes]
+
+    @classmethod
+    def load(cls, secret_path: str, server_path: str, per_endpoint: dict[str, str]):
+        """Read the pair, the default server key (if a path is given) and the per-endpoint
+        ones."""
+        public, secret = load_pair(secret_path)
+        return cls(public, secret, load_public(server_path) if server_path else None,
+                   {e: load_public(p) for e, p in per_endpoint.items()})
+
+    def for_endpoint(self, endpoint: str) -> ClientKeys:
+        """The keys to talk to ``endpoint``, or ConfigError if no server key is known for it."""
+        server = self.servers.get(endpoint, self.server)
+        if server is None:
+            raise ConfigError(f"no server key for {endpoint}: set [security] server_key or "
+                              f"add it to [security.server_keys]")
+        return ClientKeys(self.public, self.secret, server)
 
 
 @dataclasses.dataclass(frozen=True)

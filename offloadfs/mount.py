@@ -42,8 +42,11 @@ def mount(args) -> int:
     clear_stale(mnt)
     if not os.path.isdir(mnt):
         raise ConfigError(f"{mnt}: not a directory")
+    hosts = endpoints(args, cfg)
+    for endpoint in hosts if cfg.keys is not None else ():
+        cfg.keys.for_endpoint(endpoint)   # a host without a server key: say so now, not later
     registry = Registry(cfg.allow, cfg.deny, cfg.state_file)
-    agent = Agent(cfg, registry, endpoints(args, cfg))
+    agent = Agent(cfg, registry, hosts)
     log.info("mounting %s for %s", mnt, " ".join(agent.endpoints) or "(no hosts)")
     FUSE(ShimFS(registry, agent, os.getuid(), mnt, args.debug), mnt, raw_fi=True,
          foreground=args.foreground, nothreads=False, auto_unmount=True, fsname="offloadfs",

@@ -387,3 +387,22 @@ def test_a_mount_with_keys_offloads_and_a_refused_one_says_why(start_daemon, sta
     wait_for(lambda: "is not authorized there" in bad.log(), 20, "the refusal in the log")
     assert not (bad.path / "sh").exists()
     assert bad.log().count("refused the connection") == 1
+
+
+def test_hosts_with_their_own_keys(start_daemon, keys, tmp_path, work):
+    """[security.server_keys] gives each host its own public key; a host with none (and no
+    default server_key) is a one-line error, not an unencrypted connection."""
+    subprocess.run([OFFLOADD, "keygen", str(keys.dir), "host2"], check=True, capture_output=True)
+    rule = '[security.vms.vm]\nuids = "0-65535"\n'
+    d1 = keyed_daemon(start_daemon, keys, rule, allow_root=True)
+    d2 = start_daemon("-c", keys.host_toml(rule, name="host2"))
+    config = keys._write("vm-per-host.toml", f'[security]\nsecret_key = "{keys.dir}/vm.key_secret"'
+                         f'\n[security.server_keys]\n"{d1.hostport}" = "{keys.dir}/host.key"\n'
+                         f'"tcp://{d2.hostport}" = "{keys.dir}/host2.key"\n')
+    for d in (d1, d2):
+        r = run(d.hostport, "sh", "-c", "echo $OFFLOAD_SLOT", config=config, cwd=work)
+        assert (r.returncode, r.stdout) == (0, b"0\n"), r.stderr
+    other = start_daemon()
+    r = run(other.hostport, "sh", "-c", "touch ran", config=config, cwd=work)
+    assert r.returncode == 255 and r.stderr.count(b"\n") == 1
+    assert b"no server key for" in r.stderr and not (work / "ran").exists()
