@@ -28,7 +28,7 @@ from .config import Security, is_loopback
 from .metrics import Metrics
 from offloadfs.config import ConfigError
 
-from .server import _drain_pipe, _wildcard_port
+from .server import _drain_pipe, _wildcard_port, recv_routed
 from .signals import stopping_on_signals
 
 log = logging.getLogger("offloadd")
@@ -176,12 +176,9 @@ class Broker:
         """Handle what waits on ``sock`` (bounded per round)."""
         for _ in range(1000):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=self.keys is None)
+                frames, self.sender_key = recv_routed(sock, self.keys is not None)
             except zmq.Again:
                 return
-            if self.keys is not None:   # CURVE: the ZAP handler put the sender's key on frames
-                self.sender_key = frames[1].get("User-Id") if len(frames) > 1 else None
-                frames = [f.bytes for f in frames]
             self._received(sock, frames, handle)
 
     def _received(self, sock: zmq.Socket, frames: list, handle) -> None:

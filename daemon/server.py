@@ -244,12 +244,10 @@ class Server:
         """Handle every message waiting on the socket (bounded per round)."""
         for _ in range(1000):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)   # payloads as views
+                frames, key = recv_routed(self.sock, self.keys is not None)
             except zmq.Again:
                 return
-            # With CURVE, the ZAP handler put the sender's key on each frame.
-            key = frames[1].get("User-Id") if self.keys is not None and len(frames) > 1 else None
-            self._received([frames[0].bytes, *frames[1:]], key)
+            self._received(frames, key)
 
     def _drain_link(self, link: BrokerLink) -> None:
         """Handle what a broker sent (bounded per round), as from the peer ``link.peer``."""
@@ -838,6 +836,15 @@ def _scratch(parent: str, uid: int, gid: int) -> str:
     path = tempfile.mkdtemp(prefix="job-", dir=parent)
     os.chown(path, uid, gid)
     return path
+
+
+def recv_routed(sock: zmq.Socket, keyed: bool) -> tuple[list, str | None]:
+    """One message waiting on a ROUTER (else zmq.Again): the peer's id as bytes, then its
+    frames uncopied (a stream chunk is read where ZeroMQ put it), and with CURVE (``keyed``)
+    the sender's key, which the ZAP handler put on each frame."""
+    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+    key = frames[1].get("User-Id") if keyed and len(frames) > 1 else None
+    return [frames[0].bytes, *frames[1:]], key
 
 
 def _wildcard_port(endpoint: str) -> str:
