@@ -52,11 +52,11 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     st.add_argument("-c", "--config", metavar="FILE", help="a client's TOML file whose "
                     "[security] keys to ask with (secret_key, server_key)")
+    st.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     k = sub.add_parser("keygen", help="write a CURVE key pair: DIR/NAME.key and "
                        "DIR/NAME.key_secret")
     k.add_argument("directory", metavar="DIR")
     k.add_argument("name", metavar="NAME", help="the key's name (the host's, or a broker's)")
-    st.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return p
 
 

@@ -62,7 +62,7 @@ class PeerLimiter:
         self.on_drop = on_drop
         self.total = None if total_rate is None else _Bucket(total_rate, total_burst, clock())
         self.peers: collections.OrderedDict[Hashable, _Bucket] = collections.OrderedDict()
-        self.allowed = self.dropped = 0
+        self.dropped = 0
 
     def allow(self, peer: Hashable) -> bool:
         """Spend a token of ``peer`` (and a shared one): True if it had one, else False (the
@@ -77,7 +77,6 @@ class PeerLimiter:
             bucket.tokens -= 1
             if self.total is not None:
                 self.total.tokens -= 1
-            self.allowed += 1
         else:
             self.dropped += 1
             if self.on_drop is not None:
