@@ -33,7 +33,8 @@ from .signals import stopping_on_signals
 
 log = logging.getLogger("offloadd")
 
-PASS_THROUGH = frozenset({"stdin", "stdin-eof", "credit", "close", "signal", "file"})
+PASS_THROUGH = frozenset({"stdin", "stdin-eof", "credit", "close", "signal", "file", "resize",
+                          "suspend", "resume"})
 
 
 @dataclasses.dataclass
@@ -45,6 +46,7 @@ class BrokerConfig:
     heartbeat: float = 1.0
     liveness: float = 3.0
     client_timeout: float = 5.0
+    suspend_limit: float = 86400.0   # how long a suspended client's silence is no death
     name: str = ""
     metrics: str = ""
     security: Security = dataclasses.field(default_factory=Security)
@@ -82,7 +84,8 @@ class Broker:
         self.config = config
         self.name = config.name or f"broker@{socket.gethostname()}"
         self.rules = rules_mod.Rules(config.heartbeat, config.liveness, config.client_timeout,
-                                     grace=2 * config.heartbeat)
+                                     grace=2 * config.heartbeat,
+                                     suspend_limit=config.suspend_limit)
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.keys, self.rings, self.gate = self._security(config.security)
@@ -227,7 +230,7 @@ class Broker:
             if job is not None:
                 self._act(self.rules.cancel(job.key))
         elif msg.kind in PASS_THROUGH:
-            self._pass_to_host(client, msg)
+            self._pass_to_host(client, msg, now)
         else:
             self._refuse(self.front, client, msg.job, "kind", f"{msg.kind} is not for a broker")
 
@@ -255,13 +258,19 @@ class Broker:
         command = os.path.basename(os.fsdecode(msg["argv"][0]))
         self._act(self.rules.submit(key, client, now, command, list(msg.get("tags", []))))
 
-    def _pass_to_host(self, client: bytes, msg: Message) -> None:
-        """A job's stream message goes to its host under the broker's id for the job."""
+    def _pass_to_host(self, client: bytes, msg: Message, now: float) -> None:
+        """A job's message goes to its host under the broker's id for the job; a suspend or
+        resume also tells the rules whether the client's silence is its death."""
         job = self.jobs.get((client, msg.job))
         if job is None:
             self._refuse(self.front, client, msg.job, "unknown-job",
                          f"{self.name} has no job {msg.job}")
-        elif job.host is not None:
+            return
+        if msg.kind == "suspend":
+            self._act(self.rules.suspend(job.key, now))
+        elif msg.kind == "resume":
+            self._act(self.rules.resume(job.key, now))
+        if job.host is not None:
             self._send(self.back, job.host,
                        protocol.encode(msg.kind, job.wire, msg.payload, **msg.fields))
 

@@ -41,6 +41,12 @@ Rules:
   each of its queued jobs is removed (``Forget``), each running one gets ``Cancel(job,
   host_id)``, and its slot stays busy until the host reports the job ended (``slot_freed``),
   so a host never runs more jobs than it has slots.
+- **A client stops itself** (``suspend``, e.g. Ctrl-Z of ``offld``): its silence is no death
+  for that job. A running job suspended at S survives its client's silence until
+  ``S + suspend_limit`` (then it is cancelled like any job of a gone client), or until
+  ``resume``, after which normal liveness holds again. The silent client's other jobs go as
+  above; its record stays while it has suspended jobs. A suspend of a job that is not running
+  (queued, being cancelled, unknown) is ignored.
 - **Slots** are numbered per host from 0; a job takes the lowest free number, so the host can
   set e.g. ``CUDA_VISIBLE_DEVICES=slot``.
 - **Broker restart.** Nothing here needs to survive one. Jobs in flight belong to the hosts and
@@ -154,6 +160,7 @@ class _Job:
     state: JobState = JobState.QUEUED
     host: Hashable = None
     told: int = 0                     # the last position reported, 0 = none yet
+    suspended: float | None = None    # when its client said it stops itself, None = it runs
 
     @property
     def kind(self) -> tuple[str, frozenset[str]]:
@@ -215,22 +222,25 @@ class Rules:
     The loop feeds events with the time (``time.monotonic()``) and carries out the returned
     actions in order. For each message from a host it calls ``host_ready`` (a ``ready``) or
     ``host_heard`` (anything else), then ``slot_freed`` if the message ended a job; for each
-    message from a client ``client_heard`` (``submit`` counts as heard), then ``submit`` or
-    ``cancel``. It calls ``tick`` at least every ``heartbeat`` seconds, or at ``wake_at()``.
+    message from a client ``client_heard`` (``submit``, ``suspend`` and ``resume`` count as
+    heard), then ``submit``, ``cancel``, ``suspend`` or ``resume``. It calls ``tick`` at least
+    every ``heartbeat`` seconds, or at ``wake_at()``.
     Job keys are opaque hashables, e.g. ``(client identity, job id)``.
     """
 
     def __init__(self, heartbeat: float = 1.0, liveness: float = 3.0,
-                 client_timeout: float = 5.0, grace: float = 0.0):
+                 client_timeout: float = 5.0, grace: float = 0.0,
+                 suspend_limit: float = 86400.0):
         """No hosts, no jobs; times in seconds, see the module docstring."""
         if not 0 < heartbeat <= liveness:
             raise ValueError("need 0 < heartbeat <= liveness")
-        if client_timeout <= 0 or grace < 0:
-            raise ValueError("need client_timeout > 0 and grace >= 0")
+        if client_timeout <= 0 or grace < 0 or suspend_limit < 0:
+            raise ValueError("need client_timeout > 0, grace >= 0 and suspend_limit >= 0")
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.client_timeout = client_timeout
         self.grace = grace
+        self.suspend_limit = suspend_limit
         self.hosts: dict[Hashable, _Host] = {}
         self.jobs: dict[Hashable, _Job] = {}          # queued, running and being cancelled
         self.queue: collections.OrderedDict[Hashable, _Job] = collections.OrderedDict()
@@ -269,7 +279,7 @@ class Rules:
     def wake_at(self) -> float | None:
         """The earliest time at which ``tick`` has something to do, or None."""
         times = [h.heard + self.liveness for h in self.hosts.values()]
-        times += [c.heard + self.client_timeout for c in self.clients.values()]
+        times += [self._client_due(c) for c in self.clients.values()]
         times += [since + self.grace for since in self.hostless.values()]
         return min(times, default=None)
 
@@ -336,6 +346,20 @@ class Rules:
         """The client gave up on a job: drop it if queued, have its host kill it if running."""
         return self._cancel(job) + self._settle(None)
 
+    def suspend(self, job: Hashable, now: float) -> list:
+        """The client stops itself: a running job survives its silence for ``suspend_limit``."""
+        record = self._client_of(job, now)
+        if record is not None and record.state is JobState.RUNNING and record.suspended is None:
+            record.suspended = now
+        return []
+
+    def resume(self, job: Hashable, now: float) -> list:
+        """The client runs again: its job is back under normal client liveness."""
+        record = self._client_of(job, now)
+        if record is not None:
+            record.suspended = None
+        return []
+
     def tick(self, now: float) -> list:
         """Time passes: silent hosts die, silent clients' jobs go, jobs without hosts fail."""
         actions = []
@@ -349,14 +373,40 @@ class Rules:
                 host.state = advance_host(host.state, "missed")
         for client_id, client in list(self.clients.items()):
             if now >= client.heard + self.client_timeout:
+                kept = False
                 for job in list(client.jobs):
-                    actions += self._cancel(job)
-                del self.clients[client_id]
+                    if now < self._job_due(client, self.jobs[job]):
+                        kept = True
+                    else:
+                        actions += self._cancel(job)
+                if not kept:
+                    del self.clients[client_id]
         if died:
             actions += self._hosts_changed(now)
         return actions + self._settle(now)
 
     # --- inside --------------------------------------------------------------------------------
+
+    def _client_of(self, job: Hashable, now: float) -> _Job | None:
+        """A job's record (None if unknown), its client heard at ``now``."""
+        record = self.jobs.get(job)
+        if record is not None:
+            self.client_heard(record.client, now)
+        return record
+
+    def _job_due(self, client: _Client, job: _Job) -> float:
+        """When a silent client's job goes: at its timeout, or its suspension's end if later."""
+        due = client.heard + self.client_timeout
+        if job.suspended is None or job.state is not JobState.RUNNING:
+            return due
+        return max(due, job.suspended + self.suspend_limit)
+
+    def _client_due(self, client: _Client) -> float:
+        """When ``tick`` next acts on a client: its first job not being cancelled is due."""
+        records = (self.jobs[job] for job in client.jobs)
+        return min((self._job_due(client, job) for job in records
+                    if job.state is not JobState.CANCELLED),
+                   default=client.heard + self.client_timeout)
 
     def _drop_host(self, host_id: Hashable, how: str) -> list:
         """Remove a host; its running jobs are lost (HostLost), cancelled ones forgotten."""

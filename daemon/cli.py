@@ -107,6 +107,9 @@ def broker(args) -> int:
     cfg.workers = args.workers or typed(table, "workers", str, cfg.default("workers"))
     cfg.name = args.name or typed(table, "name", str, cfg.name)
     cfg.metrics = args.metrics or typed(table, "metrics", str, cfg.metrics)
+    cfg.suspend_limit = float(typed(table, "suspend_limit", (int, float), cfg.suspend_limit))
+    if cfg.suspend_limit < 0:
+        raise ConfigError(f"suspend_limit = {cfg.suspend_limit}: expected seconds >= 0")
     try:
         server = Broker(cfg)
     except zmq.ZMQError as exc:

@@ -88,6 +88,7 @@ class ServeConfig:
     env_pass: list[str] = dataclasses.field(default_factory=lambda: list(policy.DEFAULT_PASS))
     heartbeat: float = 1.0
     client_timeout: float = 5.0
+    suspend_limit: float = 86400.0   # how long a client that stopped itself (Ctrl-Z) keeps its job
     name: str = ""
     scratch_dir: str = "/var/lib/offloadd/scratch"
     mounts_client: str = "kernel"
@@ -112,6 +113,7 @@ class ServeConfig:
         cfg.tags = [str(t) for t in typed(serve, "tags", list, cfg.tags)]
         cfg.heartbeat = float(typed(serve, "heartbeat", (int, float), cfg.heartbeat))
         cfg.client_timeout = float(typed(serve, "client_timeout", (int, float), cfg.client_timeout))
+        cfg.suspend_limit = float(typed(serve, "suspend_limit", (int, float), cfg.suspend_limit))
         cfg.name = typed(serve, "name", str, cfg.name)
         cfg.scratch_dir = typed(serve, "scratch", str, cfg.scratch_dir)
         cfg.slot_env = {str(k): str(v) for k, v in typed(serve, "slot_env", dict, {}).items()}

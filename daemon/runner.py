@@ -3,6 +3,13 @@
 A :class:`Process` is created, polled and closed by the server's loop thread only. Its pipe
 ends on this side are non-blocking; the loop polls them (and the process's pidfd) and calls
 :meth:`read`, :meth:`write_pending` and :meth:`reap` when they are ready.
+
+A job with a terminal (the submit's ``tty``) gets a new pty with the caller's settings and
+window size: the fds the caller had on its terminal are the pty's slave, the others pipes, and
+its output is the stream ``tty``. It runs under ``ptyleader.py``, the session leader that owns
+the terminal's foreground (see there); the pipe ``leader`` brings its reports. Stops and
+continues of a job without a terminal are read with waitid (the server calls
+:meth:`Process.changes` when SIGCHLD wakes it).
 """
 from __future__ import annotations
 
@@ -10,12 +17,18 @@ import collections
 import ctypes
 import errno
 import fcntl
+import grp
 import os
 import pwd
 import resource
 import signal
+import struct
 import subprocess
+import sys
+import termios
 import time
+
+from offloadfs import protocol
 
 
 PIPE_SIZE = 1024 * 1024
@@ -29,6 +42,12 @@ _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
 _prctl.restype = ctypes.c_int
 
 
+LEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ptyleader.py")
+TTY_LINGER = 0.5   # seconds after the job's end that the pty may still be held by others
+STOPPING = {signal.SIGTSTP: signal.SIGSTOP, signal.SIGTTIN: signal.SIGSTOP,
+            signal.SIGTTOU: signal.SIGSTOP}   # what stops a group without a terminal
+
+
 class SpawnError(Exception):
     """The command could not be started (missing binary, bad cwd, no permission)."""
 
@@ -38,24 +57,105 @@ class Process:
 
     def __init__(self, path: str, argv: list[bytes], cwd: bytes | str, env: dict[bytes, bytes],
                  ids: tuple[int, int, list[int]] | None, root: str | None = None,
-                 limits: list[tuple[int, int, int]] = ()):
+                 limits: list[tuple[int, int, int]] = (), tty: dict | None = None):
         """Start ``path`` with ``argv`` in ``cwd``, which must be ``root`` or below it (if
-        given); ``ids`` = (uid, gid, groups) to switch to; ``limits`` from :func:`rlimits`."""
+        given); ``ids`` = (uid, gid, groups) to switch to; ``limits`` from :func:`rlimits`;
+        ``tty`` (a submit's) gives it a terminal."""
         self.started = time.monotonic()
         self.ended: float | None = None
-        self.popen = _spawn(path, argv, env, ids, _confiner(cwd, root, ids, limits))
+        self.tty = Terminal(tty, ids) if tty else None
+        self.job_pid: int | None = None       # the job's group (with a terminal: not ours)
+        self.early: list[int] = []            # signals for a job whose pid is not known yet
+        self.stopped_by: int | None = None    # the signal a client asked to stop it with
+        try:
+            self.popen = self._start(path, argv, env, ids, cwd, root, limits)
+        except BaseException:
+            if self.tty is not None:
+                self.tty.discard()
+            raise
+        finally:
+            if self.tty is not None:
+                self.tty.spawned()
         self.pid = self.popen.pid
         self.pidfd = os.pidfd_open(self.pid)
-        self.fds = {"stdin": self.popen.stdin.fileno(), "stdout": self.popen.stdout.fileno(),
-                    "stderr": self.popen.stderr.fileno()}
-        for fd in self.fds.values():
+        self.files = {name: getattr(self.popen, name) for name in ("stdin", "stdout", "stderr")
+                      if getattr(self.popen, name) is not None}
+        self.fds = {name: f.fileno() for name, f in self.files.items()}
+        if self.tty is not None:
+            self.fds.update(self.tty.fds())
+        else:
+            self.job_pid = self.pid
+        for name, fd in self.fds.items():
             os.set_blocking(fd, False)
-            _grow_pipe(fd)
+            if name in self.files:
+                _grow_pipe(fd)
         self.pending: collections.deque[bytes] = collections.deque()
         self.stdin_eof = False
         self.status: int | None = None
         self.term_signal: int | None = None
         self.rusage: dict = {}
+
+    def _start(self, path, argv, env, ids, cwd, root, limits) -> subprocess.Popen:
+        """Popen the job, or (with a terminal) its session leader, ptyleader.py."""
+        if self.tty is None:
+            return _spawn(path, argv, env, ids, _confiner(cwd, root, ids, limits))
+        t = self.tty
+        leader = [os.fsencode(sys.executable), b"-I", b"-S", os.fsencode(LEADER),
+                  b"%d" % t.report_w, b"%d" % t.control_r, b"1" if t.foreground else b"0",
+                  os.fsencode(path)] + list(argv)
+        return _spawn(sys.executable, leader, env, ids,
+                      _confiner(cwd, root, ids, limits, t.slave_at), t.stdio(),
+                      (t.report_w, t.control_r))
+
+    # --- a terminal's job: signals, stops, window -----------------------------------------------
+
+    def changes(self) -> list[tuple[str, int]]:
+        """What happened to the job since the last call: ("stopped", SIG), ("continued", 0)."""
+        if self.status is not None:
+            return []
+        if self.tty is not None:
+            events, pid = self.tty.reports()
+            if pid is not None and self.job_pid is None:
+                self.job_pid = pid
+                for signum in self.early:
+                    _killpg(pid, signum)
+            return [self._stop_as(e) for e in events]
+        events = []
+        while True:
+            try:
+                info = os.waitid(os.P_PID, self.pid, os.WSTOPPED | os.WCONTINUED | os.WNOHANG)
+            except ChildProcessError:
+                return events
+            if info is None:
+                return events
+            if info.si_code == os.CLD_STOPPED:
+                events.append(self._stop_as(("stopped", info.si_status)))
+            elif info.si_code == os.CLD_CONTINUED:
+                events.append(("continued", 0))
+            else:
+                return events
+
+    def _stop_as(self, event: tuple[str, int]) -> tuple[str, int]:
+        """A stop by our SIGSTOP is reported as the signal the client asked for."""
+        if event[0] == "stopped" and event[1] == signal.SIGSTOP and self.stopped_by:
+            event = ("stopped", self.stopped_by)
+        if event[0] == "stopped":
+            self.stopped_by = None
+        return event
+
+    def resume(self, foreground: bool) -> None:
+        """Continue the job, in the fore- or background of its terminal."""
+        if self.status is not None:
+            return
+        if self.tty is not None:
+            self.tty.control(b"fg\n" if foreground else b"bg\n")
+        else:
+            _killpg(self.pid, signal.SIGCONT)
+
+    def resize(self, rows: int, cols: int, xpixel: int, ypixel: int) -> None:
+        """The caller's window changed: so does the job's terminal (the job gets SIGWINCH)."""
+        if self.tty is not None and self.status is None:
+            self.tty.resize(rows, cols, xpixel, ypixel)
 
     def is_open(self, name: str) -> bool:
         """True while pipe ``name`` is open on this side."""
@@ -70,6 +170,10 @@ class Process:
                 data = os.read(fd, n)
             except BlockingIOError:
                 break
+            except OSError as exc:   # EIO: no process has the pty's slave open any more
+                if exc.errno != errno.EIO:
+                    raise
+                data = b""
             if not data:
                 if not parts:
                     self.close(name)
@@ -84,7 +188,10 @@ class Process:
             self.pending.append(data)
 
     def end_input(self) -> None:
-        """Close stdin once the queued data is written."""
+        """Close stdin once the queued data is written; a terminal's gets end-of-file (^D)."""
+        if self.tty is not None and self.tty.has_stdin:
+            self.feed(self.tty.eof_char())
+            return
         self.stdin_eof = True
         if not self.pending:
             self.close("stdin")
@@ -115,19 +222,37 @@ class Process:
     def close(self, name: str) -> None:
         """Close this side of pipe ``name``."""
         fd = self.fds.pop(name, None)
-        if fd is not None:
-            getattr(self.popen, name).close()
+        if fd is None:
+            return
+        if name in self.files:
+            self.files[name].close()
+        else:
+            os.close(fd)
 
     def signal(self, signum: int) -> None:
-        """Send ``signum`` to the job's whole process group while it is not reaped."""
-        if self.status is None:
-            _killpg(self.pid, signum)
+        """Send ``signum`` to the job's whole process group while it is not reaped. A group
+        without a terminal is orphaned, which makes the kernel discard SIGTSTP, SIGTTIN and
+        SIGTTOU: it gets SIGSTOP, and the stop is reported as ``signum``."""
+        if self.status is not None:
+            return
+        if self.job_pid is None:
+            self.early.append(signum)
+            return
+        if self.tty is None and signum in STOPPING:
+            self.stopped_by, signum = signum, STOPPING[signum]
+        _killpg(self.job_pid, signum)
+
+    def linger_over(self, now: float) -> bool:
+        """True once the job ended long enough ago that a pty still held open (by a process
+        the job left behind) is to be drained and closed."""
+        return self.ended is not None and "tty" in self.fds and now - self.ended > TTY_LINGER
 
     def reap(self) -> bool:
         """Reap the leader if it exited; kill what remains of its group first. True if reaped."""
         if self.status is not None:
             return True
-        _killpg(self.pid, signal.SIGKILL) if _exited(self.pid) else None
+        if _exited(self.pid):
+            self._kill_groups()
         try:
             pid, wstatus, ru = os.wait4(self.pid, os.WNOHANG)
         except ChildProcessError:
@@ -151,19 +276,139 @@ class Process:
         os.close(self.pidfd)
         self.pidfd = -1
 
+    def _kill_groups(self) -> None:
+        """SIGKILL what is left of the job's group (and of its session leader's)."""
+        _killpg(self.pid, signal.SIGKILL)
+        if self.job_pid is not None and self.job_pid != self.pid:
+            _killpg(self.job_pid, signal.SIGKILL)
+
     def kill(self) -> None:
         """Kill the whole group now and wait for the leader (bounded: SIGKILL cannot be caught)."""
         if self.status is None:
-            _killpg(self.pid, signal.SIGKILL)
+            self._kill_groups()
             _, wstatus, ru = os.wait4(self.pid, 0)
             self._record(wstatus, ru)
         for name in list(self.fds):
             self.close(name)
+        if self.tty is not None:
+            self.tty.close()
 
     @property
     def finished(self) -> bool:
         """True when the leader is reaped and its output pipes are at EOF."""
-        return self.status is not None and "stdout" not in self.fds and "stderr" not in self.fds
+        return self.status is not None and not any(s in self.fds for s in protocol.STREAMS)
+
+
+class Terminal:
+    """A job's pty: the master (kept here, non-blocking), the slave (the job's), and the pipes
+    to and from its session leader. Owned by one :class:`Process`."""
+
+    def __init__(self, spec: dict, ids):
+        """A new pty with the caller's termios and window size, owned by the job's user."""
+        self.spec = spec
+        self.foreground = bool(spec["foreground"])
+        self.has_stdin = bool(spec["fds"] & protocol.TTY_STDIN)
+        self.master, self.slave = os.openpty()
+        self.report_r, self.report_w = os.pipe2(os.O_CLOEXEC)
+        self.control_r, self.control_w = os.pipe2(os.O_CLOEXEC)
+        self.stdin_w = os.dup(self.master) if self.has_stdin else -1
+        self.slave_at = next(n for n in range(3) if spec["fds"] & (1 << n))
+        self._buffer = b""
+        _set_termios(self.slave, spec)
+        self.resize(spec["rows"], spec["cols"], spec.get("xpixel", 0), spec.get("ypixel", 0))
+        if ids is not None:
+            os.fchown(self.slave, ids[0], _tty_group())
+            os.fchmod(self.slave, 0o620)
+
+    def stdio(self) -> tuple:
+        """The job's fds 0-2 for Popen: the slave where the caller had its terminal."""
+        return tuple(self.slave if self.spec["fds"] & (1 << n) else subprocess.PIPE
+                     for n in range(3))
+
+    def spawned(self) -> None:
+        """The leader runs (or failed to start): close its ends here."""
+        for fd in (self.slave, self.report_w, self.control_r):
+            os.close(fd)
+        self.slave = self.report_w = self.control_r = -1
+
+    def fds(self) -> dict[str, int]:
+        """Our ends the server polls: the master's output, its input, the leader's reports."""
+        fds = {"tty": self.master, "leader": self.report_r}
+        if self.stdin_w >= 0:
+            fds["stdin"] = self.stdin_w
+        return fds
+
+    def reports(self) -> tuple[list[tuple[str, int]], int | None]:
+        """The leader's new reports: (stop/continue events, the job's pid if it said it)."""
+        try:
+            self._buffer += os.read(self.report_r, 4096)
+        except (BlockingIOError, OSError):
+            pass
+        *lines, self._buffer = self._buffer.split(b"\n")
+        events, pid = [], None
+        for line in lines:
+            word, _, arg = line.partition(b" ")
+            if word == b"pid" and arg.isdigit():
+                pid = int(arg)
+            elif word == b"stop" and arg.isdigit():
+                events.append(("stopped", int(arg)))
+            elif word == b"cont":
+                events.append(("continued", 0))
+        return events, pid
+
+    def control(self, line: bytes) -> None:
+        """Tell the leader ``fg`` or ``bg``."""
+        try:
+            os.write(self.control_w, line)
+        except OSError:
+            pass
+
+    def resize(self, rows: int, cols: int, xpixel: int, ypixel: int) -> None:
+        """Set the pty's window size; the kernel sends SIGWINCH to its foreground group."""
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols,
+                                                                  xpixel, ypixel))
+
+    def eof_char(self) -> bytes:
+        """The character that ends input at this terminal (VEOF, ^D)."""
+        try:
+            cc = termios.tcgetattr(self.master)[6][termios.VEOF]
+        except termios.error:
+            return b"\x04"
+        return cc if isinstance(cc, bytes) else bytes([cc])
+
+    def close(self) -> None:
+        """Close the control pipe (the server closes the fds it polls)."""
+        if self.control_w >= 0:
+            os.close(self.control_w)
+            self.control_w = -1
+
+    def discard(self) -> None:
+        """The leader never started: close our ends too."""
+        self.close()
+        for fd in (self.master, self.report_r, self.stdin_w):
+            if fd >= 0:
+                os.close(fd)
+        self.master = self.report_r = self.stdin_w = -1
+
+
+def _set_termios(fd: int, spec: dict) -> None:
+    """Give the pty the caller's termios (what the spec has of it)."""
+    if "lflag" not in spec:
+        return
+    attrs = termios.tcgetattr(fd)
+    for i, name in enumerate(("iflag", "oflag", "cflag", "lflag", "ispeed", "ospeed")):
+        attrs[i] = spec.get(name, attrs[i])
+    cc = spec.get("cc", b"")
+    attrs[6] = [cc[i:i + 1] if i < len(cc) else attrs[6][i] for i in range(len(attrs[6]))]
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
+def _tty_group() -> int:
+    """The group ``tty`` (terminals are 0620 root:tty for write(1)), or -1 to keep it."""
+    try:
+        return grp.getgrnam("tty").gr_gid
+    except KeyError:
+        return -1
 
 
 def _grow_pipe(fd: int) -> None:
@@ -211,10 +456,11 @@ def _clamp(res: int, n: int) -> int:
     return n if ceiling == resource.RLIM_INFINITY else min(n, ceiling)
 
 
-def _confiner(cwd, root, ids, limits):
-    """The job's ``preexec_fn``: in the child, as the caller, enter ``cwd``, check it lies in
-    ``root``, set ``limits`` and no_new_privs; on a failure, one line on the job's stderr and
-    exit 126 (an exception in a preexec_fn would reach us without its detail)."""
+def _confiner(cwd, root, ids, limits, ctty: int | None = None):
+    """The job's ``preexec_fn``: in the child, as the caller, make fd ``ctty`` (if given) its
+    controlling terminal, enter ``cwd``, check it lies in ``root``, set ``limits`` and
+    no_new_privs; on a failure, one line on the job's stderr and exit 126 (an exception in a
+    preexec_fn would reach us without its detail)."""
     cwd = os.fsencode(cwd)
     inside = None if root is None else os.fsencode(os.path.realpath(root))
     prefix = None if inside is None else inside.rstrip(b"/") + b"/"
@@ -229,8 +475,15 @@ def _confiner(cwd, root, ids, limits):
     # objects it makes come from glibc malloc, which is fork-safe (its locks are reset in the
     # child); CPython re-initialises its own runtime state after fork before calling us.
     def confine(chdir=os.chdir, getcwd=os.getcwdb, setrlimit=resource.setrlimit,
-                prctl=_prctl, get_errno=ctypes.get_errno, die=_die) -> None:
-        """Enter, check, limit, no_new_privs: see above."""
+                prctl=_prctl, get_errno=ctypes.get_errno, die=_die, ioctl=fcntl.ioctl,
+                sctty=termios.TIOCSCTTY) -> None:
+        """Terminal, enter, check, limit, no_new_privs: see above."""
+        if ctty is not None:
+            try:
+                ioctl(ctty, sctty, 0)
+            except OSError as exc:
+                die(b"offloadd: cannot give the job its terminal: %s\n"
+                    % (exc.strerror or "error").encode())
         try:
             chdir(cwd)
             here = getcwd()
@@ -257,15 +510,16 @@ def _die(line: bytes, write=os.write, end=os._exit) -> None:
         end(126)
 
 
-def _spawn(path, argv, env, ids, confine) -> subprocess.Popen:
+def _spawn(path, argv, env, ids, confine, stdio=(subprocess.PIPE,) * 3,
+           pass_fds=()) -> subprocess.Popen:
     """Popen in a new session, as ``ids`` when given, ``confine`` run in the child before exec;
     raise SpawnError with a clear text."""
     who = {} if ids is None else {"user": ids[0], "group": ids[1], "extra_groups": ids[2]}
     try:
-        return subprocess.Popen(argv, executable=path, env=env, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+        return subprocess.Popen(argv, executable=path, env=env, stdin=stdio[0],
+                                stdout=stdio[1], stderr=stdio[2], bufsize=0,
                                 start_new_session=True, close_fds=True, preexec_fn=confine,
-                                **who)
+                                pass_fds=pass_fds, **who)
     except FileNotFoundError:
         raise SpawnError(f"{path}: no such file or directory on this host") from None
     except PermissionError as exc:

@@ -62,6 +62,7 @@ class Job:
     output: int = 0
     cost: int = 0               # what its spec holds of the budget (limits.cost)
     stdin_held: int = 0         # stdin bytes received, not yet written to the process
+    suspended: float | None = None   # since when its client is stopped (it said ``suspend``)
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -144,10 +145,12 @@ class Server:
         for link in self.links.values():
             log.info("taking jobs from broker %s", link.endpoint)
             link.send(self._announcement())
+        old = signal.signal(signal.SIGCHLD, _child_changed)   # wakes the loop: see _ready
         try:
             with stopping_on_signals(self.stop, self._wake_w):
                 self._loop()
         finally:
+            signal.signal(signal.SIGCHLD, old)
             self._shutdown()
 
     def _say_security(self) -> None:
@@ -206,6 +209,8 @@ class Server:
             return
         if proc.pidfd >= 0:
             self._register(poller, job, "pid", proc.pidfd, zmq.POLLIN)
+        if proc.is_open("leader"):
+            self._register(poller, job, "leader", proc.fds["leader"], zmq.POLLIN)
         if job.credit > 0:
             for name in protocol.STREAMS:
                 if proc.is_open(name):
@@ -227,6 +232,9 @@ class Server:
         elif what == self._wake_r:
             _drain_pipe(self._wake_r)
             self.mounts.ready()
+            for job in list(self.jobs.values()):   # a SIGCHLD may be a job that stopped
+                if job.process is not None and not job.process.tty:
+                    self._changed(job)
         elif what in self.fdmap:
             job, role = self.fdmap[what]
             if job.key in self.jobs:
@@ -500,6 +508,27 @@ class Server:
                        msg["signum"])
             job.process.signal(msg["signum"])
 
+    def _on_resize(self, peer: bytes, msg: Message) -> None:
+        """The caller's window changed size: so does the job's terminal."""
+        job = self._job(peer, msg)
+        if job and job.process:
+            job.process.resize(msg["rows"], msg["cols"], msg["xpixel"], msg["ypixel"])
+
+    def _on_suspend(self, peer: bytes, msg: Message) -> None:
+        """The client stops itself (Ctrl-Z): its silence does not end the job until resume,
+        for at most ``suspend_limit``."""
+        job = self._job(peer, msg)
+        if job:
+            job.suspended = time.monotonic()
+
+    def _on_resume(self, peer: bytes, msg: Message) -> None:
+        """The client runs again: so does the job, in the fore- or background of its pty."""
+        job = self._job(peer, msg)
+        if job:
+            job.suspended = None
+            if job.process:
+                job.process.resume(msg["foreground"])
+
     def _on_cancel(self, peer: bytes, msg: Message) -> None:
         """The client gave up: kill the job quietly."""
         job = self._job(peer, msg)
@@ -583,7 +612,7 @@ class Server:
             cwd, root = where()
             job.timings["attach"] = time.monotonic() - job.attaching
             job.process = Process(job.path, spec["argv"], cwd, self._env(spec, job.slot),
-                                  self._ids(spec), root, self.rlimits)
+                                  self._ids(spec), root, self.rlimits, spec.get("tty"))
         except (SpawnError, policy.Refused) as exc:
             self._fail(job, getattr(exc, "kind", "spawn"), str(exc))
             return
@@ -634,10 +663,20 @@ class Server:
             self._pump_output(job, role)
         elif role == "stdin":
             self._credit_back(job, proc.write_pending())
+        elif role == "leader":
+            self._changed(job)
         elif role == "pid" and proc.reap():
             job.timings["run"] = proc.ended - proc.started
             job.state = advance(job.state, "exited")
         self._maybe_finish(job)
+
+    def _changed(self, job: Job) -> None:
+        """Tell the client that its job stopped (it then stops itself, as at a terminal)."""
+        for event, signum in job.process.changes():
+            if event == "stopped":   # its client stops too, and may be silent a while
+                job.suspended = job.suspended or time.monotonic()
+                log.info("%s stopped by signal %d", job.describe(), signum)
+                self.send(job.peer, protocol.encode("stopped", job.id, signal=signum))
 
     def _pump_output(self, job: Job, name: str) -> None:
         """Send what the job wrote on ``name``, within the client's credit; a job whose
@@ -768,16 +807,34 @@ class Server:
         for peer, ids in by_peer.items():
             if now - self.peers.get(peer, now) > self.config.client_timeout:
                 self.metrics.missed.labels(peer="client").inc()
-                self._peer_gone(peer, "client silent for %.0fs" % self.config.client_timeout)
-            else:
+                self._peer_gone(peer, "client silent for %.0fs" % self.config.client_timeout,
+                                now)
+                ids = [i for i in ids if (peer, i) in self.jobs]   # suspended ones
+            if ids:   # a stopped client is pinged too: a send that fails means it is gone
                 self.send(peer, protocol.encode("ping", jobs=ids))
         self._prune_peers()
         self._flush_positions()
+        self._end_lingering_ttys(now)
 
-    def _peer_gone(self, peer: bytes, why: str) -> None:
-        """Kill every job of a vanished client."""
+    def _end_lingering_ttys(self, now: float) -> None:
+        """A job that ended while something it left behind holds its pty: send what the pty
+        has, then close it so that the exit goes out."""
+        for job in list(self.jobs.values()):
+            if job.process is not None and job.process.linger_over(now):
+                if job.credit > 0:
+                    self._pump_output(job, "tty")
+                job.process.close("tty")
+                self._maybe_finish(job)
+
+    def _peer_gone(self, peer: bytes, why: str, now: float | None = None) -> None:
+        """Kill every job of a vanished client; with ``now`` (silence, not a disconnect), a
+        job whose client said it suspends itself is kept for up to ``suspend_limit``."""
         for job in [j for j in self.jobs.values() if j.peer == peer]:
-            self._drop(job, why)
+            if now is not None and job.suspended is not None \
+                    and now - job.suspended < self.config.suspend_limit:
+                continue
+            self._drop(job, why if job.suspended is None else
+                       "its client stayed stopped for %.0fs" % self.config.suspend_limit)
 
     def _shutdown(self) -> None:
         """Kill every job, tell each client, close the socket."""
@@ -803,6 +860,10 @@ class Server:
 
 
 SIGNALS = frozenset(signal.valid_signals())   # a signal a client may send its job
+
+
+def _child_changed(signum, frame) -> None:
+    """SIGCHLD: nothing to do here; the wake-up fd makes the loop look at its jobs."""
 _SERVER = re.compile(r"[A-Za-z0-9_.%\[:][A-Za-z0-9_.%\[\]:-]*:[0-9]{1,5}")   # host:port, no "-o"
 
 

@@ -19,7 +19,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import environ, export, protocol, shim, staging
+from . import environ, export, protocol, shim, staging, terminal
 from .caller import Caller, filesystem_ids, pending_signals
 from .channel import Channel, OffloadError
 from .client import ClientLoop
@@ -41,7 +41,9 @@ class ShimRequest:
     """One run of a shim, from its control-file read to the reply line.
 
     Made and waited on by a FUSE thread; decided by the agent thread, which sets exactly one of
-    ``outcome`` (the job ran), ``local`` (run locally, with the reason) or ``refusal``."""
+    ``outcome`` (the job ran), ``local`` (run locally, with the reason) or ``refusal``. Before
+    that, the agent may :meth:`emit` lines for the shim (the terminal's settings, a stop); the
+    FUSE thread hands them out in order from :meth:`next_line`."""
 
     def __init__(self, name: str, args: list[bytes], caller: Caller, policy: str,
                  stdio: tuple[int, int, int] | None, debug: bool = False):
@@ -49,7 +51,7 @@ class ShimRequest:
         ``stdio`` (the request closes them when it is done); ``debug`` tells where it ran."""
         self.name, self.args, self.caller, self.policy = name, args, caller, policy
         self.verbose = debug or caller.debug()
-        self.done = threading.Event()
+        self.lines: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()   # None: decided
         self.stdio = stdio
         self.job: JobRun | None = None
         self.outcome: Outcome | None = None
@@ -62,25 +64,32 @@ class ShimRequest:
     def decide_local(self, reason: str) -> None:
         """Agent thread: run the command locally."""
         self.local = reason
-        self.done.set()
+        self.lines.put(None)
 
     def decide_refused(self, text: str) -> None:
         """Agent thread: fail closed (exit 255 with one line)."""
         self.refusal = text
-        self.done.set()
+        self.lines.put(None)
 
     def decide_outcome(self, outcome: Outcome) -> None:
         """Agent thread: the job ended."""
         self.outcome = outcome
-        self.done.set()
+        self.lines.put(None)
 
-    def reply(self) -> bytes:
-        """FUSE thread: wait for the decision, finish the caller's output, build the reply."""
-        self.done.wait()
+    def emit(self, line: bytes) -> None:
+        """Agent thread: a line for the shim before the last one."""
+        self.lines.put(line)
+
+    def next_line(self) -> tuple[bytes, bool]:
+        """FUSE thread: wait for the shim's next line; (line, True) for the last one, once the
+        caller's output is all written."""
+        line = self.lines.get()
+        if line is not None:
+            return line, False
         if self.job is not None:
             self.job.join()
         try:
-            return self._reply()
+            return self._reply(), True
         finally:
             self._close()
 
@@ -167,9 +176,11 @@ class Agent(ClientLoop):
         self.ctx: zmq.Context | None = None
         self.links: list[HostLink] = []
         self.inbox: queue.SimpleQueue[ShimRequest] = queue.SimpleQueue()
+        self.continues: queue.SimpleQueue[ShimRequest] = queue.SimpleQueue()
         self.requests: dict[str, ShimRequest] = {}
         self.thread = threading.Thread(target=self._main, name="offloadfs-agent", daemon=True)
         self._stopping = False
+        self.loop_ended = lambda: False   # set by the filesystem: libfuse's loop is ending
         self._last_signal_poll = 0.0
         self.recent: list[dict] = []
 
@@ -189,6 +200,11 @@ class Agent(ClientLoop):
     def submit(self, request: ShimRequest) -> None:
         """Hand a shim's request to the agent thread."""
         self.inbox.put(request)
+        self.poke()
+
+    def continued(self, request: ShimRequest) -> None:
+        """A shim runs again after it stopped with its job (it wrote ``c``)."""
+        self.continues.put(request)
         self.poke()
 
     # --- the agent thread -----------------------------------------------------------------------
@@ -283,9 +299,17 @@ class Agent(ClientLoop):
             super().unrouted(channel, msg)
 
     def tick(self, now: float) -> None:
-        """Take new requests, say hello to hosts, expire silent ones, forward signals."""
+        """Take new requests, say hello to hosts, expire silent ones, forward signals; stop
+        when the mount is being stopped (its waiting shims get their answer now)."""
+        if self.loop_ended():
+            self._stopping = True
+            return
         while not self.inbox.empty():
             self._dispatch(self.inbox.get())
+        while not self.continues.empty():
+            job = self.continues.get().job
+            if job is not None:
+                job.continued()
         for link in self.links:
             if now - link.hello_sent >= self.timing.heartbeat:
                 self._hello(link, now)
@@ -333,7 +357,6 @@ class Agent(ClientLoop):
             return
         try:
             request.pidfd = os.pidfd_open(request.caller.pid)
-            pgrp = os.getpgid(request.caller.pid)
         except OSError as exc:
             request.decide_refused(f"the caller went away: {exc.strerror}")
             return
@@ -344,8 +367,13 @@ class Agent(ClientLoop):
             if staged is None:
                 return
         c = request.caller
-        job = JobRun(link.channel, spec, request.stdio, self.wake_w, stdin_pgrp=pgrp,
-                     staged=staged, as_caller=lambda: filesystem_ids(c.uid, c.gid))
+        term = terminal.choose(request.stdio, c.pid)
+        job = JobRun(link.channel, spec, request.stdio, self.wake_w, caller=c.pid,
+                     staged=staged, as_caller=lambda: filesystem_ids(c.uid, c.gid),
+                     terminal=term)
+        job.on_stop = lambda signum: request.emit(shim.reply_stopped(signum))
+        if term is not None and term.reads_keys and term.stty():
+            request.emit(shim.reply_settings(term.stty()))
         request.job = job
         self.requests[job.id] = request
         link.in_flight += 1

@@ -65,7 +65,7 @@ class ClientLoop:
     def run(self) -> list[Outcome]:
         """Run until every job has an outcome, with the caller's signals forwarded."""
         jobs = list(self.jobs.values())
-        old = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
+        old = {s: signal.signal(s, self._on_signal) for s in FORWARDED + (signal.SIGCONT,)}
         old_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         try:
             while self.jobs:

@@ -41,7 +41,9 @@ class Session:
         """A session for shim ``name`` opened by ``pid``; ``dev`` is this filesystem's device."""
         self.name = name
         self.args = bytearray()
-        self.reply: bytes | None = None
+        self.out = bytearray()        # the reply lines so far
+        self.ended = False            # the last line is in ``out``
+        self.request: ShimRequest | None = None
         self.pos = 0
         self.lock = threading.Lock()
         self.stdio: tuple[int, int, int] | None = None
@@ -93,6 +95,7 @@ class ShimFS(Operations):
         """Start the agent once libfuse runs (after it has daemonized, if it does), then tell
         systemd (Type=notify) that the mount is ready."""
         if self.agent is not None:
+            self.agent.loop_ended = _loop_ended_probe()
             self.agent.start()
         sd_notify(b"READY=1")
 
@@ -182,22 +185,28 @@ class ShimFS(Operations):
         return 0
 
     def read(self, path, size, offset, fi):
-        """The script, or (control open) the reply line once the job is decided."""
+        """The script, or (control open) the next reply line, once the agent has one."""
         if fi.fh == 0:
             return self._script(self._name(path))[offset:offset + size]
         session = self._session(fi.fh)
         with session.lock:
-            if session.reply is None:
-                session.reply = self._run(session)
-            data = session.reply[session.pos:session.pos + size]
+            while session.pos >= len(session.out) and not session.ended:
+                line, session.ended = self._next_line(session)
+                session.out += line
+            data = bytes(session.out[session.pos:session.pos + size])
             session.pos += len(data)
         return data
 
     def write(self, path, data, offset, fi):
-        """A shim writes its NUL-terminated arguments to its control open."""
+        """A shim writes its NUL-terminated arguments to its control open; later, ``c`` when
+        it runs again after stopping with its job."""
         if fi.fh == 0:
             raise FuseOSError(errno.EBADF)
         session = self._session(fi.fh)
+        if session.request is not None:
+            if data.rstrip(b"\0") == shim.CONTINUED and self.agent is not None:
+                self.agent.continued(session.request)
+            return len(data)
         if len(session.args) + len(data) > MAX_ARGS:
             raise FuseOSError(errno.E2BIG)
         session.args += data
@@ -235,16 +244,25 @@ class ShimFS(Operations):
             raise FuseOSError(errno.EBADF)
         return session
 
-    def _run(self, session: Session) -> bytes:
-        """Run a shim's job (blocking this FUSE thread only) and return its reply line."""
+    def _next_line(self, session: Session) -> tuple[bytes, bool]:
+        """The shim's next reply line (blocking this FUSE thread only), and whether it is the
+        last; the first read starts the shim's request."""
+        if session.request is None:
+            session.request = self._start(session)
+            if session.request is None:
+                return shim.reply_status(255), True
+        return session.request.next_line()
+
+    def _start(self, session: Session) -> ShimRequest | None:
+        """Hand a shim's request to the agent, or decide it here; None if it is malformed."""
         policy = self.registry.policy(session.name)
         if session.caller is None:
-            return shim.reply_status(255)
+            return None
         try:
             args, early = shim.parse_request(bytes(session.args))
         except shim.BadRequest as exc:
             log.warning("%s: bad request from pid %d: %s", session.name, session.caller.pid, exc)
-            return shim.reply_status(255)
+            return None
         request = ShimRequest(session.name, args, session.caller, policy,
                               session.take_stdio(), self.debug)
         request.early_signals = early
@@ -254,7 +272,7 @@ class ShimFS(Operations):
             request.decide_local(reason)
         else:
             self.agent.submit(request)
-        return request.reply()
+        return request
 
     def _local_reason(self, request: ShimRequest) -> str | None:
         """Why this request runs locally without asking the agent, or None."""
@@ -320,6 +338,17 @@ class ShimFS(Operations):
         uid, _, _ = fuse_get_context()
         if uid not in (0, self.owner):
             raise FuseOSError(errno.EPERM)
+
+
+def _loop_ended_probe():
+    """A callable telling whether libfuse's loop was told to end (SIGTERM, SIGINT, SIGHUP,
+    umount): libfuse waits for every callback before it returns and destroy() stops the
+    agent, so the agent must see it first and answer the shims still waiting. Only from a
+    FUSE callback (it takes the filesystem's handle from the request's context)."""
+    import ctypes
+    import fuse as fusepy
+    handle = ctypes.c_void_p(fusepy._libfuse.fuse_get_context().contents.fuse)
+    return lambda: bool(fusepy._libfuse.fuse_exited(handle))
 
 
 def sd_notify(state: bytes) -> None:

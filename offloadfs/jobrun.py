@@ -6,12 +6,18 @@ The client loop thread (``offld``'s main thread, later the agent's loop) owns ev
 loop's heartbeats; sinks report progress through the wake-up pipe, and the loop turns it into
 credit for the daemon. Stdin is read on the loop thread only after poll() says it is readable,
 so the caller's fds are never switched to non-blocking (a tty is shared with the shell).
+
+With a terminal (``terminal.Terminal``) the job has a pty on the host: the pty's output is the
+stream ``tty``, keys are read only while the caller is in its terminal's foreground, and the
+caller's terminal is raw while the job runs there and restored on every way out. When the host
+says the job ``stopped``, the run restores the terminal, says ``suspend`` and calls
+``on_stop(signum)``: the owner stops the caller (``offld`` itself; a shim through its reply)
+and calls :meth:`JobRun.continued` when it runs again.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import os
 import queue
@@ -26,10 +32,12 @@ from . import protocol, staging
 from .channel import Channel, OffloadError
 from .protocol import Message
 from .states import JobState, advance
+from .terminal import Terminal, foreground
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2, signal.SIGWINCH)
+             signal.SIGUSR2, signal.SIGWINCH, signal.SIGTSTP)
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SINK_WAIT = 5.0   # seconds a stop waits for the terminal's output before it restores it
 
 
 @dataclasses.dataclass
@@ -74,11 +82,12 @@ class Sink(threading.Thread):
     and pokes ``wake_fd`` after each chunk so that the loop returns credit promptly.
     """
 
-    def __init__(self, name: str, fd: int, wake_fd: int):
-        """A sink for ``fd`` named after its stream."""
+    def __init__(self, name: str, fd: int, wake_fd: int, transform=None):
+        """A sink for ``fd`` named after its stream; ``transform`` (if given) rewrites each
+        chunk just before it is written."""
         super().__init__(name=f"offloadfs-{name}-sink", daemon=True)
-        self.fd, self.wake_fd = fd, wake_fd
-        self.chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.fd, self.wake_fd, self.transform = fd, wake_fd, transform
+        self.chunks: queue.SimpleQueue = queue.SimpleQueue()   # bytes, a callable, or None
         self.lock = threading.Lock()
         self.written = 0
         self.broken = False
@@ -86,6 +95,17 @@ class Sink(threading.Thread):
     def put(self, data: bytes) -> None:
         """Queue a chunk for writing."""
         self.chunks.put(data)
+
+    def then(self, action, wait: bool = False) -> None:
+        """Run ``action()`` on the sink's thread after the chunks queued before it (a terminal
+        mode change must not overtake output meant for the old mode); ``wait`` until done."""
+        if not self.is_alive():
+            action()
+            return
+        done = threading.Event()
+        self.chunks.put(lambda: (action(), done.set()))
+        if wait:
+            done.wait(SINK_WAIT)
 
     def end(self) -> None:
         """No more chunks: the thread ends after the queued ones."""
@@ -100,8 +120,13 @@ class Sink(threading.Thread):
     def run(self) -> None:
         """Write chunks until :meth:`end`."""
         while (data := self.chunks.get()) is not None:
+            if callable(data):
+                data()
+                _poke(self.wake_fd)
+                continue
             if not self.broken:
-                self.broken = not _write_all(self.fd, data)
+                out = data if self.transform is None else self.transform(data)
+                self.broken = not _write_all(self.fd, out)
             with self.lock:
                 self.written += len(data)
             _poke(self.wake_fd)
@@ -143,16 +168,24 @@ class JobRun:
     def __init__(self, channel: Channel, spec: JobSpec, stdio: tuple[int, int, int],
                  wake_fd: int, debug=None, stdin_pgrp: int | None = None,
                  staged: tuple[staging.Outbox, staging.Inbox] | None = None,
-                 as_caller=contextlib.nullcontext):
-        """Prepare the job; nothing is sent until :meth:`submit`. ``stdin_pgrp`` is the
-        caller's process group (ours by default), to tell whether it may read a tty."""
+                 as_caller=contextlib.nullcontext, terminal: Terminal | None = None,
+                 caller: int | None = None):
+        """Prepare the job; nothing is sent until :meth:`submit`. ``caller`` is the pid whose
+        foreground state decides whether a terminal on stdin may be read (ours by default);
+        ``terminal`` gives the job a pty on the host."""
         self.id = os.urandom(8).hex()
         self.channel, self.spec, self.debug = channel, spec, debug or (lambda text: None)
-        pgrp = os.getpgrp() if stdin_pgrp is None else stdin_pgrp
-        self.stdin_fd = stdio[0] if _readable_fd(stdio[0], pgrp) else None
+        self.terminal = terminal
+        self.caller = os.getpid() if caller is None else caller
+        self.stdin_fd = stdio[0] if self._reads_stdin(stdio[0]) else None
         _grow_pipe(self.stdin_fd)
         self.sinks = {"stdout": Sink("stdout", stdio[1], wake_fd),
                       "stderr": Sink("stderr", stdio[2], wake_fd)}
+        if terminal is not None:
+            self.sinks["tty"] = Sink("tty", terminal.out_fd, wake_fd, terminal.for_screen)
+        self.on_stop = lambda signum: None
+        self.raw = False                  # the caller's terminal is (to be) raw
+        self.stopped: int | None = None   # the signal the job stopped with, until continued
         self.state = JobState.NEW
         self.credit = self.owed = 0
         self.closed: set[str] = set()
@@ -161,7 +194,7 @@ class JobRun:
         self.stage_credit = 0
         self.ran_on = ""
         self.outcome: Outcome | None = None
-        self.submitted = self.last_ping = 0.0
+        self.submitted = self.last_ping = self.resumed = 0.0
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -170,19 +203,33 @@ class JobRun:
         for sink in self.sinks.values():
             sink.start()
         s = self.spec
+        extra = {"data": s.data} if s.data else {}
+        if self.terminal is not None:
+            extra["tty"] = self.terminal.spec()
         self.channel.send(protocol.encode(
             "submit", self.id, argv=s.argv, cwd=s.cwd, uid=s.uid, gid=s.gid, groups=s.groups,
-            env=s.env, window=protocol.WINDOW, tags=s.tags,
-            **({"data": s.data} if s.data else {})))
+            env=s.env, window=protocol.WINDOW, tags=s.tags, **extra))
         self.submitted = self.last_ping = time.monotonic()
+
+    def _reads_stdin(self, fd: int) -> bool:
+        """Whether the caller's stdin is relayed: not a terminal the host's pty does not take
+        over while the caller is in the background (its stdin is then closed on the host)."""
+        if self.terminal is not None and self.terminal.mask & protocol.TTY_STDIN:
+            return self.terminal.reads_keys
+        return _readable_fd(fd, self.caller)
 
     def send(self, kind: str, payload: bytes | None = None, **fields) -> None:
         """Send a message about this job."""
         self.channel.send(protocol.encode(kind, self.id, payload, **fields))
 
     def signal(self, signum: int) -> None:
-        """The caller got a signal: forward it, or give up on a job not yet started."""
-        if self.state == JobState.RUNNING:
+        """The caller got a signal: forward it, or give up on a job not yet started. With a
+        pty on the host, a window change is a resize of it instead."""
+        if signum == signal.SIGCONT or (signum == signal.SIGWINCH and self.terminal):
+            self.check_terminal()
+        elif signum == signal.SIGTSTP and self.state in (JobState.NEW, JobState.QUEUED):
+            self.stop_here(signum)   # nothing runs yet: only the caller stops
+        elif self.state == JobState.RUNNING:
             self.debug(f"forwarding signal {signum} to the job")
             self.send("signal", signum=signum)
         elif not self.state.final and signum in ENDING:
@@ -197,9 +244,65 @@ class JobRun:
     # --- the loop's callbacks ------------------------------------------------------------------
 
     def want(self, poller: zmq.Poller) -> None:
-        """Register stdin when the daemon has granted credit for more."""
-        if self.state == JobState.RUNNING and self.stdin_fd is not None and self.credit > 0:
+        """Register stdin when the daemon has granted credit for more (a terminal: while the
+        job runs in the caller's foreground)."""
+        keys = self.terminal is not None and self.terminal.reads_keys
+        if self.state == JobState.RUNNING and self.stdin_fd is not None and self.credit > 0 \
+                and (not keys or self.raw):
             poller.register(self.stdin_fd, zmq.POLLIN)
+
+    # --- a terminal: foreground, window size, stops ---------------------------------------------
+
+    def check_terminal(self) -> None:
+        """Follow the caller's terminal: raw while the job runs in its foreground, the host's
+        pty told when the caller moved between fore- and background or resized the window."""
+        t = self.terminal
+        if t is None or self.state != JobState.RUNNING or self.stopped is not None:
+            return
+        size = t.resized()
+        if size is not None:
+            self.send("resize", rows=size[0], cols=size[1], xpixel=size[2], ypixel=size[3])
+        front = t.foreground()
+        if front and not self.raw and t.reads_keys:
+            self._raw(True)
+            self.send("resume", foreground=True)
+        elif not front and self.raw:
+            self._raw(False)
+            self.send("resume", foreground=False)
+
+    def _raw(self, on: bool, wait: bool = False) -> None:
+        """Raw mode on or off for the caller's terminal, after the terminal output received
+        before (its sink changes the mode; ``raw`` is what this thread asked for)."""
+        self.raw = on and self.terminal.reads_keys
+        action = self.terminal.enter_raw if on else self.terminal.restore
+        self.sinks["tty"].then(action, wait)
+
+    def _on_stopped(self, msg: Message) -> None:
+        """The job stopped on the host (Ctrl-Z typed there, SIGTTIN, a forwarded SIGTSTP)."""
+        self.stop_here(msg["signal"])
+
+    def stop_here(self, signum: int) -> None:
+        """Give the terminal back, say we suspend, and let the owner stop the caller."""
+        self.stopped = signum
+        if self.terminal is not None:
+            self._raw(False, wait=True)
+        self.send("suspend")
+        self.on_stop(signum)
+
+    def continued(self) -> None:
+        """The caller runs again after a stop: so does the job, in the foreground or not."""
+        if self.stopped is None or self.state.final:
+            return
+        self.stopped = None
+        self.last_ping = self.resumed = time.monotonic()
+        front = self.terminal.foreground() if self.terminal else True
+        if front and self.terminal is not None:
+            self._raw(True)
+            size = self.terminal.resized()
+            if size is not None:
+                self.send("resize", rows=size[0], cols=size[1], xpixel=size[2],
+                          ypixel=size[3])
+        self.send("resume", foreground=front)
 
     def stdin_ready(self) -> None:
         """Read what stdin has (poll said it would not block) and send it."""
@@ -272,7 +375,8 @@ class JobRun:
         if now - self.last_ping >= timing.heartbeat:
             self.last_ping = now
             self.channel.send(protocol.encode("ping", jobs=[self.id]))
-        silent = now - max(self.channel.heard, self.submitted)
+        self.check_terminal()
+        silent = now - max(self.channel.heard, self.submitted, self.resumed)
         if self.state == JobState.NEW and silent > timing.ack_timeout:
             self.cancel()
             self.fail(OffloadError(f"{self.channel.host} did not acknowledge the job within "
@@ -303,6 +407,11 @@ class JobRun:
         self.credit = msg["window"]
         self.ran_on = msg["host"]   # through a broker: the host it chose
         self.debug(f"started on {msg['host']} as pid {msg['pid']}")
+        if self.stdin_fd is None and not (self.terminal and self.terminal.mask
+                                          & protocol.TTY_STDIN):
+            self.send("stdin-eof")   # withheld: the job sees end of file, as from /dev/null
+        if self.terminal is not None and self.terminal.foreground():
+            self._raw(True)
 
     def _on_stdout(self, msg: Message) -> None:
         """Output for the caller's stdout."""
@@ -311,6 +420,15 @@ class JobRun:
     def _on_stderr(self, msg: Message) -> None:
         """Output for the caller's stderr."""
         self.sinks["stderr"].put(msg.payload)
+
+    def _on_tty(self, msg: Message) -> None:
+        """What the job's pty shows, for the caller's terminal."""
+        sink = self.sinks.get("tty")
+        if sink is None:
+            self.fail(OffloadError(f"{self.channel.host} sent terminal output to a job "
+                                   f"without a terminal", "protocol", True))
+            return
+        sink.put(msg.payload)
 
     def _on_credit(self, msg: Message) -> None:
         """Before the start: room for staged files; after: the daemon wrote stdin to the job."""
@@ -342,6 +460,8 @@ class JobRun:
         """Record the outcome once and let the sinks end after what they hold."""
         if self.outcome is None:
             self.outcome = outcome
+            if self.terminal is not None:
+                self._raw(False)
             if self.outbox is not None:
                 self.outbox.close()
             if self.inbox is not None:
@@ -367,15 +487,13 @@ def _grow_pipe(fd: int | None) -> None:
         pass
 
 
-def _readable_fd(fd: int, pgrp: int) -> bool:
-    """True if ``fd`` is open and worth reading: not a tty whose foreground is not ``pgrp``."""
+def _readable_fd(fd: int, caller: int) -> bool:
+    """True if ``fd`` is open and worth reading: not a terminal in whose background the
+    ``caller`` is (reading it would stop us with SIGTTIN, or take another job's keys)."""
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
         return False
     if stat.S_ISCHR(mode) and os.isatty(fd):
-        try:
-            return os.tcgetpgrp(fd) == pgrp
-        except OSError as exc:
-            return exc.errno != errno.ENOTTY
+        return foreground(caller)
     return True

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
 
 import zmq
 
-from . import environ, export, joblog, mountinfo, protocol, staging
+from . import environ, export, joblog, mountinfo, protocol, staging, terminal
 from .channel import OffloadError
 from .client import ClientLoop, connect
 from .config import DEFAULT_PORT, ClientConfig, ConfigError, host_endpoint
@@ -42,6 +43,11 @@ def parser(prog: str = "offld") -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing of its own "
                    "but a fatal error")
     p.add_argument("-d", "--debug", action="store_true", help="print debug messages")
+    tty = p.add_mutually_exclusive_group()
+    tty.add_argument("-t", dest="tty", action="store_const", const="force", default="auto",
+                     help="give the job a terminal on the host even if ours is not one")
+    tty.add_argument("-T", dest="tty", action="store_const", const="never",
+                     help="no terminal on the host (pipes), even at a terminal")
     p.add_argument("--fallback", metavar="PATH", help="if no host took the job (so nothing "
                    "ran), run PATH here instead, with the same arguments")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
@@ -126,12 +132,12 @@ def run(command: list[str], opts, say: Reporter) -> int:
         connected = time.monotonic()
         spec = spec_here(command, cfg)
         if opts.no_mount:
-            outcome = _drive(channel, spec, out_fd, cfg, say, stage(spec))
+            outcome = _drive(channel, spec, out_fd, cfg, say, opts.tty, stage(spec))
         else:
             with exported(cfg, say) as exp:
                 spec.data = _descriptor(exp, spec)
                 try:
-                    outcome = _drive(channel, spec, out_fd, cfg, say)
+                    outcome = _drive(channel, spec, out_fd, cfg, say, opts.tty)
                 finally:
                     exp.finish(spec.data)
         channel.close()
@@ -153,17 +159,39 @@ def stage(spec: JobSpec) -> tuple:
 
 
 def _drive(channel, spec: JobSpec, out_fd: int, cfg: ClientConfig, say: Reporter,
-           staged: tuple | None = None) -> Outcome:
-    """Submit the job on ``channel`` and run the loop until it ends."""
+           tty: str = "auto", staged: tuple | None = None) -> Outcome:
+    """Submit the job on ``channel`` and run the loop until it ends; the terminal (a pty on
+    the host when ours is one, or with -t) is restored on every way out but SIGKILL."""
     loop = ClientLoop(cfg.timing())
+    term = terminal.choose((0, out_fd, 2), os.getpid(), tty)
     try:
-        job = JobRun(channel, spec, (0, out_fd, 2), loop.wake_w, say.debug, staged=staged)
+        job = JobRun(channel, spec, (0, out_fd, 2), loop.wake_w, say.debug, staged=staged,
+                     terminal=term)
+        job.on_stop = lambda signum: _stop_here(job, signum, say)
         job.submit()
         loop.add(job)
         (outcome,) = loop.run()
     finally:
+        if term is not None:
+            term.restore()
         loop.close()
     return outcome
+
+
+def _stop_here(job: JobRun, signum: int, say: Reporter) -> None:
+    """The job stopped on the host: stop our process group with the same signal (the shell
+    shows it Stopped), then, once continued (fg, bg), let the job go on too."""
+    say.debug(f"the job stopped (signal {signum}): suspending")
+    if signum not in terminal.JOB_CONTROL:
+        signum = signal.SIGSTOP
+    old = None if signum == signal.SIGSTOP else signal.signal(signum, signal.SIG_DFL)
+    try:
+        os.kill(0, signum)    # returns once we are continued
+    finally:
+        if old is not None:
+            signal.signal(signum, old)
+    say.debug("continued")
+    job.continued()
 
 
 @contextlib.contextmanager

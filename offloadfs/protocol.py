@@ -7,7 +7,7 @@ preceded by the peer's routing identity frame, which this module never sees.
 Frame layout of one message (ZeroMQ multipart)::
 
     frame 0   header   msgpack map  {"v": VERSION, "t": KIND, "job": JOB-ID?, ...fields}
-    frame 1   payload  raw bytes    only for KIND in {stdin, stdout, stderr}; never msgpack
+    frame 1   payload  raw bytes    only for KIND in {stdin, stdout, stderr, tty, file}; never msgpack
 
 Strings are msgpack str (UTF-8); argv, cwd and environment values are msgpack bin, because
 Unix paths and arguments are bytes, and bytes stay bytes. Every header carries the protocol
@@ -20,7 +20,8 @@ Messages, by stage (C = client, D = daemon or broker on the client's behalf)::
     C->D submit       job, argv[bin], cwd bin, uid, gid, groups[int], env{bin:bin},
                       window int (output credit granted up front), tags[str]?, data map?,
                       vm str? (only broker->host: the z85 CURVE key the broker authenticated
-                      the client by; a daemon ignores it from anyone but its brokers)
+                      the client by; a daemon ignores it from anyone but its brokers),
+                      tty map? (the job gets a pseudo-terminal, see "Terminals" below)
     D->C queued       job, position int (1 = next to start)
     D->C started      job, host str, pid int, window int (stdin credit granted up front)
     C->D file         job, name bin, mode int, last bool + payload   staging (-n): an input
@@ -30,10 +31,19 @@ Messages, by stage (C = client, D = daemon or broker on the client's behalf)::
     C->D stdin-eof    job
     D->C stdout       job + payload                        (spends output credit)
     D->C stderr       job + payload                        (spends output credit)
+    D->C tty          job + payload   what the job's pty shows (echo included; spends output
+                      credit); the client writes it to the caller's terminal
     *->* credit       job, n int                           grant n more bytes of the peer's stream
     C->D close        job, stream "stdout"|"stderr"        the reader went away (EPIPE)
     C->D signal       job, signum int
     C->D cancel       job                                  the client gives up on the job
+    C->D resize       job, rows, cols, xpixel, ypixel      the caller's window changed
+    D->C stopped      job, signal int    the job stopped on the host (Ctrl-Z, SIGTTIN, ...)
+    C->D suspend      job                the client stops itself now: its silence is no death
+                      (until resume, at most the host's [serve] suspend_limit)
+    C->D resume       job, foreground bool                 the client runs again: continue
+                      the job, in the fore- or background of its pty (also sent when the
+                      caller alone moved between fore- and background)
     D->C exit         job, status int, signal int|nil, rusage map, timings map
     D->C error        job?, kind str, text str
     *->* ping         jobs[str]                            heartbeat; lists the sender's live jobs
@@ -47,6 +57,14 @@ Staging (``data`` = {"mode": "stage", "bytes": total}): the daemon answers the s
 ``credit`` for the input files, which come as ``file`` messages; the job runs in a scratch
 directory once the last one is in; after it ends, every file it created or changed comes back
 as ``file`` messages before ``exit``, and the client writes each one atomically.
+
+Terminals: a submit's ``tty`` = {fds int (bit 0, 1, 2: the job's stdin, stdout, stderr are the
+pty; others stay pipes), rows, cols, xpixel, ypixel, iflag, oflag, cflag, lflag, ispeed,
+ospeed, cc bin (the caller's termios), foreground bool}. The host runs the job in a new
+session whose controlling terminal is a new pty with those settings; its output comes as
+``tty``, stdin (when bit 0 is set) goes to the pty; the job's process group is the pty's
+foreground group while ``foreground``, so ^C, ^Z and ^\\ typed on the caller's (raw) terminal
+become signals there, and a job in the background that reads the terminal stops (SIGTTIN).
 
 Flow control is credit based: a sender never has more than the granted number of payload bytes
 in flight per stream, so memory stays bounded whatever the producer's speed.
@@ -78,8 +96,9 @@ JOB_ID_MAX = 64
 # Stage timings, in the order a job goes through them: exit carries queue, attach, run, drain
 # (the daemon's); the client adds start (its own process start-up), connect and total.
 STAGES = ("start", "connect", "queue", "attach", "run", "drain", "total")
-STREAMS = ("stdout", "stderr")
-PAYLOAD_KINDS = frozenset({"stdin", "stdout", "stderr", "file"})
+STREAMS = ("stdout", "stderr", "tty")
+PAYLOAD_KINDS = frozenset({"stdin", "stdout", "stderr", "tty", "file"})
+TTY_STDIN, TTY_STDOUT, TTY_STDERR = 1, 2, 4   # bits of a tty's ``fds``
 
 
 class ProtocolError(Exception):
@@ -279,6 +298,21 @@ def _show(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _tty(v: Any) -> dict:
+    """Checker for a submit's terminal: which fds, window size, termios, foreground."""
+    if not isinstance(v, dict):
+        raise FieldError(f"expected a map, got {_show(v)}")
+    required = {"fds": _int(1, 7), "rows": _int(0, 65535), "cols": _int(0, 65535),
+                "foreground": _bool}
+    optional = {"xpixel": _int(0, 65535), "ypixel": _int(0, 65535),
+                "iflag": _int(0, 2**32 - 1), "oflag": _int(0, 2**32 - 1),
+                "cflag": _int(0, 2**32 - 1), "lflag": _int(0, 2**32 - 1),
+                "ispeed": _int(0, 2**32 - 1), "ospeed": _int(0, 2**32 - 1), "cc": _bin(64)}
+    return _fields(v, required, optional)
+
+
+_WINSIZE = {"rows": _int(0, 65535), "cols": _int(0, 65535), "xpixel": _int(0, 65535),
+            "ypixel": _int(0, 65535)}
 _ID = _int(0, 2**32 - 1)
 _JOB = _str(JOB_ID_MAX)
 _POS = _int(0, 2**31)
@@ -292,7 +326,7 @@ SCHEMA: dict[str, tuple[bool, dict, dict]] = {
                 {"tags": _TAGS, "busy": _POS, "queued": _POS}),
     "submit": (True, {"argv": _argv, "cwd": _path, "uid": _ID, "gid": _ID,
                       "groups": _list(_ID, MAX_GROUPS), "env": _env, "window": _int(1, 2**30)},
-               {"tags": _TAGS, "data": _opt(_any_map), "vm": _str(40)}),
+               {"tags": _TAGS, "data": _opt(_any_map), "vm": _str(40), "tty": _tty}),
     "queued": (True, {"position": _POS}, {}),
     "started": (True, {"host": _str(255), "pid": _int(0, 2**31), "window": _int(0, 2**30)}, {}),
     "file": (True, {"name": _relpath, "mode": _int(0, 0o7777), "last": _bool}, {}),
@@ -300,10 +334,15 @@ SCHEMA: dict[str, tuple[bool, dict, dict]] = {
     "stdin-eof": (True, {}, {}),
     "stdout": (True, {}, {}),
     "stderr": (True, {}, {}),
+    "tty": (True, {}, {}),
     "credit": (True, {"n": _int(0, 2**30)}, {}),
     "close": (True, {"stream": _stream}, {}),
     "signal": (True, {"signum": _int(1, 64)}, {}),
     "cancel": (True, {}, {}),
+    "resize": (True, _WINSIZE, {}),
+    "stopped": (True, {"signal": _int(1, 64)}, {}),
+    "suspend": (True, {}, {}),
+    "resume": (True, {"foreground": _bool}, {}),
     "exit": (True, {"status": _int(0, 255)},
              {"signal": _opt(_int(1, 64)), "rusage": _any_map, "timings": _any_map}),
     "error": (False, {"kind": _str(64), "text": _str()}, {}),

@@ -10,11 +10,21 @@ see docs/shim.md). Run as ``convert in.png out.png`` it:
    fail with ETXTBSY while the first waits;
 2. writes its path, the number of its arguments and the arguments, each followed by a NUL
    byte, then the name of a signal it caught before now, if any;
-3. reads one reply line, which blocks until the job is over:
+3. reads reply lines, each read blocking until the mount has one; the last comes when the
+   job is over:
 
+       t <settings>      the caller's terminal settings (``stty -g``), sent before the mount
+                         makes the terminal raw: restored with stty if the mount dies
+       z <signal>        the job stopped on the host: stop the caller's process group with
+                         this signal (the shell shows it Stopped); once continued, write
+                         ``c`` NUL and read on
        <status>          exit with this status (the job's, or 255 for an offload error)
        s <signal>        the job died of this signal: die of it too
        x <path>          run locally: exec this command (the next one on PATH after the mount)
+
+   A read that fails (the mount is gone) ends the shim with 255 and one line (unless the
+   mount's own line came with part of a reply), after putting the terminal's settings back
+   with the system's stty (``command -p``: not a shim of the mount).
 
 Signals the shim receives stay pending while it waits in the read; the agent sees them in
 /proc/PID/status and forwards them to the job. A signal that arrives before the read is caught
@@ -28,6 +38,7 @@ import shlex
 import signal
 
 FORWARDED = ("INT", "TERM", "HUP", "QUIT", "USR1", "USR2", "WINCH")
+CONTINUED = b"c"   # what a shim writes when it runs again after a ``z`` reply
 # Signals the shim re-raises on itself when the job died of them; the rest (those that dump
 # core, or are not fatal) end it with 128+N instead.
 RERAISED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL,
@@ -38,18 +49,24 @@ RERAISED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKI
 # pending and the agent sees them in /proc.
 TEMPLATE = """#!/bin/sh
 # offloadfs shim for {name}: runs it on a compute host (see: offloadfs status).
-s=
+s='' t=''
 {traps}
+trap : TSTP
 exec 3<>{ctl} || exit 255
 printf '%s\\0' "$0" $# "$@" >&3
 [ -z "$s" ] || printf '%s\\0' "$s" >&3
-read -r st arg <&3
-exec 3<&-
+while read -r st arg <&3; do
 case $st in
-x) trap - {signals}; [ -z "$s" ] || kill -s "$s" $$; exec "$arg" "$@" ;;
-s) trap - "$arg"; kill -s "$arg" $$ ;;
+t) t=$arg ;;
+z) trap - TSTP; kill -s "$arg" 0; trap : TSTP; printf 'c\\0' >&3 ;;
+x) exec 3<&-; trap - {signals} TSTP; [ -z "$s" ] || kill -s "$s" $$; exec "$arg" "$@" ;;
+s) exec 3<&-; trap - "$arg"; kill -s "$arg" $$; exit 255 ;;
+*) exec 3<&-; exit "$st" ;;
 esac
-exit "$st"
+done
+[ -z "$t" ] || command -p stty "$t" 2>/dev/null
+[ -n "$st" ] || echo "offloadfs: $0: the offloadfs mount went away while it ran" >&2
+exit 255
 """
 
 
@@ -98,6 +115,16 @@ def reply_signal(signum: int) -> bytes:
     if signum in RERAISED:
         return f"s {signal.Signals(signum).name[3:]}\n".encode()
     return reply_status(128 + signum)
+
+
+def reply_stopped(signum: int) -> bytes:
+    """Line: the job stopped on the host; the shim stops its process group likewise."""
+    return f"z {signal.Signals(signum).name[3:]}\n".encode()
+
+
+def reply_settings(stty: str) -> bytes:
+    """Line: the caller's terminal settings, for the shim to restore if the mount dies."""
+    return f"t {stty}\n".encode()
 
 
 def reply_local(path: str) -> bytes:

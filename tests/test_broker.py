@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
+
+from offloadfs import protocol
 
 from .conftest import OFFLD, OFFLOADD, wait_for
 
@@ -276,3 +279,137 @@ def test_a_vanished_client_has_its_job_killed_on_the_host(cluster, work):
     proc.kill()
     proc.wait()
     wait_for(lambda: not alive(pid), 15, "the job to be killed on its host")
+
+
+# --- terminals through the broker: a fake host and a fake client on the wire ----------------
+
+class Peer:
+    """A DEALER speaking the protocol by hand (a fake host or client); it keeps what it gets
+    and, unless ``quiet``, sends a ping at most every 0.3 s while it is pumped."""
+
+    def __init__(self, ctx, endpoint: str, ping: dict):
+        """Connect to ``endpoint``; ``ping`` holds the fields of this peer's heartbeat."""
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.ping, self.quiet, self.beat = ping, False, 0.0
+        self.got: list = []
+
+    def send(self, kind: str, job: str | None = None, payload: bytes | None = None, **fields):
+        """Send one message."""
+        self.sock.send_multipart(protocol.encode(kind, job, payload, **fields))
+
+    def pump(self) -> None:
+        """Take in what waits; send a heartbeat when one is due."""
+        while self.sock.poll(0, zmq.POLLIN):
+            self.got.append(protocol.decode(self.sock.recv_multipart()))
+        if not self.quiet and time.monotonic() >= self.beat + 0.3:
+            self.send("ping", **self.ping)
+            self.beat = time.monotonic()
+
+
+class Wire:
+    """Fake peers on one ZeroMQ context, and a way to wait on what they get."""
+
+    def __init__(self):
+        """No peers yet."""
+        self.ctx = zmq.Context()
+        self.peers: list[Peer] = []
+
+    def peer(self, endpoint: str, **ping) -> Peer:
+        """A new peer on ``endpoint`` whose heartbeat carries ``ping``."""
+        self.peers.append(Peer(self.ctx, endpoint, ping))
+        return self.peers[-1]
+
+    def expect(self, peer: Peer, kind: str, job: str | None = None, timeout: float = 20):
+        """The first message of ``kind`` (for ``job``) that ``peer`` gets, all peers pumped."""
+        def found():
+            for p in self.peers:
+                p.pump()
+            match = [m for m in peer.got if m.kind == kind and job in (None, m.job)]
+            return match and peer.got.pop(peer.got.index(match[0]))
+        return wait_for(found, timeout, f"{kind} {job or ''}")
+
+    def close(self) -> None:
+        """Close every peer and the context."""
+        for p in self.peers:
+            p.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def wire():
+    """A Wire, closed at teardown."""
+    w = Wire()
+    yield w
+    w.close()
+
+
+TTY = {"fds": 7, "rows": 24, "cols": 80, "xpixel": 0, "ypixel": 0, "iflag": 0x500,
+       "oflag": 5, "cflag": 0xbf, "lflag": 0x8a3b, "ispeed": 15, "ospeed": 15,
+       "cc": bytes(range(32)), "foreground": True}
+
+
+def _submit(client: Peer, job: str, **extra) -> None:
+    """A fake client's submit of ``sh -c true`` for ``job``."""
+    client.send("submit", job, argv=[b"sh", b"-c", b"true"], cwd=b"/", uid=0, gid=0,
+                groups=[], env={b"TERM": b"xterm"}, window=1 << 20, **extra)
+
+
+def _fake_host_and_client(broker, wire, jobs: list[str]):
+    """A fake host with two slots at ``broker`` running ``jobs`` (submitted by one fake
+    client, the first with a tty); returns (host, client, the broker's wire id per job)."""
+    host = wire.peer(broker.workers)
+    host.send("ready", host="fake", commands=["sh"], slots=2)
+    wait_for(lambda: " ready: " in broker.log(), 20, "the fake host")
+    client = wire.peer(broker.clients, jobs=jobs)
+    ids = {}
+    for n, job in enumerate(jobs):
+        _submit(client, job, **({"tty": TTY} if n == 0 else {}))
+        submit = wire.expect(host, "submit")
+        ids[job] = submit.job
+        host.send("started", submit.job, host="fake", pid=100 + n, window=1 << 20)
+        assert wire.expect(client, "started", job)["pid"] == 100 + n
+        if n == 0:
+            assert submit["tty"] == TTY and submit["argv"] == [b"sh", b"-c", b"true"]
+    return host, client, ids
+
+
+def test_terminal_messages_pass_through_the_broker(start_broker, wire):
+    """resize, suspend and resume reach the host under the broker's id for the job; stopped
+    and tty come back to the client under its own; the submit's tty arrives whole."""
+    broker = start_broker()
+    host, client, ids = _fake_host_and_client(broker, wire, ["j1"])
+    wid = ids["j1"]
+    assert wid != "j1"
+    client.send("resize", "j1", rows=50, cols=132, xpixel=1320, ypixel=1000)
+    got = wire.expect(host, "resize", wid)
+    assert got.fields == {"rows": 50, "cols": 132, "xpixel": 1320, "ypixel": 1000}
+    client.send("suspend", "j1")
+    wire.expect(host, "suspend", wid)
+    host.send("stopped", wid, signal=int(signal.SIGTSTP))
+    assert wire.expect(client, "stopped", "j1")["signal"] == signal.SIGTSTP
+    client.send("resume", "j1", foreground=False)
+    assert wire.expect(host, "resume", wid)["foreground"] is False
+    host.send("tty", wid, b"\x1b[1mprompt$ \x1b[0m")
+    assert bytes(wire.expect(client, "tty", "j1").payload) == b"\x1b[1mprompt$ \x1b[0m"
+    host.send("exit", wid, status=0)
+    assert wire.expect(client, "exit", "j1")["status"] == 0
+
+
+def test_a_suspended_job_outlives_its_silent_client_until_suspend_limit(start_broker, wire,
+                                                                       tmp_path):
+    """[broker] suspend_limit = 7: the silent client's other job is cancelled after its
+    timeout (5 s), the suspended one not before 7 s."""
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text("[broker]\nsuspend_limit = 7\n")
+    broker = start_broker(args=["-c", str(cfg)])
+    host, client, ids = _fake_host_and_client(broker, wire, ["j1", "j2"])
+    client.send("suspend", "j1")
+    suspended = time.monotonic()
+    client.quiet = True                                # stopped: it says nothing more
+    wire.expect(host, "suspend", ids["j1"])
+    wire.expect(host, "cancel", ids["j2"])
+    assert not [m for m in host.got if m.kind == "cancel"]
+    wire.expect(host, "cancel", ids["j1"])
+    assert time.monotonic() - suspended >= 7

@@ -403,6 +403,115 @@ def test_cancelled_job_on_a_dying_host_is_forgotten_not_lost():
     assert r.host_gone("h1", 1.0) == [Forget("a"), CommandsChanged(())]
 
 
+# --- suspended clients (Ctrl-Z of offld) -----------------------------------------------------
+
+def suspending(slots=2):
+    """Rules with a long suspend limit and host h1 that outlives every test's clock."""
+    r = Rules(liveness=1000.0, client_timeout=5.0, suspend_limit=100.0)
+    ready(r, "h1", slots=slots)
+    return r
+
+
+def test_suspended_job_survives_client_silence_until_suspend_limit():
+    """A stopped client's suspended job outlives its silence; at suspend_limit it is cancelled."""
+    r = suspending()
+    r.submit("a", "c", 0.0, "cc")
+    assert r.suspend("a", 1.0) == []
+    assert r.wake_at() == 101.0
+    assert r.tick(6.0) == [] and "c" in r.clients and r.jobs["a"].state.value == "running"
+    assert r.tick(100.9) == []
+    assert r.tick(101.0) == [Cancel("a", "h1")]
+    assert "c" not in r.clients and r.wake_at() == 1000.0
+    assert r.slot_freed("h1", "a") == [] and not r.jobs
+
+
+def test_suspended_jobs_siblings_go_with_the_silent_client():
+    """The silent client's jobs that are not suspended go at client_timeout, as always."""
+    r = suspending()
+    r.submit("a", "c", 0.0, "cc")
+    r.submit("b", "c", 0.0, "cc")
+    r.submit("q", "c", 0.0, "cc")                      # queued: two slots only
+    r.submit("x", "other", 0.0, "cc")
+    r.suspend("a", 1.0)
+    r.client_heard("other", 5.0)
+    assert r.wake_at() == 6.0                          # b and q are due at 1 + 5
+    assert r.tick(6.0) == [Cancel("b", "h1"), Forget("q"), Queued("x", 1)]
+    assert "c" in r.clients and r.wake_at() == 10.0    # then the other client
+    assert r.slot_freed("h1", "b") == [Dispatch("x", "h1", 1)]
+    assert r.tick(101.0) == [Cancel("a", "h1"), Cancel("x", "h1")]
+
+
+def test_resume_restores_normal_liveness():
+    """After resume, the job goes client_timeout after its client's last word, as before."""
+    r = suspending()
+    r.submit("a", "c", 0.0, "cc")
+    r.suspend("a", 1.0)
+    assert r.tick(30.0) == []
+    assert r.resume("a", 50.0) == []                   # also heard: the client runs again
+    assert r.wake_at() == 55.0
+    assert r.tick(54.9) == []
+    assert r.tick(55.0) == [Cancel("a", "h1")] and "c" not in r.clients
+
+
+def test_suspend_and_resume_count_as_heard():
+    """A suspend or a resume is a client's word like any other message."""
+    r = suspending()
+    r.submit("a", "c", 0.0, "cc")
+    r.submit("b", "c", 0.0, "cc")
+    r.suspend("a", 4.0)
+    assert r.tick(5.0) == []
+    assert r.wake_at() == 9.0
+    r.resume("a", 8.0)
+    assert r.tick(9.0) == [] and r.wake_at() == 13.0
+
+
+def test_suspend_keeps_its_first_time():
+    """A second suspend without a resume does not push the limit further out."""
+    r = suspending()
+    r.submit("a", "c", 0.0, "cc")
+    r.suspend("a", 1.0)
+    r.suspend("a", 50.0)
+    assert r.wake_at() == 101.0
+    assert r.tick(101.0) == [Cancel("a", "h1")]
+
+
+def test_suspend_of_a_job_not_running_is_ignored():
+    """Queued, cancelled and unknown jobs are not suspended: they go with a silent client."""
+    r = suspending(slots=1)
+    r.submit("a", "c", 0.0, "cc")
+    r.submit("q", "c", 0.0, "cc")
+    r.submit("k", "d", 0.0, "cc")
+    r.cancel("a")
+    assert r.suspend("a", 1.0) == [] and r.suspend("q", 1.0) == []
+    assert r.suspend("nope", 1.0) == [] and "nope" not in r.clients
+    assert r.wake_at() == 5.0                          # d, heard at 0
+    assert r.tick(6.0) == [Forget("q"), Forget("k")]
+    assert not r.clients and r.wake_at() == 1000.0
+
+
+def test_suspended_job_that_ends_while_its_client_is_stopped():
+    """The job ends on its host while its client is stopped: the client's record goes too."""
+    r = suspending()
+    r.submit("a", "c", 0.0, "cc")
+    r.submit("b", "c", 0.0, "cc")
+    r.suspend("a", 1.0)
+    r.tick(6.0)
+    assert r.slot_freed("h1", "a") == []
+    assert r.wake_at() == 6.0                          # nothing kept: the record is due
+    assert r.tick(7.0) == [] and "c" not in r.clients
+    assert r.slot_freed("h1", "b") == [] and not r.jobs
+
+
+def test_suspended_job_on_a_dying_host_is_lost():
+    """A suspension keeps a job from its client's silence, not from its host's death."""
+    r = suspending()
+    r.submit("a", "c", 0.0, "cc")
+    r.suspend("a", 1.0)
+    (lost, _) = r.host_gone("h1", 2.0)
+    assert lost == HostLost("a", "h1", lost.reason)
+    assert r.tick(6.0) == [] and not r.clients
+
+
 # --- errors and parameters -------------------------------------------------------------------
 
 def test_duplicate_submit_raises_and_changes_nothing():
@@ -427,9 +536,11 @@ def test_host_without_slots_is_refused(slots):
 
 
 @pytest.mark.parametrize("kwargs", [{"heartbeat": 0}, {"heartbeat": 4, "liveness": 3},
-                                    {"client_timeout": 0}, {"grace": -1}])
+                                    {"client_timeout": 0}, {"grace": -1},
+                                    {"suspend_limit": -1}])
 def test_bad_parameters_raise(kwargs):
-    """Heartbeat must be positive and at most liveness; timeouts positive; grace not negative."""
+    """Heartbeat must be positive and at most liveness; timeouts positive; grace and
+    suspend_limit not negative."""
     with pytest.raises(ValueError):
         Rules(**kwargs)
 
@@ -456,6 +567,7 @@ EVENTS = st.one_of(
     st.tuples(st.just("gone"), st.sampled_from(HOSTS)),
     st.tuples(st.just("cancel"), st.integers(0, 40)),
     st.tuples(st.just("client"), st.sampled_from(CLIENTS)),
+    st.tuples(st.sampled_from(["suspend", "resume"]), st.integers(0, 40)),
 )
 
 
@@ -515,7 +627,7 @@ class Model:
 @given(st.sampled_from([0.0, 1.5]), st.lists(EVENTS, min_size=20, max_size=60))
 def test_invariants_under_random_events(grace, events):
     """No job runs twice, no host over its slots, FIFO among fitting jobs, every job accounted."""
-    r = Rules(heartbeat=1.0, liveness=3.0, client_timeout=5.0, grace=grace)
+    r = Rules(heartbeat=1.0, liveness=3.0, client_timeout=5.0, grace=grace, suspend_limit=6.0)
     m = Model()
     now = 0.0
     for event in events:
@@ -547,6 +659,9 @@ def test_invariants_under_random_events(grace, events):
             actions = r.cancel(m.submitted[event[1] % len(m.submitted)]) if m.submitted else []
         elif op == "client":
             actions = r.client_heard(event[1], now)
+        elif op in ("suspend", "resume"):
+            job = m.submitted[event[1] % len(m.submitted)] if m.submitted else "none"
+            actions = getattr(r, op)(job, now)
         elif op == "beat":
             actions = [a for h in m.offers for a in r.host_heard(h, now)]
             for c in CLIENTS:
@@ -556,6 +671,7 @@ def test_invariants_under_random_events(grace, events):
             actions = r.tick(now)
             for h in [h for h in m.offers if h not in r.hosts]:
                 m.host_died(h)
+            assert r.wake_at() is None or r.wake_at() > now, "tick left work for the past"
         m.apply(actions)
         assert set(r.hosts) == set(m.offers)
         for host, jobs in m.running.items():     # the rules agree; slots bounded and distinct

@@ -179,5 +179,5 @@ def _job_as(daemon, argv: list[bytes], uid: int) -> tuple[bytes, bytes, int]:
     """Run a job as ``uid`` (its own gid, no groups) with a hand-made submit, cwd /:
     (stdout, stderr, exit status)."""
     got = _raw_job(daemon, argv, uid=uid, gid=pwd.getpwuid(uid).pw_gid, groups=[])
-    out, err = (b"".join(m.payload for m in got if m.kind == name) for name in protocol.STREAMS)
+    out, err = (b"".join(m.payload for m in got if m.kind == name) for name in ("stdout", "stderr"))
     return out, err, got[-1]["status"]

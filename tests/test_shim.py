@@ -38,4 +38,4 @@ def test_script_names_its_command_and_starts_with_a_shebang():
     text = shim.script("convert", "/opt/off load").decode()
     assert text.startswith("#!/bin/sh\n") and "shim for convert" in text
     assert "exec 3<>'/opt/off load/.ctl/convert'" in text
-    assert text.splitlines()[2] == "s="
+    assert text.splitlines()[2] == "s='' t=''"
