@@ -263,12 +263,10 @@ def test_ctrl_z_stops_the_job_fg_resumes_it_ctrl_c_ends_it(route, shell_of):
     assert sh.expect(rb"KeyboardInterrupt") and sh.prompt(), sh.buf
 
 
-# --- straight to a host, shim and offld ----------------------------------------------------------
-
-def test_cat_reads_the_terminal_and_ctrl_d_leaves_nothing_for_the_shell(direct, shell_of):
+def test_cat_reads_the_terminal_and_ctrl_d_leaves_nothing_for_the_shell(route, shell_of):
     """Typed lines reach cat (echoed by the host's pty, then written back by cat); after ^D
     the shell gets nothing of what was typed."""
-    sh = shell_of(direct)
+    sh = shell_of(route)
     sh.line(b"cat")
     sh.wait_reading(job_pid("cat"))
     sh.send(b"typed-line\n")
@@ -280,9 +278,9 @@ def test_cat_reads_the_terminal_and_ctrl_d_leaves_nothing_for_the_shell(direct, 
     assert b"command not found" not in sh.buf
 
 
-def test_a_window_change_reaches_the_job(direct, shell_of):
+def test_a_window_change_reaches_the_job(route, shell_of):
     """The job's pty gets the new size and the job SIGWINCH."""
-    sh = shell_of(direct)
+    sh = shell_of(route)
     sh.line(b"sh -c 'trap \"stty size\" WINCH; echo ready; while :; do sleep 0.05; done'")
     assert sh.expect(rb"ready\r\n", 20), sh.buf
     sh.resize(50, 120)
@@ -291,37 +289,10 @@ def test_a_window_change_reaches_the_job(direct, shell_of):
     assert sh.prompt(), sh.buf
 
 
-def test_pipes_stay_pipes_at_a_terminal(direct, shell_of):
-    """Only stdout and stderr that are the terminal become the host's pty: `cmd | cat` sees
-    a pipe, `echo x | cmd` reads the pipe."""
-    sh = shell_of(direct)
-    sh.line(b"sh -c '[ -t 1 ] && echo out-tty || echo out-pipe; [ -t 2 ] && echo err-tty >&2'"
-            b" | cat")
-    assert sh.expect(rb"out-pipe\r\nerr-tty\r\n|err-tty\r\nout-pipe\r\n") and sh.prompt(), \
-        sh.buf
-    sh.send(b"echo piped | " + sh.prefix + b"sh -c '[ -t 0 ] || cat; [ -t 1 ] && echo out-tty'\n")
-    assert sh.expect(rb"piped\r\nout-tty\r\n") and sh.prompt(), sh.buf
-
-
-def test_a_pager_downstream_keeps_the_terminal_settings_it_chose(direct, shell_of, work):
-    """`cmd | pager`: the pager (here: stty -echo, read, stty -g) sets the terminal; the job
-    ending upstream leaves those settings alone, exactly as when cmd runs locally."""
-    (work / "pager").write_text("/bin/stty -echo </dev/tty\ncat >/dev/null\n/bin/stty -g </dev/tty\n"
-                                "/bin/stty echo </dev/tty\n")
-    sh = shell_of(direct)
-    settings = []
-    for prefix, offload in ((b"/bin/", False), (b"", True)):
-        sh.line(prefix + b"sh -c 'sleep 1; echo done' | /bin/sh pager", offload=offload)
-        assert sh.expect(STTY_G) and sh.prompt(), sh.buf
-        settings.append(re.search(STTY_G, sh.buf).group(1))
-    assert settings[0] == settings[1]
-    assert direct.ran("sh") == 1
-
-
-def test_a_background_job_reading_the_terminal_stops_as_locally(direct, shell_of):
+def test_a_background_job_reading_the_terminal_stops_as_locally(route, shell_of):
     """`cmd &` that reads: Stopped (SIGTTIN), and fg gives it the terminal; one that does not
     read runs to its end in the background."""
-    sh = shell_of(direct)
+    sh = shell_of(route)
     sh.line(b"python3 -c 'print(\"got\", input())' &")
     assert sh.prompt(), sh.buf
     wait_for(lambda: _stopped("print(") >= 2, 20, "the job here and on the host to stop")
@@ -352,16 +323,45 @@ def _stopped(marker: str) -> int:
     return count
 
 
-def test_the_terminal_is_restored_when_a_raw_job_is_killed_on_the_host(direct, shell_of):
+def test_the_terminal_is_restored_when_a_raw_job_is_killed_on_the_host(route, shell_of):
     """A job in raw mode (its own pty's), SIGKILLed on the host: the caller's settings are
     what they were before."""
-    sh = shell_of(direct)
+    sh = shell_of(route)
     before = sh.settings()
     sh.line(b"python3 -c 'import tty,time; tty.setraw(0); print(\"raw-now\"); time.sleep(60)'")
     assert sh.expect(rb"[\r\n]raw-now\n", 20), sh.buf
     os.kill(wait_for(job_pid("tty.setraw"), 10, "the job"), signal.SIGKILL)
     assert sh.prompt(), sh.buf
     assert sh.settings() == before
+
+
+# --- straight to a host, shim and offld ---------------------------------------------------
+
+def test_pipes_stay_pipes_at_a_terminal(direct, shell_of):
+    """Only stdout and stderr that are the terminal become the host's pty: `cmd | cat` sees
+    a pipe, `echo x | cmd` reads the pipe."""
+    sh = shell_of(direct)
+    sh.line(b"sh -c '[ -t 1 ] && echo out-tty || echo out-pipe; [ -t 2 ] && echo err-tty >&2'"
+            b" | cat")
+    assert sh.expect(rb"out-pipe\r\nerr-tty\r\n|err-tty\r\nout-pipe\r\n") and sh.prompt(), \
+        sh.buf
+    sh.send(b"echo piped | " + sh.prefix + b"sh -c '[ -t 0 ] || cat; [ -t 1 ] && echo out-tty'\n")
+    assert sh.expect(rb"piped\r\nout-tty\r\n") and sh.prompt(), sh.buf
+
+
+def test_a_pager_downstream_keeps_the_terminal_settings_it_chose(direct, shell_of, work):
+    """`cmd | pager`: the pager (here: stty -echo, read, stty -g) sets the terminal; the job
+    ending upstream leaves those settings alone, exactly as when cmd runs locally."""
+    (work / "pager").write_text("/bin/stty -echo </dev/tty\ncat >/dev/null\n/bin/stty -g </dev/tty\n"
+                                "/bin/stty echo </dev/tty\n")
+    sh = shell_of(direct)
+    settings = []
+    for prefix, offload in ((b"/bin/", False), (b"", True)):
+        sh.line(prefix + b"sh -c 'sleep 1; echo done' | /bin/sh pager", offload=offload)
+        assert sh.expect(STTY_G) and sh.prompt(), sh.buf
+        settings.append(re.search(STTY_G, sh.buf).group(1))
+    assert settings[0] == settings[1]
+    assert direct.ran("sh") == 1
 
 
 def test_offld_t_forces_a_terminal_and_T_refuses_one(daemon, work, shell_of):
