@@ -379,6 +379,49 @@ def test_offld_t_forces_a_terminal_and_T_refuses_one(daemon, work, shell_of):
     assert sh.expect(rb"no-tty\r\n") and sh.prompt(), sh.buf
 
 
+@pytest.mark.parametrize("tty", [True, False])
+def test_kill_tstp_of_the_client_stops_the_job_and_fg_resumes_it(direct, shell_of, work, tty):
+    """kill -TSTP of the shim or offld (not a key): Stopped, as for a local process, and the
+    job on the host stops too; fg resumes both. Without a terminal the job is stopped with
+    SIGSTOP there (its group is orphaned), yet the shell says Stopped, not Stopped (signal)."""
+    sh = shell_of(direct)
+    redirect = b"" if tty else b" </dev/null >ticks.txt 2>&1"
+    sh.line(b"sh -c 'while :; do echo tick; sleep 0.1; done'" + redirect)
+    if tty:
+        assert sh.expect(rb"\ntick\r\n", 20), sh.buf
+    else:
+        wait_for(lambda: (work / "ticks.txt").exists() and (work / "ticks.txt").stat().st_size,
+                 20, "the job's first tick")
+    client = wait_for(_client_of(direct, b"while :"), 10, "the client")
+    os.kill(client, signal.SIGTSTP)
+    assert sh.expect(rb"\[1\]\+\s+Stopped\s+[^(]") and sh.prompt(5), sh.buf
+    size = (work / "ticks.txt").stat().st_size if not tty else 0
+    assert sh.quiet_for(1.0, rb"tick"), sh.buf
+    assert tty or (work / "ticks.txt").stat().st_size == size
+    sh.line(b"fg", offload=False)
+    if tty:
+        assert sh.expect(rb"\ntick\r\n", 5), sh.buf
+    else:
+        wait_for(lambda: (work / "ticks.txt").stat().st_size > size, 5, "ticks again")
+    sh.send(b"\x03")
+    assert sh.prompt(), sh.buf
+
+
+def _client_of(route: Route, marker: bytes):
+    """A finder of the client process here: the shim (sh running MOUNT/sh) or offld."""
+    name = b"/offld\0" if route.client == "offld" else str(route.mount.path).encode() + b"/sh\0"
+    def find() -> int | None:
+        for entry in os.listdir("/proc"):
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if name in cmd and marker in cmd:
+                return int(entry)
+        return None
+    return find
+
+
 # --- a stopped client keeps its job --------------------------------------------------------
 
 @pytest.mark.parametrize("via", ["", "-broker"])
