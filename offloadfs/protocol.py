@@ -45,7 +45,9 @@ Messages, by stage (C = client, D = daemon or broker on the client's behalf)::
                       the job, in the fore- or background of its pty (also sent when the
                       caller alone moved between fore- and background)
     D->C exit         job, status int, signal int|nil, rusage map, timings map
-    D->C error        job?, kind str, text str
+    D->C error        job?, kind str, text str, started bool? (about a job: whether it may
+                      have started; false only when the sender knows it never did, e.g. a
+                      refusal before any spawn; absent: the client assumes it may have)
     *->* ping         jobs[str]                            heartbeat; lists the sender's live jobs
     H->B ready        {host, commands, slots, tags}       a host offers itself to a broker
                       (H = a daemon's DEALER to a broker B; B forwards jobs to H as a client
@@ -345,7 +347,7 @@ SCHEMA: dict[str, tuple[bool, dict, dict]] = {
     "resume": (True, {"foreground": _bool}, {}),
     "exit": (True, {"status": _int(0, 255)},
              {"signal": _opt(_int(1, 64)), "rusage": _any_map, "timings": _any_map}),
-    "error": (False, {"kind": _str(64), "text": _str()}, {}),
+    "error": (False, {"kind": _str(64), "text": _str()}, {"started": _bool}),
     "ping": (False, {}, {"jobs": _list(_JOB, 65536)}),
     "ready": (False, {"host": _str(255), "commands": _CMDS, "slots": _POS}, {"tags": _TAGS}),
     "status": (False, {}, {}),

@@ -62,7 +62,7 @@ EXAMPLES: dict[str, tuple[str | None, bytes | None, dict]] = {
     "resume": ("job-1", None, {"foreground": False}),
     "exit": ("job-1", None, {"status": 1, "signal": 9, "rusage": {"maxrss": 1024, "utime": 0.25},
                              "timings": {"queued": 0.0, "run": 1.5}}),
-    "error": ("job-1", None, {"kind": "field", "text": "bad field"}),
+    "error": ("job-1", None, {"kind": "field", "text": "bad field", "started": False}),
     "ping": (None, None, {"jobs": ["job-1", "job-2"]}),
     "status": (None, None, {}),
     "status-reply": (None, None, {"host": "fast-host", "slots": 4, "busy": 1, "queued": 2,
