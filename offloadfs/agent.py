@@ -34,6 +34,7 @@ SIGNAL_POLL = 0.05          # seconds between looks at running callers' pending 
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 HOST_LIVENESS = 3.0         # a host not answering hello this long is dead for new jobs
+REBUILD_AFTER = 3.0         # a connection still away after this long gets a new socket
 FORWARD = frozenset(int(s) for s in FORWARDED)
 
 
@@ -152,16 +153,28 @@ class HostLink:
         self.commands: list[str] = []
         self.in_flight = 0
         self.dead_since: float | None = None
+        self.down_at: float | None = None     # the connection went away at, until it is back
+        self.keys = keys
+        self.ctx = ctx
 
     def usable(self, name: str) -> bool:
         """True if this host is up and offers ``name``."""
         return self.state == HostState.UP and name in self.commands
 
-    def close(self) -> None:
+    def close(self, linger: int | None = None) -> None:
         """Stop monitoring and close the socket."""
         self.channel.sock.disable_monitor()
         self.monitor.close(linger=0)
-        self.channel.close()
+        self.channel.close(linger)
+
+    def rebuild(self) -> None:
+        """A new socket to the same endpoint: ZeroMQ does not come back from every dropped
+        connection (a frame over MAXMSGSIZE), and a send must never wait on one."""
+        self.close(linger=0)
+        self.channel = Channel(self.ctx, self.endpoint, self.keys)
+        self.monitor = self.channel.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+        self.down_at = None
 
 
 class Agent(ClientLoop):
@@ -180,6 +193,7 @@ class Agent(ClientLoop):
         self.requests: dict[str, ShimRequest] = {}
         self.thread = threading.Thread(target=self._main, name="offloadfs-agent", daemon=True)
         self._stopping = False
+        self._failures = 0
         self.loop_ended = lambda: False   # set by the filesystem: libfuse's loop is ending
         self._last_signal_poll = 0.0
         self.recent: list[dict] = []
@@ -217,11 +231,21 @@ class Agent(ClientLoop):
         self.links = [HostLink(self.ctx, e, self.config.keys) for e in self.endpoints]
         try:
             while not self._stopping:
-                self.step(SIGNAL_POLL if self.requests else self.timing.heartbeat / 2)
-        except Exception:
-            log.exception("the agent failed; shims fall back to local commands")
+                self._step_safely()
         finally:
             self._shutdown()
+
+    def _step_safely(self) -> None:
+        """One round; a bug costs that round (logged), never the agent and its jobs."""
+        try:
+            self.step(SIGNAL_POLL if self.requests else self.timing.heartbeat / 2)
+            self._failures = 0
+        except Exception:
+            self._failures += 1
+            if self._failures <= 3 or self._failures % 1000 == 0:
+                log.exception("internal error in the agent (%d in a row); it goes on",
+                              self._failures)
+            time.sleep(min(0.001 * self._failures, 0.1))   # a bug that repeats must not spin
 
     def _start_export(self) -> None:
         """Offer the VM's tree to the hosts (on this thread: a child dies with it)."""
@@ -277,8 +301,10 @@ class Agent(ClientLoop):
         event = message["event"]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             link.failure = ""
+            link.down_at = None
             self._hello(link, time.monotonic())
         elif event == zmq.EVENT_DISCONNECTED:
+            link.down_at = link.down_at or time.monotonic()
             self._host_down(link, "disconnected")
         elif event & HANDSHAKE_FAILED:
             self._refused(link, link.channel.failure(message)["text"])
@@ -316,10 +342,21 @@ class Agent(ClientLoop):
             if link.state == HostState.UP and now - link.channel.heard > HOST_LIVENESS:
                 self._host_down(link, f"silent for {HOST_LIVENESS:g}s")
             self._forget(link, now)
+            self._maybe_rebuild(link, now)
         if now - self._last_signal_poll >= SIGNAL_POLL:
             self._last_signal_poll = now
             for request in self.requests.values():
                 self._forward_signals(request)
+
+    def _maybe_rebuild(self, link: HostLink, now: float) -> None:
+        """A link whose connection stayed away (or would not take a send) gets a new socket
+        once none of its jobs is left (they end by their liveness rule, as ones that may have
+        run); the other hosts are never held up by it."""
+        gone = link.channel.stalled or (link.down_at is not None
+                                        and now - link.down_at > REBUILD_AFTER)
+        if gone and link.in_flight == 0:
+            log.info("host %s: a new connection to %s", link.name, link.endpoint)
+            link.rebuild()
 
     def finished(self, job: JobRun) -> None:
         """A shim's job ended: fall back if it never started and policy allows, else reply."""

@@ -20,6 +20,7 @@ from .protocol import Message, ProtocolError
 FAILURES = (zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 MECHANISM_MISMATCH = 0x11000002     # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+RCVHWM = 16   # messages ZeroMQ queues for us; then it reads no more and TCP pushes back
 
 
 class OffloadError(Exception):
@@ -47,9 +48,10 @@ class Channel:
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)
         self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, RCVHWM)
         self.sock.connect(endpoint)
         self.heard = 0.0
+        self.stalled = False
         self.welcome: Message | None = None
 
     @property
@@ -57,9 +59,15 @@ class Channel:
         """The peer's host name once welcomed, else the endpoint."""
         return self.welcome["host"] if self.welcome else self.endpoint
 
-    def send(self, frames: list) -> None:
-        """Send one message's frames."""
-        self.sock.send_multipart(frames, copy=len(frames) == 1)
+    def send(self, frames: list) -> bool:
+        """Send one message's frames without ever blocking; False if ZeroMQ has no connection
+        to queue it on (a connection it dropped and did not make again: see ``stalled``)."""
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+        except zmq.Again:
+            self.stalled = True
+            return False
+        return True
 
     def recv(self) -> Message | None:
         """One decoded message if one is waiting, else None; bad input raises OffloadError."""
@@ -132,6 +140,6 @@ class Channel:
                                       "not the host's public key, or the host uses no keys")
         return Message("refused", fields={"why": why, "text": text})
 
-    def close(self) -> None:
-        """Close the socket (pending messages get LINGER ms to leave)."""
-        self.sock.close()
+    def close(self, linger: int | None = None) -> None:
+        """Close the socket (pending messages get LINGER ms, or ``linger``, to leave)."""
+        self.sock.close(linger)

@@ -89,7 +89,8 @@ class ClientLoop:
         poller = zmq.Poller()
         poller.register(self.wake_r, zmq.POLLIN)
         for channel in self.channels():
-            poller.register(channel.sock, zmq.POLLIN)
+            if not self._held(channel):
+                poller.register(channel.sock, zmq.POLLIN)
         stdin = {}
         for job in self.jobs.values():
             job.want(poller)
@@ -98,7 +99,8 @@ class ClientLoop:
         self.register(poller)
         ready = dict(poller.poll(timeout * 1000))
         for channel in self.channels():
-            self._receive(channel)
+            if not self._held(channel):
+                self._receive(channel)
         for fd, job in stdin.items():
             if fd in ready and job.outcome is None:
                 job.stdin_ready()
@@ -117,15 +119,30 @@ class ClientLoop:
 
     def _receive(self, channel: Channel) -> None:
         """Route each waiting message to its job; the rest goes to :meth:`unrouted`."""
-        try:
-            while (msg := channel.recv()) is not None:
-                job = self.jobs.get(msg.job) if msg.job else None
-                if job is not None and job.channel is channel:
-                    job.on_message(msg)
-                else:
-                    self.unrouted(channel, msg)
-        except OffloadError as exc:
-            self.channel_failed(channel, exc)
+        for _ in range(10_000):   # bounded: one flooding host cannot starve the others
+            try:
+                msg = channel.recv()
+            except OffloadError as exc:
+                self.channel_failed(channel, exc)
+                continue
+            if msg is None:
+                return
+            job = self.jobs.get(msg.job) if msg.job else None
+            if job is not None and job.channel is channel:
+                job.on_message(msg)
+                if job.over_window():
+                    return
+            elif msg.kind == "ping":
+                for job in self.jobs.values():
+                    if job.channel is channel:
+                        job.on_ping(msg)
+            else:
+                self.unrouted(channel, msg)
+
+    def _held(self, channel: Channel) -> bool:
+        """True while a job of ``channel`` holds more output than its credit (its host sent
+        past it): nothing more is read from that host until the writers catch up."""
+        return any(j.channel is channel and j.over_window() for j in self.jobs.values())
 
     def _woken(self) -> None:
         """Drain the wake-up pipe; forward signals; let jobs collect sink progress."""
@@ -155,10 +172,15 @@ class ClientLoop:
                                                       msg["kind"]))
 
     def channel_failed(self, channel: Channel, error: OffloadError) -> None:
-        """A channel is unusable: its jobs end with ``error``."""
+        """A channel is unusable (its peer sent garbage, or a channel-wide error): its jobs
+        end with ``error``; every one that may have started is said to have (never re-run)."""
         for job in self.jobs.values():
-            if job.channel is channel:
-                job.fail(error)
+            if job.channel is channel and not job.state.final:
+                started = error.started or job.may_have_started()
+                job.cancel()
+                job.fail(OffloadError(str(error) + ("; the job may have run, its outcome is "
+                                                    "unknown" if started else ""),
+                                      error.kind, started))
 
     def register(self, poller: zmq.Poller) -> None:
         """Register extra poll items (subclasses)."""

@@ -267,7 +267,10 @@ class ShimFS(Operations):
                               session.take_stdio(), self.debug)
         request.early_signals = early
         reason = self._local_reason(request)
-        if reason:
+        if reason and request.policy == "always":   # fail closed, whatever is broken
+            self.registry.record(session.name, "failures", {})
+            request.decide_refused(f"{reason} (policy always)")
+        elif reason:
             self.registry.record(session.name, "fallbacks", {})
             request.decide_local(reason)
         else:

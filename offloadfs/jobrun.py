@@ -31,12 +31,16 @@ import zmq
 from . import protocol, staging
 from .channel import Channel, OffloadError
 from .protocol import Message
-from .states import JobState, advance
+from .states import IllegalTransition, JobState, advance
 from .terminal import Terminal, foreground
 
+FROM_HOST = frozenset({"queued", "started", "stdout", "stderr", "tty", "file", "credit", "exit",
+                       "error", "stopped"})   # what a host may say about a job
+OUTPUT = frozenset({"stdout", "stderr", "tty", "file"})   # spends the output credit
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGWINCH, signal.SIGTSTP)
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SIGNAL_GRACE = 5.0   # seconds a host may stay silent after an ending signal was forwarded
 SINK_WAIT = 5.0   # seconds a stop waits for the terminal's output before it restores it
 
 
@@ -195,6 +199,9 @@ class JobRun:
         self.ran_on = ""
         self.outcome: Outcome | None = None
         self.submitted = self.last_ping = self.resumed = 0.0
+        self.listed = 0.0           # when the host last named this job in its pings
+        self.received = self.drained = 0    # output bytes received, and written out since
+        self.ending: float | None = None    # when an ending signal was forwarded
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -206,10 +213,18 @@ class JobRun:
         extra = {"data": s.data} if s.data else {}
         if self.terminal is not None:
             extra["tty"] = self.terminal.spec()
-        self.channel.send(protocol.encode(
+        self.submitted = self.last_ping = self.listed = time.monotonic()
+        sent = self.channel.send(protocol.encode(
             "submit", self.id, argv=s.argv, cwd=s.cwd, uid=s.uid, gid=s.gid, groups=s.groups,
             env=s.env, window=protocol.WINDOW, tags=s.tags, **extra))
-        self.submitted = self.last_ping = time.monotonic()
+        if not sent:
+            self.fail(OffloadError(f"cannot reach {self.channel.host}; the job never ran",
+                                   "no-host", False))
+
+    def may_have_started(self) -> bool:
+        """True from the moment a host could have received the submit: the rule that a job
+        is never run twice hangs on this (docs/decisions.md)."""
+        return self.submitted > 0
 
     def _reads_stdin(self, fd: int) -> bool:
         """Whether the caller's stdin is relayed: not a terminal the host's pty does not take
@@ -229,12 +244,22 @@ class JobRun:
             self.check_terminal()
         elif signum == signal.SIGTSTP and self.state in (JobState.NEW, JobState.QUEUED):
             self.stop_here(signum)   # nothing runs yet: only the caller stops
+        elif self.state == JobState.RUNNING and signum in ENDING and self.ending is not None:
+            self.cancel()   # a second one: the user wants out now, whatever the host does
+            self.fail(OffloadError(f"stopped by a second signal; the job on {self.host()} "
+                                   f"was cancelled, its outcome is unknown", "cancelled", True))
         elif self.state == JobState.RUNNING:
             self.debug(f"forwarding signal {signum} to the job")
             self.send("signal", signum=signum)
+            if signum in ENDING:
+                self.ending = time.monotonic()
         elif not self.state.final and signum in ENDING:
             self.send("cancel")
             self._finish(Outcome(128 + signum, self.channel.host, signal=signum))
+
+    def host(self) -> str:
+        """The host the job runs on (through a broker: the one it chose, once known)."""
+        return self.ran_on or self.channel.host
 
     def cancel(self) -> None:
         """Tell the daemon to drop the job (the caller is going away)."""
@@ -330,6 +355,7 @@ class JobRun:
     def _consumed(self, n: int) -> None:
         """``n`` bytes of output were written out: return credit once a batch is owed."""
         self.owed += n
+        self.drained += n
         if self.owed >= protocol.CREDIT_BATCH and not self.state.final:
             self.send("credit", n=self.owed)
             self.owed = 0
@@ -376,25 +402,57 @@ class JobRun:
             self.last_ping = now
             self.channel.send(protocol.encode("ping", jobs=[self.id]))
         self.check_terminal()
-        silent = now - max(self.channel.heard, self.submitted, self.resumed)
+        since = max(self.submitted, self.resumed)
+        silent = now - max(self.channel.heard, since)
+        unlisted = now - max(self.listed, since)
         if self.state == JobState.NEW and silent > timing.ack_timeout:
-            self.cancel()
+            self.cancel()   # no host ever acknowledged it: it never ran
             self.fail(OffloadError(f"{self.channel.host} did not acknowledge the job within "
-                                    f"{timing.ack_timeout:g}s", "no-ack", False))
+                                   f"{timing.ack_timeout:g}s; it never ran", "no-ack", False))
         elif silent > timing.liveness:
-            started = self.state not in (JobState.NEW, JobState.QUEUED)
-            self.fail(OffloadError(
-                f"lost contact with {self.channel.host} (silent for {silent:.0f}s)"
-                + ("; the job's outcome is unknown" if started else ""), "lost", started))
+            self.fail(OffloadError(f"lost contact with {self.host()} (silent for "
+                                   f"{silent:.0f}s); the job may have run, its outcome is "
+                                   f"unknown", "lost", True))
+        elif unlisted > timing.liveness and self.stopped is None:
+            self.cancel()
+            self.fail(OffloadError(f"{self.host()} stopped reporting the job for "
+                                   f"{unlisted:.0f}s; it may have run, its outcome is unknown",
+                                   "lost", True))
+        elif self.ending is not None and now - self.ending > SIGNAL_GRACE \
+                and self.listed < self.ending:
+            self.cancel()
+            self.fail(OffloadError(f"{self.host()} did not answer within {SIGNAL_GRACE:g}s of "
+                                   f"the signal; the job's outcome is unknown", "lost", True))
+
+    def on_ping(self, msg: Message) -> None:
+        """A host's heartbeat: does it still name this job?"""
+        if self.id in msg.get("jobs", ()):
+            self.listed = time.monotonic()
 
     def on_message(self, msg: Message) -> None:
-        """A message from the daemon about this job."""
+        """A message from the daemon about this job; one that breaks the protocol (a kind
+        not for a client, a step the job's state does not allow, output past its credit)
+        fails this job alone, as one that may have run."""
+        self.listed = time.monotonic()
         handler = getattr(self, "_on_" + msg.kind.replace("-", "_"), None)
-        if handler is None:
-            self.fail(OffloadError(f"{self.channel.host} sent an unexpected {msg.kind}",
-                                    "protocol", True))
-        elif not self.state.final:
+        if self.state.final:
+            return
+        try:
+            if handler is None or msg.kind not in FROM_HOST:
+                raise IllegalTransition(f"a {msg.kind} message is not for a client")
+            if msg.kind in OUTPUT:
+                self.received += len(msg.payload)
             handler(msg)
+        except IllegalTransition as exc:
+            self.cancel()
+            self.fail(OffloadError(f"{self.host()} broke the protocol ({exc}); the job may "
+                                   f"have run, its outcome is unknown", "protocol", True))
+
+    def over_window(self) -> bool:
+        """True while more output is held here than the credit this client granted: the loop
+        then reads no more from the host until the caller's readers catch up (a host that
+        ignores its credit cannot make the client's memory grow)."""
+        return self.received - self.drained > protocol.WINDOW
 
     def _on_queued(self, msg: Message) -> None:
         """The job waits for a slot."""
@@ -446,9 +504,9 @@ class JobRun:
                              msg.get("signal")))
 
     def _on_error(self, msg: Message) -> None:
-        """The daemon refused or lost the job."""
-        started = self.state not in (JobState.NEW, JobState.QUEUED)
-        self.fail(OffloadError(f"{self.channel.host}: {msg['text']}", msg["kind"], started))
+        """The daemon refused or lost the job: it never ran only if the sender says so."""
+        self.fail(OffloadError(f"{self.channel.host}: {msg['text']}", msg["kind"],
+                               msg.get("started", True)))
 
     def fail(self, error: OffloadError) -> None:
         """End the job with an offload error (exit 255)."""

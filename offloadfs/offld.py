@@ -127,6 +127,7 @@ def run(command: list[str], opts, say: Reporter) -> int:
     cfg = ClientConfig.load(opts.config)
     out_fd = _output_fd(opts.output)
     ctx = zmq.Context()
+    channel = None
     try:
         channel = connect(ctx, endpoints(opts, cfg), cfg.connect_timeout, say.debug, cfg.keys)
         connected = time.monotonic()
@@ -140,9 +141,10 @@ def run(command: list[str], opts, say: Reporter) -> int:
                     outcome = _drive(channel, spec, out_fd, cfg, say, opts.tty)
                 finally:
                     exp.finish(spec.data)
-        channel.close()
-    finally:
-        ctx.term()
+    finally:   # nothing is owed once the job ended: a last cancel gets a moment, no more
+        if channel is not None:
+            channel.close(linger=200)
+        ctx.destroy(linger=0)
     outcome.timings["start"] = age
     outcome.timings["connect"] = connected - started
     outcome.timings["total"] = time.monotonic() - started + age
