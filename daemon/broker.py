@@ -3,10 +3,18 @@
 One thread does everything: :meth:`Broker.run` polls the clients' ROUTER (they speak the same
 protocol as to a daemon), the hosts' ROUTER (each daemon's DEALER, ``offloadd serve
 --connect``) and a wake-up pipe; it feeds events to the rules and carries out their actions.
-Jobs get a broker-wide id on their way to a host (ids are unique per client only); every
-message of a job after its dispatch is passed through unchanged but for that id, so streams
-keep their credit-based flow control end to end. The broker keeps nothing that matters across
-a restart (see ``broker_rules``).
+Jobs get a broker-wide id on their way to a host (ids are unique per client only): a random
+prefix drawn once per broker process, then a counter, so that a restarted broker's ids never
+meet those of its previous life on a host that still knows them. Every message of a job after
+its dispatch is passed through unchanged but for that id, so streams keep their credit-based
+flow control end to end. The broker keeps nothing that matters across a restart (see
+``broker_rules``).
+
+Every ``error`` the broker itself sends about a job says whether the job may have started
+(``started``): true once it was dispatched to a host (host lost, broker stopped, a job it
+does not know, as after its own restart), false only while the job never left the broker (no
+host offers it, refused at submit, broker stopped while it was queued). A host's own error is
+relayed unchanged, with the host's ``started``.
 """
 from __future__ import annotations
 
@@ -71,6 +79,7 @@ class BrokerJob:
     wire: str
     submit: Message
     host: bytes | None = None
+    host_name: str = ""         # the host's name at dispatch, for error lines
     told: bool = False
     vm: str | None = None
     cost: int = 0               # what its spec holds of the budget (limits.cost)
@@ -94,6 +103,7 @@ class Broker:
         self.back, self.back_endpoint = self._bind(config.workers, "hosts")
         self.jobs: dict[tuple[bytes, str], BrokerJob] = {}
         self.wires: dict[str, tuple[bytes, str]] = {}
+        self.life = os.urandom(6).hex()   # this process's prefix of wire ids
         self.ids = itertools.count(1)
         self.positions: dict[tuple[bytes, str], int] = {}
         self.done = self.failed = 0
@@ -132,8 +142,8 @@ class Broker:
 
     def run(self) -> None:
         """Serve until SIGTERM (or :meth:`stop`); then close both sockets."""
-        log.info("broker %s: clients on %s, hosts on %s", self.name, self.front_endpoint,
-                 self.back_endpoint)
+        log.info("broker %s: clients on %s, hosts on %s (job ids %s-N)", self.name,
+                 self.front_endpoint, self.back_endpoint, self.life)
         if self.keys:
             log.info("CURVE on: %d VM keys, %d host keys authorized",
                      len(self.rings["clients"].names()), len(self.rings["hosts"].names()))
@@ -146,7 +156,10 @@ class Broker:
             with stopping_on_signals(self.stop, self._wake_w):
                 self._loop()
         finally:
-            self._close()
+            try:
+                self._farewell()
+            finally:
+                self._close()
 
     def stop(self) -> None:
         """Ask the loop to end (any thread, or a signal handler)."""
@@ -220,8 +233,8 @@ class Broker:
         elif msg.kind == "ping":
             for job_id in dict.fromkeys(msg.get("jobs", [])):
                 if (client, job_id) not in self.jobs and not self._refuse(
-                        self.front, client, job_id, "unknown-job",
-                        f"{self.name} has no job {job_id} (broker restarted?)"):
+                        self.front, client, job_id, "unknown-job", self._unknown(job_id),
+                        started=True):
                     break
         elif msg.kind == "submit":
             self._submit(client, msg, now)
@@ -238,21 +251,23 @@ class Broker:
         """A new job: remember it and let the rules place or queue it."""
         key = (client, msg.job)
         if key in self.jobs:
-            self._refuse(self.front, client, msg.job, "duplicate",
-                         f"job {msg.job} is already known")
+            self._refuse(self.front, client, msg.job, "duplicate",   # the one here may run
+                         f"job {msg.job} is already known", started=True)
             return
         if self.keys and self.rings["clients"].name_of(self.sender_key) is None:
             self._refuse(self.front, client, msg.job, "unauthorized",
-                         f"this VM's key is no longer authorized on {self.name}")
+                         f"this VM's key is no longer authorized on {self.name}; the job "
+                         "never ran", started=False)
             return
         cost = limits.cost(msg.fields)
         why = self.budget.take(client, cost)
         if why is not None:
             self.failed += 1
-            self._refuse(self.front, client, msg.job, "busy", f"{self.name}: {why}")
+            self._refuse(self.front, client, msg.job, "busy",
+                         f"{self.name}: {why}; the job never ran", started=False)
             return
-        job = BrokerJob(key, str(next(self.ids)), msg, vm=self.sender_key if self.keys else None,
-                        cost=cost)
+        job = BrokerJob(key, f"{self.life}-{next(self.ids)}", msg,
+                        vm=self.sender_key if self.keys else None, cost=cost)
         self.jobs[key] = job
         self.wires[job.wire] = key
         command = os.path.basename(os.fsdecode(msg["argv"][0]))
@@ -263,8 +278,8 @@ class Broker:
         resume also tells the rules whether the client's silence is its death."""
         job = self.jobs.get((client, msg.job))
         if job is None:
-            self._refuse(self.front, client, msg.job, "unknown-job",
-                         f"{self.name} has no job {msg.job}")
+            self._refuse(self.front, client, msg.job, "unknown-job", self._unknown(msg.job),
+                         started=True)
             return
         if msg.kind == "suspend":
             self._act(self.rules.suspend(job.key, now))
@@ -273,6 +288,12 @@ class Broker:
         if job.host is not None:
             self._send(self.back, job.host,
                        protocol.encode(msg.kind, job.wire, msg.payload, **msg.fields))
+
+    def _unknown(self, job_id: str) -> str:
+        """The line for a job a client names that we do not know: after a broker restart, or
+        lost in one, it may have been dispatched by the previous broker."""
+        return (f"{self.name} has no job {job_id}: the broker restarted; the job may have "
+                "run, its outcome is unknown")
 
     def _welcome(self) -> list:
         """Who we are: the union of what live hosts offer."""
@@ -358,6 +379,8 @@ class Broker:
         """Send the job's submit to its host, under the broker's id."""
         job = self.jobs[a.job]
         job.host = a.host_id
+        host = self.rules.hosts.get(a.host_id)
+        job.host_name = host.name if host is not None else repr(a.host_id)
         fields = {k: v for k, v in job.submit.fields.items() if k != "vm"}   # never the client's
         if job.vm:
             fields["vm"] = job.vm
@@ -390,14 +413,14 @@ class Broker:
         client, job_id = a.job
         self.failed += 1
         self.metrics.missed.labels(peer="host").inc()
-        self._client_error(client, job_id, "host-lost", a.reason)
+        self._client_error(client, job_id, "host-lost", a.reason, started=True)
         self._forget(a.job)
 
     def _do_nohost(self, a: rules_mod.NoHost) -> None:
         """No live host can run the job."""
         client, job_id = a.job
         self.failed += 1
-        self._client_error(client, job_id, "no-host", a.reason)
+        self._client_error(client, job_id, "no-host", a.reason, started=False)
         self._forget(a.job)
 
     def _do_cancel(self, a: rules_mod.Cancel) -> None:
@@ -433,19 +456,39 @@ class Broker:
         self._send(self.front, client, frames)
 
     def _refuse(self, sock: zmq.Socket, peer: bytes, job_id: str | None, kind: str,
-                text: str) -> bool:
+                text: str, started: bool | None = None) -> bool:
         """An error reply to input we do not act on (bad, refused, or about a job the peer
         does not have here); past the peer's rate limit it is dropped silently and counted.
-        True if it went."""
+        ``started`` (about a job): whether it may have run; None leaves it out (the client
+        then assumes it may have). True if it went."""
         if not self.replies.allow(peer):
             return False
+        extra = {} if job_id is None or started is None else {"started": started}
         self._send(sock, peer, protocol.encode("error", job_id, kind=kind,
-                                               text=text[:protocol.MAX_TEXT]))
+                                               text=text[:protocol.MAX_TEXT], **extra))
         return True
 
-    def _client_error(self, client: bytes, job_id: str | None, kind: str, text: str) -> None:
-        """An error about a client's job."""
-        self._to_client(client, protocol.encode("error", job_id, kind=kind, text=text))
+    def _client_error(self, client: bytes, job_id: str, kind: str, text: str, *,
+                      started: bool) -> None:
+        """An error about a client's job; ``started``: whether it may have run."""
+        self._to_client(client, protocol.encode("error", job_id, kind=kind,
+                                                text=text[:protocol.MAX_TEXT], started=started))
+
+    def _farewell(self) -> None:
+        """The broker stops: each job's client is told, a queued job never ran; a dispatched
+        one is cancelled on its host (nobody would supervise it) and may have run."""
+        for key, job in list(self.jobs.items()):
+            client, job_id = key
+            if job.host is None:
+                self._client_error(client, job_id, "shutdown", f"offloadfs: broker {self.name} "
+                                   "stopped; the job never ran", started=False)
+            else:
+                self._send(self.back, job.host, protocol.encode("cancel", job.wire))
+                self._client_error(client, job_id, "shutdown", f"offloadfs: broker {self.name} "
+                                   f"stopped; the job was sent to host {job.host_name}, which "
+                                   "was told to kill it; the job may have run, its outcome is "
+                                   "unknown", started=True)
+            self._forget(key)
 
     def _send(self, sock: zmq.Socket, peer: bytes, frames: list) -> bool:
         """Send; False if the peer is gone (ZeroMQ saw its connection close)."""

@@ -26,13 +26,16 @@ Rules:
 - **No host for a job.** A job that no live host could ever run (nobody offers its command, or
   nobody offering it has all its tags) waits at most ``grace`` seconds for such a host to
   appear, then fails with ``NoHost(job, reason)``: one line the client prints before exiting
-  with 255. The default ``grace`` is 0: a submit no live host could run fails at once, and
+  with 255. The job never left the broker, so the loop says it never ran (``started`` false:
+  the client may run it locally). The default ``grace`` is 0: a submit no live host could run fails at once, and
   queued jobs whose last possible host died fail in the same call that declared it dead.
   A broker loop may pass a ``grace`` of a few heartbeats so that hosts can re-announce
   themselves after a broker restart or a quick daemon restart.
 - **A host dies** (silent, goodbye, or announcing itself again). Jobs queued at the broker are
   unaffected: they never left it. Each job running there gets ``HostLost`` (exit 255 and one
-  line to the client); it is never re-run, since it may have had effects (at most once).
+  line to the client); it is never re-run, since it may have had effects (at most once): the
+  loop's error says it may have started (``started`` true) from its dispatch on, even if its
+  ``started`` never came back (the host may have died between spawn and send).
   A job there that was already being cancelled just gets ``Forget``. The host's commands
   leave the union if no other live host offers them (``CommandsChanged``). Anything it says
   later gets ``Reannounce``: it must send ``ready`` again and then starts fresh, with all its
@@ -50,10 +53,11 @@ Rules:
 - **Slots** are numbered per host from 0; a job takes the lowest free number, so the host can
   set e.g. ``CUDA_VISIBLE_DEVICES=slot``.
 - **Broker restart.** Nothing here needs to survive one. Jobs in flight belong to the hosts and
-  the clients, which notice the broker's silence by their own heartbeats (the client reports
-  exit 255, the host kills what it ran for the broker). A host that speaks to a new broker
-  gets ``Reannounce`` and announces itself; should it still run old jobs, its own scheduler
-  queues anything beyond its slots, so its slots are never oversubscribed.
+  the clients: a client whose ping names a job the new broker does not know is told the job
+  may have run (exit 255); a host that speaks to a new broker gets ``Reannounce``, kills what
+  it ran for the old one (nobody supervises it any more) and announces itself. The loop's
+  wire ids carry a random per-process prefix, so a new broker's ids never meet an old one's
+  on a host.
 """
 from __future__ import annotations
 
@@ -87,7 +91,8 @@ class Queued:
 
 @dataclasses.dataclass(frozen=True)
 class HostLost:
-    """Action: the job's host died while it ran: exit 255 and ``reason`` to its client."""
+    """Action: the job's host died while it ran: exit 255 and ``reason`` to its client (the
+    job may have run: it was dispatched)."""
 
     job: Hashable
     host_id: Hashable
@@ -111,7 +116,8 @@ class Forget:
 
 @dataclasses.dataclass(frozen=True)
 class NoHost:
-    """Action: no live host can run the job: exit 255 and ``reason`` to its client."""
+    """Action: no live host can run the job: exit 255 and ``reason`` to its client (it never
+    left the broker: it never ran)."""
 
     job: Hashable
     reason: str
@@ -290,7 +296,8 @@ class Rules:
         """A host (re)announces itself: it starts fresh, all ``slots`` free, its old jobs lost."""
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise BadHost(f"host {name} announced {slots!r} slots; it needs at least one")
-        actions = self._drop_host(host_id, "restarted") if host_id in self.hosts else []
+        actions = (self._drop_host(host_id, "it announced itself again")
+                   if host_id in self.hosts else [])
         self.hosts[host_id] = _Host(host_id, name, frozenset(commands), frozenset(tags), slots,
                                     next(self._order), now)
         return actions + self._hosts_changed(now) + self._settle(now)
@@ -308,7 +315,7 @@ class Rules:
         """A host said goodbye (orderly shutdown): like its death, without waiting."""
         if host_id not in self.hosts:
             return []
-        actions = self._drop_host(host_id, "shut down")
+        actions = self._drop_host(host_id, "it shut down")
         return actions + self._hosts_changed(now) + self._settle(now)
 
     def slot_freed(self, host_id: Hashable, job: Hashable) -> list:
@@ -367,7 +374,7 @@ class Rules:
         for host in list(self.hosts.values()):
             if now >= host.heard + self.liveness:
                 host.state = advance_host(host.state, "expired")
-                actions += self._drop_host(host.id, "stopped answering")
+                actions += self._drop_host(host.id, "it stopped answering")
                 died = True
             elif now >= host.heard + self.heartbeat:
                 host.state = advance_host(host.state, "missed")
@@ -415,8 +422,9 @@ class Rules:
         for job in host.running:
             record = self._remove(job)
             if record.state is JobState.RUNNING:
-                reason = (f"offloadfs: host {host.name} {how} while the job ran; "
-                          "it was not run again")
+                reason = (f"offloadfs: the job was sent to host {host.name}, which was lost "
+                          f"({how}); the job may have run, its outcome is unknown (it is not "
+                          "run again)")
                 actions.append(HostLost(job, host_id, reason))
             else:
                 actions.append(Forget(job))
@@ -478,9 +486,9 @@ class Rules:
     def _why_not(self, job: _Job) -> str:
         """One line saying why no host can run ``job``."""
         if not any(job.command in h.commands for h in self.hosts.values()):
-            return f"offloadfs: no live host offers {job.command!r}"
+            return f"offloadfs: no live host offers {job.command!r}; the job never ran"
         return (f"offloadfs: no live host offers {job.command!r} with tags "
-                f"{', '.join(sorted(job.tags))}")
+                f"{', '.join(sorted(job.tags))}; the job never ran")
 
     def _fill(self) -> list:
         """Queued jobs, oldest first, each take a slot on the fitting host with most free."""
