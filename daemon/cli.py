@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
                    "(per user), output=BYTES; sizes take a K, M or G suffix")
     s.add_argument("--name", help="host name reported to clients")
     s.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics here")
+    s.add_argument("--state-dir", metavar="DIR", help="where running jobs' process groups are "
+                   "recorded, so that none outlives offloadd (default /run/offloadd/jobs)")
     s.add_argument("--client-timeout", type=float, help="seconds of client silence before "
                    "its jobs are killed (default 5)")
     s.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

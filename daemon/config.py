@@ -91,6 +91,7 @@ class ServeConfig:
     suspend_limit: float = 86400.0   # how long a client that stopped itself (Ctrl-Z) keeps its job
     name: str = ""
     scratch_dir: str = "/var/lib/offloadd/scratch"
+    state_dir: str = "/run/offloadd/jobs"   # records of running jobs' process groups (warden)
     mounts_client: str = "kernel"
     mounts_dir: str = "/var/lib/offloadd/mnt"
     idle_unmount: float = 300.0
@@ -116,6 +117,7 @@ class ServeConfig:
         cfg.suspend_limit = float(typed(serve, "suspend_limit", (int, float), cfg.suspend_limit))
         cfg.name = typed(serve, "name", str, cfg.name)
         cfg.scratch_dir = typed(serve, "scratch", str, cfg.scratch_dir)
+        cfg.state_dir = typed(serve, "state_dir", str, cfg.state_dir)
         cfg.slot_env = {str(k): str(v) for k, v in typed(serve, "slot_env", dict, {}).items()}
         cfg.metrics = typed(serve, "metrics", str, cfg.metrics)
         cfg.commands = {str(k): str(v) for k, v in section(data, "commands").items()}
@@ -132,7 +134,7 @@ class ServeConfig:
 
     def apply_flags(self, args) -> "ServeConfig":
         """Override with the command-line flags that were given."""
-        for name in ("listen", "slots", "name", "client_timeout", "metrics"):
+        for name in ("listen", "slots", "name", "client_timeout", "metrics", "state_dir"):
             value = getattr(args, name, None)
             if value is not None:
                 setattr(self, name, value)
@@ -159,6 +161,8 @@ class ServeConfig:
             policy.Allowlist(self.commands)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if not self.state_dir.startswith("/"):
+            raise ConfigError(f"state_dir = {self.state_dir!r}: must be an absolute path")
         if self.mounts_client not in ("kernel", "userspace"):
             raise ConfigError(f"[mounts] client = {self.mounts_client!r}: expected kernel or "
                               f"userspace")

@@ -10,12 +10,17 @@ program, is in the same session and another group), so SIGTSTP, SIGTTIN and SIGT
 
 argv: REPORT_FD CONTROL_FD FOREGROUND(0|1) PATH ARGV0 [ARGS...]
 
-Report pipe, one line each (to offloadd): ``pid N`` once the job is forked, ``stop SIG`` when
-it stopped, ``cont`` when it continued. Control pipe, one line each (from offloadd): ``fg`` or
-``bg`` (give the job the terminal's fore- or background, then SIGCONT its group). End of the
-control pipe means offloadd is gone: the job is killed rather than left unsupervised. This
-program exits with the job's status, or dies of the job's signal, so offloadd's wait4 sees the
-job's own ending (and its resource usage: wait4 counts the children this program waited for).
+Report pipe, one line each (to offloadd): ``pid N START`` once the job is forked (START: its
+start time, /proc/N/stat field 22, for offloadd's job record), ``stop SIG`` when it stopped,
+``cont`` when it continued. Control pipe, one line each (from offloadd): ``fg`` or ``bg`` (give
+the job the terminal's fore- or background, then SIGCONT its group). End of the control pipe
+means offloadd is gone: the job is killed rather than left unsupervised. So does SIGTERM, which
+is also this program's parent death signal (offloadd sets it in the preexec; SIGKILL would
+kill this program before it could kill the job): with offloadd killed by SIGKILL both come at
+once, and whichever is seen first kills the job's group. SIGTERM is blocked across the fork, so
+that the handler always knows the job's pid. This program exits with the job's status, or
+dies of the job's signal, so offloadd's wait4 sees the job's own ending (and its resource
+usage: wait4 counts the children this program waited for).
 
 Only builtin modules, no site: it starts in a few milliseconds, once per terminal job.
 """
@@ -38,12 +43,16 @@ def main(argv):
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.signal(signal.SIGTERM, _die_with_job)
     tty = os.open("/dev/tty", os.O_RDWR | os.O_CLOEXEC)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     pid = os.fork()
     if pid == 0:
         _exec_job(tty, foreground, path, args)
+    JOB.append(pid)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
     _group(pid, tty, foreground)
-    _say(report, f"pid {pid}")
+    _say(report, f"pid {pid} {_start_time(pid)}")
     watched = [control, wake_r]
     while True:
         ready, _, _ = select.select(watched, [], [])
@@ -57,6 +66,32 @@ def main(argv):
             _killpg(pid, signal.SIGKILL)
 
 
+JOB = []   # the job's pid, once forked (for the SIGTERM handler)
+
+
+def _die_with_job(signum, frame):
+    """SIGTERM (offloadd died: the parent death signal, or someone's kill): kill the job's group
+    (and the job itself, in case it has not made its group yet), then die of SIGTERM."""
+    for pid in JOB:
+        _killpg(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    os._exit(128 + signal.SIGTERM)
+
+
+def _start_time(pid):
+    """The start time of ``pid`` (clock ticks since boot), 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _exec_job(tty, foreground, path, args):
     """In the child: own group, the terminal's foreground if asked, default signals, exec."""
     try:
@@ -64,8 +99,9 @@ def _exec_job(tty, foreground, path, args):
         if foreground:
             os.tcsetpgrp(tty, os.getpgrp())   # SIGTTOU is still ignored here
         signal.set_wakeup_fd(-1)
-        for signum in QUIET + (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
+        for signum in QUIET + (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
         os.execv(path, args)
     except OSError as exc:
         os.write(2, f"offloadd: cannot run {path}: {exc.strerror}\n".encode())

@@ -30,9 +30,12 @@ import time
 
 from offloadfs import protocol
 
+from .warden import start_time
+
 
 PIPE_SIZE = 1024 * 1024
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
 RLIMITS = {"cpu": resource.RLIMIT_CPU, "memory": resource.RLIMIT_AS,
            "open_files": resource.RLIMIT_NOFILE, "file_size": resource.RLIMIT_FSIZE,
            "processes": resource.RLIMIT_NPROC}   # [limits] names that are rlimits
@@ -57,10 +60,12 @@ class Process:
 
     def __init__(self, path: str, argv: list[bytes], cwd: bytes | str, env: dict[bytes, bytes],
                  ids: tuple[int, int, list[int]] | None, root: str | None = None,
-                 limits: list[tuple[int, int, int]] = (), tty: dict | None = None):
+                 limits: list[tuple[int, int, int]] = (), tty: dict | None = None,
+                 records=None, label: str = ""):
         """Start ``path`` with ``argv`` in ``cwd``, which must be ``root`` or below it (if
         given); ``ids`` = (uid, gid, groups) to switch to; ``limits`` from :func:`rlimits`;
-        ``tty`` (a submit's) gives it a terminal."""
+        ``tty`` (a submit's) gives it a terminal. ``records`` (a ``warden.Records``) keeps
+        its process groups while it runs, under ``label``."""
         self.started = time.monotonic()
         self.ended: float | None = None
         self.tty = Terminal(tty, ids) if tty else None
@@ -77,6 +82,9 @@ class Process:
             if self.tty is not None:
                 self.tty.spawned()
         self.pid = self.popen.pid
+        self.records = records
+        self.record = None if records is None else \
+            records.add(label, [(self.pid, start_time(self.pid) or 0)])
         self.pidfd = os.pidfd_open(self.pid)
         self.files = {name: getattr(self.popen, name) for name in ("stdin", "stdout", "stderr")
                       if getattr(self.popen, name) is not None}
@@ -104,7 +112,7 @@ class Process:
                   b"%d" % t.report_w, b"%d" % t.control_r, b"1" if t.foreground else b"0",
                   os.fsencode(path)] + list(argv)
         return _spawn(sys.executable, leader, env, ids,
-                      _confiner(cwd, root, ids, limits, t.slave_at), t.stdio(),
+                      _confiner(cwd, root, ids, limits, t.slave_at, signal.SIGTERM), t.stdio(),
                       (t.report_w, t.control_r))
 
     # --- a terminal's job: signals, stops, window -----------------------------------------------
@@ -114,9 +122,11 @@ class Process:
         if self.status is not None:
             return []
         if self.tty is not None:
-            events, pid = self.tty.reports()
+            events, pid, started = self.tty.reports()
             if pid is not None and self.job_pid is None:
                 self.job_pid = pid
+                if self.record is not None:
+                    self.records.add_group(self.record, pid, started)
                 for signum in self.early:
                     _killpg(pid, signum)
             return [self._stop_as(e) for e in events]
@@ -275,6 +285,9 @@ class Process:
             self.rusage = {"utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss_kb": ru.ru_maxrss}
         os.close(self.pidfd)
         self.pidfd = -1
+        if self.record is not None:   # what was left of its groups is killed: see reap, kill
+            self.records.remove(self.record)
+            self.record = None
 
     def _kill_groups(self) -> None:
         """SIGKILL what is left of the job's group (and of its session leader's)."""
@@ -338,23 +351,25 @@ class Terminal:
             fds["stdin"] = self.stdin_w
         return fds
 
-    def reports(self) -> tuple[list[tuple[str, int]], int | None]:
-        """The leader's new reports: (stop/continue events, the job's pid if it said it)."""
+    def reports(self) -> tuple[list[tuple[str, int]], int | None, int | None]:
+        """The leader's new reports: (stop/continue events, the job's pid and its start time
+        if it said them)."""
         try:
             self._buffer += os.read(self.report_r, 4096)
         except (BlockingIOError, OSError):
             pass
         *lines, self._buffer = self._buffer.split(b"\n")
-        events, pid = [], None
+        events, pid, started = [], None, None
         for line in lines:
             word, _, arg = line.partition(b" ")
-            if word == b"pid" and arg.isdigit():
-                pid = int(arg)
+            if word == b"pid" and all(a.isdigit() for a in arg.split()) and arg:
+                pid, *rest = map(int, arg.split())
+                started = (rest[0] if rest and rest[0] else start_time(pid)) or 0
             elif word == b"stop" and arg.isdigit():
                 events.append(("stopped", int(arg)))
             elif word == b"cont":
                 events.append(("continued", 0))
-        return events, pid
+        return events, pid, started
 
     def control(self, line: bytes) -> None:
         """Tell the leader ``fg`` or ``bg``."""
@@ -456,28 +471,39 @@ def _clamp(res: int, n: int) -> int:
     return n if ceiling == resource.RLIM_INFINITY else min(n, ceiling)
 
 
-def _confiner(cwd, root, ids, limits, ctty: int | None = None):
+def _confiner(cwd, root, ids, limits, ctty: int | None = None, deathsig=signal.SIGKILL):
     """The job's ``preexec_fn``: in the child, as the caller, make fd ``ctty`` (if given) its
     controlling terminal, enter ``cwd``, check it lies in ``root``, set ``limits`` and
-    no_new_privs; on a failure, one line on the job's stderr and exit 126 (an exception in a
-    preexec_fn would reach us without its detail)."""
+    no_new_privs, and ask for ``deathsig`` when offloadd dies; on a failure, one line on the
+    job's stderr and exit 126 (an exception in a preexec_fn would reach us without its
+    detail)."""
     cwd = os.fsencode(cwd)
     inside = None if root is None else os.fsencode(os.path.realpath(root))
     prefix = None if inside is None else inside.rstrip(b"/") + b"/"
     uid = os.getuid() if ids is None else ids[0]
     entering = b"offloadd: cannot enter %s as uid %d: " % (cwd, uid)
+    parent, deathsig = os.getpid(), int(deathsig)
 
     # Runs between fork and exec, after CPython's setgroups/setregid/setreuid and its dup2 of
     # fds 0-2 (3.11), in a daemon with other threads (ZeroMQ's, mount workers). Only the forking
     # thread exists in the child, so a lock another thread held at fork stays held forever:
     # this function therefore takes none. It only calls pre-bound functions doing the syscalls
-    # chdir, getcwd, setrlimit, prctl and write; it imports nothing and does not log. Python
-    # objects it makes come from glibc malloc, which is fork-safe (its locks are reset in the
-    # child); CPython re-initialises its own runtime state after fork before calling us.
+    # chdir, getcwd, setrlimit, prctl, getppid and write; it imports nothing and does not log.
+    # Python objects it makes come from glibc malloc, which is fork-safe (its locks are reset
+    # in the child); CPython re-initialises its own runtime state after fork before calling us.
+    #
+    # PR_SET_PDEATHSIG: the job dies (SIGKILL; a terminal's session leader gets SIGTERM, which
+    # it handles by killing the job's group) when offloadd does, even of kill -9. It is set
+    # here, after the uid switch, because a change of credentials clears it; exec keeps it
+    # (no_new_privs: no setuid exec can clear it). The kernel sends it when the *thread* that
+    # forked exits, not the process: that is the loop thread, which lives as long as the
+    # daemon serves and kills every job before it returns. If offloadd died between the fork
+    # and the prctl, getppid() is no longer offloadd: the job ends here, before it ran.
+    # The children the job starts do not inherit it: see warden.py for them.
     def confine(chdir=os.chdir, getcwd=os.getcwdb, setrlimit=resource.setrlimit,
                 prctl=_prctl, get_errno=ctypes.get_errno, die=_die, ioctl=fcntl.ioctl,
-                sctty=termios.TIOCSCTTY) -> None:
-        """Terminal, enter, check, limit, no_new_privs: see above."""
+                sctty=termios.TIOCSCTTY, getppid=os.getppid) -> None:
+        """Terminal, enter, check, limit, no_new_privs, death signal: see above."""
         if ctty is not None:
             try:
                 ioctl(ctty, sctty, 0)
@@ -499,6 +525,10 @@ def _confiner(cwd, root, ids, limits, ctty: int | None = None):
                 die(b"offloadd: cannot set resource limit %d to %d\n" % (res, soft))
         if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             die(b"offloadd: cannot set no_new_privs (errno %d)\n" % get_errno())
+        if prctl(PR_SET_PDEATHSIG, deathsig, 0, 0, 0) != 0:
+            die(b"offloadd: cannot set the parent death signal (errno %d)\n" % get_errno())
+        if getppid() != parent:
+            die(b"offloadd: offloadd went away before the job started\n")
     return confine
 
 

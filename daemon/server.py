@@ -14,6 +14,8 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -23,7 +25,7 @@ from offloadfs import keys, mountinfo, protocol, staging
 from offloadfs.protocol import Message, ProtocolError
 from offloadfs.states import JobState, advance
 
-from . import limits, policy
+from . import limits, policy, warden
 from .config import ServeConfig, is_loopback, show_size
 from .metrics import Metrics
 from .mounts import MountTable
@@ -63,6 +65,7 @@ class Job:
     cost: int = 0               # what its spec holds of the budget (limits.cost)
     stdin_held: int = 0         # stdin bytes received, not yet written to the process
     suspended: float | None = None   # since when its client is stopped (it said ``suspend``)
+    spawned: bool = False       # a process may have been started for it (it may have run)
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -97,6 +100,9 @@ class Server:
         self._peers_cap = limits.MAX_PEERS
         self._positions: dict[tuple[bytes, str], int] = {}
         self._stopping = False
+        self.records = self._clear_leftovers(config.state_dir)   # before anything is served
+        self.warden: subprocess.Popen | None = None
+        self._warden_w = -1
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         self.keys, self.ring, self.gate = self._security(config.security)
@@ -112,6 +118,62 @@ class Server:
                                  self._poke)
         if config.metrics:
             self.metrics.serve(config.metrics)
+
+    def _clear_leftovers(self, state_dir: str) -> warden.Records | None:
+        """Kill what jobs of a dead offloadd left running (its warden may have died with it),
+        so that we never run more than our slots beside them; the records of our own jobs, or
+        None (with a warning) if the state directory cannot be used."""
+        why = warden.usable(state_dir)
+        if why is not None:
+            log.warning("no job records (%s): if offloadd is killed, what its jobs started may "
+                        "keep running", why)
+            return None
+        killed = warden.sweep(state_dir, warden.owner_runs,
+                              lambda line: log.warning("at start: %s", line))
+        left = warden.wait_gone(killed, 2.0)
+        if left:
+            log.warning("processes %s of killed jobs are still there after 2 s", left)
+        return warden.Records(state_dir, log.warning)
+
+    def _start_warden(self) -> None:
+        """Start the warden (warden.py): on our death, it kills the groups of our jobs."""
+        if self.records is None:
+            return
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.warden = subprocess.Popen(
+                [sys.executable, "-I", "-S", warden.__file__, self.records.dir,
+                 *self.records.owner.split(".")], stdin=r, stdout=subprocess.DEVNULL,
+                cwd="/", start_new_session=True)
+        except OSError as exc:
+            log.warning("cannot start the warden: %s; if offloadd is killed, what its jobs "
+                        "started may keep running", exc)
+            os.close(w)
+            return
+        finally:
+            os.close(r)
+        if self._warden_w >= 0:
+            os.close(self._warden_w)
+        self._warden_w = w
+
+    def _check_warden(self) -> None:
+        """A warden that died (someone killed it) is started again."""
+        if self.warden is not None and self.warden.poll() is not None:
+            log.warning("the warden exited %d; starting another", self.warden.returncode)
+            self._start_warden()
+
+    def _stop_warden(self) -> None:
+        """Our jobs are dead: end the warden (end of file on its pipe), reap it (bounded)."""
+        if self._warden_w >= 0:
+            os.close(self._warden_w)
+            self._warden_w = -1
+        if self.warden is not None:
+            try:
+                self.warden.wait(5)
+            except subprocess.TimeoutExpired:
+                self.warden.kill()
+                self.warden.wait()
+            self.warden = None
 
     def _security(self, sec):
         """(our keys, the authorized keyring, the ZAP gate) with keys; three Nones without."""
@@ -145,6 +207,7 @@ class Server:
         for link in self.links.values():
             log.info("taking jobs from broker %s", link.endpoint)
             link.send(self._announcement())
+        self._start_warden()
         old = signal.signal(signal.SIGCHLD, _child_changed)   # wakes the loop: see _ready
         try:
             with stopping_on_signals(self.stop, self._wake_w):
@@ -301,7 +364,9 @@ class Server:
         except Exception:  # a bug must cost one message, never the daemon and its jobs
             self._note(peer, logging.ERROR, "internal error handling %s from %s", msg.kind,
                        peer.hex(), exc_info=True)
-            self._refuse(peer, msg.job, "internal", f"internal error handling {msg.kind}")
+            job = self.jobs.get((peer, msg.job)) if msg.job else None
+            self._refuse(peer, msg.job, "internal", f"internal error handling {msg.kind}",
+                         self._may_have_run(job, msg.kind == "submit"))
 
     def _heard(self, peer: bytes) -> None:
         """Note when ``peer`` was last heard; a flood of new routing ids makes us forget the
@@ -327,15 +392,26 @@ class Server:
         a minute per peer, ten a minute in all), else at debug level."""
         log.log(level if self.warnings.allow(peer) else logging.DEBUG, text, *args, **kw)
 
-    def _refuse(self, peer: bytes, job_id: str | None, kind: str, text: str) -> bool:
+    def _refuse(self, peer: bytes, job_id: str | None, kind: str, text: str,
+                started: bool | None = None) -> bool:
         """An error reply to input we do not act on (bad, refused, or about a job the peer
         does not have here); past the peer's rate limit it is dropped silently and counted.
         A broker link has no limit: it frees the job's slot only when it hears of it, and its
-        load is bounded by what it dispatches. True if it went."""
+        load is bounded by what it dispatches. ``started`` (about a job): whether it may have
+        run. True if it went."""
         if peer not in self.links and not self.replies.allow(peer):
             return False
-        self.send(peer, protocol.encode("error", job_id, kind=kind, text=text[:protocol.MAX_TEXT]))
+        extra = {} if job_id is None or started is None else {"started": started}
+        self.send(peer, protocol.encode("error", job_id, kind=kind,
+                                        text=text[:protocol.MAX_TEXT], **extra))
         return True
+
+    @staticmethod
+    def _may_have_run(job: Job | None, new: bool = False) -> bool:
+        """Whether a job may have run, for an error about it: a job we know, if a process was
+        ever spawned for it; one we do not know, unless it is a submit we refused (``new``),
+        yes: it may have run and ended here, or before a restart."""
+        return job.spawned if job is not None else not new
 
     def _on_hello(self, peer: bytes, msg: Message) -> None:
         """Tell the client who we are and what we offer (rate limited per peer)."""
@@ -351,7 +427,8 @@ class Server:
         for job_id in dict.fromkeys(msg.get("jobs", [])):
             if (peer, job_id) not in self.jobs and not self._refuse(
                     peer, job_id, "unknown-job",
-                    f"{self.hostname} has no job {job_id} (daemon restarted?)"):
+                    f"{self.hostname} has no job {job_id}; it may have run and ended, or "
+                    f"the daemon restarted", True):
                 return
 
     def _on_error(self, peer: bytes, msg: Message) -> None:
@@ -375,8 +452,9 @@ class Server:
     def _on_submit(self, peer: bytes, msg: Message) -> None:
         """A new job: check it, then start or queue it."""
         key = (peer, msg.job)
-        if key in self.jobs:
-            self._refuse(peer, msg.job, "duplicate", f"job {msg.job} is already known")
+        if key in self.jobs:   # the error names the job already here, which may have run
+            self._refuse(peer, msg.job, "duplicate", f"job {msg.job} is already known",
+                         self.jobs[key].spawned)
             return
         try:
             path = self._check(peer, msg)
@@ -384,16 +462,20 @@ class Server:
         except policy.Refused as exc:
             self._note(peer, logging.INFO, "refused job %s from %s: %s", msg.job, peer.hex(), exc)
             self.failed += 1
-            self._refuse(peer, msg.job, exc.kind, str(exc))
+            self._refuse(peer, msg.job, exc.kind, str(exc), False)
             return
         job = Job(peer, msg.job, msg, path=path, credit=min(msg["window"], MAX_CREDIT),
                   cost=cost)
         self.jobs[key] = job
         data = msg.get("data") or {}
-        if data.get("mode") == "stage":
-            self._begin_staging(job, data)
-        else:
-            self._act(self.sched.submit(key))
+        try:
+            if data.get("mode") == "stage":
+                self._begin_staging(job, data)
+            else:
+                self._act(self.sched.submit(key))
+        except Exception:   # a bug costs this job (it may have been spawned), not its slot
+            log.exception("internal error starting %s", job.describe())
+            self._fail(job, "internal", f"internal error on {self.hostname} starting the job")
 
     def _begin_staging(self, job: Job, data: dict) -> None:
         """-n: a scratch directory of the caller's; the input files come first."""
@@ -500,7 +582,8 @@ class Server:
     def _on_signal(self, peer: bytes, msg: Message) -> None:
         """Forward a signal to the job's process group."""
         if msg["signum"] not in SIGNALS:
-            self._refuse(peer, msg.job, "field", f"{msg['signum']} is not a signal here")
+            self._refuse(peer, msg.job, "field", f"{msg['signum']} is not a signal here",
+                         self._may_have_run(self.jobs.get((peer, msg.job))))
             return
         job = self._job(peer, msg)
         if job and job.process:
@@ -539,7 +622,8 @@ class Server:
         """The job a message names, or None after telling the client it is unknown."""
         job = self.jobs.get((peer, msg.job))
         if job is None:
-            self._refuse(peer, msg.job, "unknown-job", f"{self.hostname} has no job {msg.job}")
+            self._refuse(peer, msg.job, "unknown-job", f"{self.hostname} has no job {msg.job}; "
+                         f"it may have run and ended, or the daemon restarted", True)
         return job
 
     def _admit(self, peer: bytes, msg: Message) -> int:
@@ -611,9 +695,12 @@ class Server:
         try:
             cwd, root = where()
             job.timings["attach"] = time.monotonic() - job.attaching
-            job.process = Process(job.path, spec["argv"], cwd, self._env(spec, job.slot),
-                                  self._ids(spec), root, self.rlimits, spec.get("tty"))
-        except (SpawnError, policy.Refused) as exc:
+            env, ids = self._env(spec, job.slot), self._ids(spec)
+            job.spawned = True   # from the fork on, it may run (unless SpawnError says not)
+            job.process = Process(job.path, spec["argv"], cwd, env, ids, root, self.rlimits,
+                                  spec.get("tty"), self.records, job.describe())
+        except (SpawnError, policy.Refused) as exc:   # nothing of the command ran
+            job.spawned = False
             self._fail(job, getattr(exc, "kind", "spawn"), str(exc))
             return
         job.state = advance(job.state, "started")
@@ -737,9 +824,10 @@ class Server:
         return False
 
     def _fail(self, job: Job, kind: str, text: str) -> None:
-        """End a job with an error the client reports as exit 255."""
+        """End a job with an error the client reports as exit 255 (saying whether it may have
+        run: then it must never be run again, anywhere)."""
         log.info("%s failed: %s", job.describe(), text)
-        self._job_error(job.peer, job.id, kind, text)
+        self._job_error(job.peer, job.id, kind, text, job.spawned)
         self._forget(job, None)
 
     def _drop(self, job: Job, why: str) -> None:
@@ -771,9 +859,10 @@ class Server:
         self.recent = (self.recent + [_summary(job, status)])[-100:]
         self._act(self.sched.cancel(job.key))
 
-    def _job_error(self, peer: bytes, job_id: str, kind: str, text: str) -> None:
-        """Send an ``error`` about one job."""
-        self.send(peer, protocol.encode("error", job_id, kind=kind, text=text))
+    def _job_error(self, peer: bytes, job_id: str, kind: str, text: str,
+                   started: bool) -> None:
+        """Send an ``error`` about one job; ``started``: whether it may have run."""
+        self.send(peer, protocol.encode("error", job_id, kind=kind, text=text, started=started))
 
     # --- peers ---------------------------------------------------------------------------------
 
@@ -815,6 +904,7 @@ class Server:
         self._prune_peers()
         self._flush_positions()
         self._end_lingering_ttys(now)
+        self._check_warden()
 
     def _end_lingering_ttys(self, now: float) -> None:
         """A job that ended while something it left behind holds its pty: send what the pty
@@ -837,13 +927,20 @@ class Server:
                        "its client stayed stopped for %.0fs" % self.config.suspend_limit)
 
     def _shutdown(self) -> None:
-        """Kill every job, tell each client, close the socket."""
+        """Kill every job, tell each client (whether it had run), close the socket."""
         for job in list(self.jobs.values()):
+            if not job.spawned:
+                what = "the job never ran"
+            elif job.process is not None and job.process.status is not None:
+                what = "the job had ended, but not all of its output was sent"
+            else:
+                what = "the job was killed"
             if job.process:
                 job.process.kill()
             self._job_error(job.peer, job.id, "shutdown",
-                            f"offloadd on {self.hostname} stopped; the job was killed")
+                            f"offloadd on {self.hostname} stopped; {what}", job.spawned)
             self.jobs.pop(job.key, None)
+        self._stop_warden()
         self.mounts.close()
         self.metrics.close()
         if self.gate is not None:
