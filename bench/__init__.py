@@ -3,7 +3,7 @@
 Each benchmark is one module with a docstring (its help line), an optional
 ``add_arguments(parser)`` and ``run(opts) -> dict``; register it in :data:`BENCHMARKS`.
 """
-from . import cluster, imagemagick, io, overhead, shim_designs, stream, terminal
+from . import chaos, cluster, imagemagick, io, overhead, shim_designs, stream, terminal
 
 BENCHMARKS = {
     "overhead": overhead,
@@ -13,4 +13,5 @@ BENCHMARKS = {
     "stream": stream,
     "io": io,
     "terminal": terminal,
+    "chaos": chaos,
 }

@@ -428,7 +428,7 @@ class Agent(ClientLoop):
         if request.policy == "always":
             self.registry.record(request.name, "failures", {})
             self._remember(request, "nowhere", f"{why} (policy always)", 255, {})
-            request.decide_refused(f"{why} (policy always)")
+            request.decide_refused(f"{why} (policy always); it never ran")
         else:
             self.registry.record(request.name, "fallbacks", {})
             self._remember(request, "local", why, -1, {})
@@ -504,7 +504,8 @@ class Agent(ClientLoop):
                      " ".join(msg["commands"]))
         link.state, link.name, link.commands = HostState.UP, msg["host"], list(msg["commands"])
         link.channel.welcome = msg
-        self.registry.offer(link.endpoint, link.commands)
+        if link.commands:   # a broker just restarted offers nothing until its hosts return:
+            self.registry.offer(link.endpoint, link.commands)   # its shims stay meanwhile
 
     def _host_down(self, link: HostLink, why: str) -> None:
         """No new jobs go to this host until it answers again. Its shims stay (shells hash

@@ -32,6 +32,17 @@ class OffloadError(Exception):
         self.kind = kind
         self.started = started
 
+    def __str__(self) -> str:
+        """The text, saying whether the job may have run (every exit 255 tells the user)."""
+        text = super().__str__()
+        if any(words in text for words in SAYS_WHETHER):
+            return text
+        return text + ("; the job may have run, its outcome is unknown" if self.started
+                       else "; the job never ran")
+
+
+SAYS_WHETHER = ("never ran", "may have run", "was killed", "had ended", "did not run")
+
 
 class Channel:
     """One DEALER socket to ``endpoint``."""

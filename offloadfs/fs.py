@@ -269,7 +269,7 @@ class ShimFS(Operations):
         reason = self._local_reason(request)
         if reason and request.policy == "always":   # fail closed, whatever is broken
             self.registry.record(session.name, "failures", {})
-            request.decide_refused(f"{reason} (policy always)")
+            request.decide_refused(f"{reason} (policy always); it never ran")
         elif reason:
             self.registry.record(session.name, "fallbacks", {})
             request.decide_local(reason)
