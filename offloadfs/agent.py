@@ -359,8 +359,17 @@ class Agent(ClientLoop):
             link.rebuild()
 
     def finished(self, job: JobRun) -> None:
-        """A shim's job ended: fall back if it never started and policy allows, else reply."""
+        """A shim's job ended: its shim gets its answer, whatever goes wrong in the books."""
         request = self.requests.pop(job.id)
+        try:
+            self._conclude(request, job)
+        except Exception:
+            log.exception("internal error ending %s; its shim gets the outcome", request.name)
+            if request.outcome is None and request.local is None and request.refusal is None:
+                request.decide_outcome(job.outcome)
+
+    def _conclude(self, request: ShimRequest, job: JobRun) -> None:
+        """Fall back if the job never started and policy allows, else reply."""
         self.export.finish(job.spec.data)
         link = next((link for link in self.links if link.channel is job.channel), None)
         if link is not None:

@@ -37,6 +37,8 @@ from .terminal import Terminal, foreground
 FROM_HOST = frozenset({"queued", "started", "stdout", "stderr", "tty", "file", "credit", "exit",
                        "error", "stopped"})   # what a host may say about a job
 OUTPUT = frozenset({"stdout", "stderr", "tty", "file"})   # spends the output credit
+BEFORE_START = frozenset({"stdout", "stderr", "tty", "file", "stopped", "exit"})  # illegal then
+STOP_SIGNALS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGSTOP})
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGWINCH, signal.SIGTSTP)
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -200,6 +202,7 @@ class JobRun:
         self.outcome: Outcome | None = None
         self.submitted = self.last_ping = self.resumed = 0.0
         self.listed = 0.0           # when the host last named this job in its pings
+        self.heard_of = False       # the host said anything about the job (then it may run)
         self.received = self.drained = 0    # output bytes received, and written out since
         self.ending: float | None = None    # when an ending signal was forwarded
 
@@ -304,6 +307,8 @@ class JobRun:
 
     def _on_stopped(self, msg: Message) -> None:
         """The job stopped on the host (Ctrl-Z typed there, SIGTTIN, a forwarded SIGTSTP)."""
+        if msg["signal"] not in STOP_SIGNALS:
+            raise IllegalTransition(f"stopped by {msg['signal']}, which stops nothing")
         self.stop_here(msg["signal"])
 
     def stop_here(self, signum: int) -> None:
@@ -405,7 +410,7 @@ class JobRun:
         since = max(self.submitted, self.resumed)
         silent = now - max(self.channel.heard, since)
         unlisted = now - max(self.listed, since)
-        if self.state == JobState.NEW and silent > timing.ack_timeout:
+        if self.state == JobState.NEW and not self.heard_of and silent > timing.ack_timeout:
             self.cancel()   # no host ever acknowledged it: it never ran
             self.fail(OffloadError(f"{self.channel.host} did not acknowledge the job within "
                                    f"{timing.ack_timeout:g}s; it never ran", "no-ack", False))
@@ -428,18 +433,22 @@ class JobRun:
         """A host's heartbeat: does it still name this job?"""
         if self.id in msg.get("jobs", ()):
             self.listed = time.monotonic()
+            self.heard_of = True   # it knows the job: the job may run
 
     def on_message(self, msg: Message) -> None:
         """A message from the daemon about this job; one that breaks the protocol (a kind
         not for a client, a step the job's state does not allow, output past its credit)
         fails this job alone, as one that may have run."""
         self.listed = time.monotonic()
+        self.heard_of = True
         handler = getattr(self, "_on_" + msg.kind.replace("-", "_"), None)
         if self.state.final:
             return
         try:
             if handler is None or msg.kind not in FROM_HOST:
                 raise IllegalTransition(f"a {msg.kind} message is not for a client")
+            if self.state in (JobState.NEW, JobState.QUEUED) and msg.kind in BEFORE_START:
+                raise IllegalTransition(f"{msg.kind} before the job started")
             if msg.kind in OUTPUT:
                 self.received += len(msg.payload)
             handler(msg)
@@ -500,13 +509,14 @@ class JobRun:
         """The job ended with a status."""
         self.state = advance(self.state, "exit")
         self._finish(Outcome(msg["status"], self.ran_on or self.channel.host, None,
-                             dict(msg.get("timings", {})), dict(msg.get("rusage", {})),
+                             _numbers(msg.get("timings", {})), _numbers(msg.get("rusage", {})),
                              msg.get("signal")))
 
     def _on_error(self, msg: Message) -> None:
         """The daemon refused or lost the job: it never ran only if the sender says so."""
-        self.fail(OffloadError(f"{self.channel.host}: {msg['text']}", msg["kind"],
-                               msg.get("started", True)))
+        running = self.state not in (JobState.NEW, JobState.QUEUED)   # a host saying it never
+        self.fail(OffloadError(f"{self.channel.host}: {msg['text']}", msg["kind"],   # ran
+                               msg.get("started", True) or running))   # after started: a lie
 
     def fail(self, error: OffloadError) -> None:
         """End the job with an offload error (exit 255)."""
@@ -534,6 +544,13 @@ class JobRun:
         for sink in self.sinks.values():
             if sink.is_alive():
                 sink.join()
+
+
+def _numbers(fields: dict) -> dict:
+    """The numeric entries of a host's timings or rusage (the rest is dropped: callers add
+    and round them)."""
+    return {k: v for k, v in fields.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _grow_pipe(fd: int | None) -> None:
