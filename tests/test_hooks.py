@@ -424,7 +424,7 @@ def test_auto_offload_falls_back_to_the_next_command_on_path(tmp_path, work):
     assert (done.returncode, done.stdout, done.stderr) == (0, "local\n", "")
     debug = run(["sh", "-c", SLOT], env=dict(env, OFFLOADFS_DEBUG="1"), cwd=work)
     assert debug.stdout == "local\n"
-    assert f"offld: debug: tcp://{NO_HOST}: connection refused; running " in debug.stderr
+    assert f"offld: debug: tcp://{NO_HOST}: connection refused; the job never ran; running " in debug.stderr
 
 
 def test_auto_offload_always_policy_never_runs_locally(tmp_path, work):
@@ -434,7 +434,7 @@ def test_auto_offload_always_policy_never_runs_locally(tmp_path, work):
     env = wrapper_env(tmp_path, NO_HOST, [links], OFFLOAD_POLICY="always")
     done = run([sh, "-c", "echo ran > ran-here"], env=env, cwd=work)
     assert done.returncode == 255
-    assert done.stderr == f"offld: tcp://{NO_HOST}: connection refused\n"
+    assert done.stderr == f"offld: tcp://{NO_HOST}: connection refused; the job never ran\n"
     assert not (work / "ran-here").exists()
     bad = run([sh, "-c", "true"], env=dict(env, OFFLOAD_POLICY="sometimes"), cwd=work)
     assert bad.returncode == 255 and "expected auto, always or never" in bad.stderr
@@ -469,7 +469,7 @@ def test_auto_offload_never_loops_into_itself(tmp_path, work):
     env = wrapper_env(tmp_path, NO_HOST, [a, b, a, tmp_path / "a/."])
     done = run([name], env=env, cwd=work, timeout=30)
     assert done.returncode == 255
-    assert done.stderr.splitlines() == [f"offld: tcp://{NO_HOST}: connection refused"]
+    assert done.stderr.splitlines() == [f"offld: tcp://{NO_HOST}: connection refused; the job never ran"]
     c, d = tmp_path / "c", tmp_path / "d"   # copies: the same script under other inodes
     for directory in (c, d):
         directory.mkdir()
