@@ -77,6 +77,11 @@ class ShimRequest:
         self.outcome = outcome
         self.lines.put(None)
 
+    @property
+    def decided(self) -> bool:
+        """True once one of the three decisions was made."""
+        return self.outcome is not None or self.local is not None or self.refusal is not None
+
     def emit(self, line: bytes) -> None:
         """Agent thread: a line for the shim before the last one."""
         self.lines.put(line)
@@ -365,7 +370,7 @@ class Agent(ClientLoop):
             self._conclude(request, job)
         except Exception:
             log.exception("internal error ending %s; its shim gets the outcome", request.name)
-            if request.outcome is None and request.local is None and request.refusal is None:
+            if not request.decided:
                 request.decide_outcome(job.outcome)
 
     def _conclude(self, request: ShimRequest, job: JobRun) -> None:
@@ -418,8 +423,9 @@ class Agent(ClientLoop):
                      staged=staged, as_caller=lambda: filesystem_ids(c.uid, c.gid),
                      terminal=term)
         job.on_stop = lambda signum: request.emit(shim.reply_stopped(signum))
-        if term is not None and term.reads_keys and term.stty():
-            request.emit(shim.reply_settings(term.stty()))
+        settings = term.stty() if term is not None and term.reads_keys else ""
+        if settings:
+            request.emit(shim.reply_settings(settings))
         request.job = job
         self.requests[job.id] = request
         link.in_flight += 1

@@ -176,11 +176,9 @@ class ClientLoop:
         end with ``error``; every one that may have started is said to have (never re-run)."""
         for job in self.jobs.values():
             if job.channel is channel and not job.state.final:
-                started = error.started or job.may_have_started()
-                job.cancel()
-                job.fail(OffloadError(str(error) + ("; the job may have run, its outcome is "
-                                                    "unknown" if started else ""),
-                                      error.kind, started))
+                job.cancel()   # the text says whether it may have run (OffloadError.__str__)
+                job.fail(OffloadError(error.args[0], error.kind,
+                                      error.started or job.may_have_started()))
 
     def register(self, poller: zmq.Poller) -> None:
         """Register extra poll items (subclasses)."""

@@ -172,7 +172,7 @@ class JobRun:
     """A job submitted on a channel, relaying stdio between the caller's fds and the daemon."""
 
     def __init__(self, channel: Channel, spec: JobSpec, stdio: tuple[int, int, int],
-                 wake_fd: int, debug=None, stdin_pgrp: int | None = None,
+                 wake_fd: int, debug=None,
                  staged: tuple[staging.Outbox, staging.Inbox] | None = None,
                  as_caller=contextlib.nullcontext, terminal: Terminal | None = None,
                  caller: int | None = None):
@@ -287,9 +287,7 @@ class JobRun:
         t = self.terminal
         if t is None or self.state != JobState.RUNNING or self.stopped is not None:
             return
-        size = t.resized()
-        if size is not None:
-            self.send("resize", rows=size[0], cols=size[1], xpixel=size[2], ypixel=size[3])
+        self._send_size()
         front = t.foreground()
         if front and not self.raw and t.reads_keys:
             self._raw(True)
@@ -328,11 +326,14 @@ class JobRun:
         front = self.terminal.foreground() if self.terminal else True
         if front and self.terminal is not None:
             self._raw(True)
-            size = self.terminal.resized()
-            if size is not None:
-                self.send("resize", rows=size[0], cols=size[1], xpixel=size[2],
-                          ypixel=size[3])
+            self._send_size()
         self.send("resume", foreground=front)
+
+    def _send_size(self) -> None:
+        """Tell the host's pty the caller's window size if it changed."""
+        size = self.terminal.resized()
+        if size is not None:
+            self.send("resize", rows=size[0], cols=size[1], xpixel=size[2], ypixel=size[3])
 
     def stdin_ready(self) -> None:
         """Read what stdin has (poll said it would not block) and send it."""
