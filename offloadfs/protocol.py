@@ -101,6 +101,14 @@ STAGES = ("start", "connect", "queue", "attach", "run", "drain", "total")
 STREAMS = ("stdout", "stderr", "tty")
 PAYLOAD_KINDS = frozenset({"stdin", "stdout", "stderr", "tty", "file"})
 TTY_STDIN, TTY_STDOUT, TTY_STDERR = 1, 2, 4   # bits of a tty's ``fds``
+# A submit's ``data.mode``: how the host reaches the caller's files (no ``data``: the host sees
+# the caller's cwd at the same path, e.g. a shared NFS tree).
+DATA_STAGE = "stage"   # the files travel as ``file`` messages, the job runs in a scratch dir
+DATA_NFS = "nfs"       # the host mounts the caller's export (server, export, path, nonce)
+DATA_MODES = (DATA_STAGE, DATA_NFS)
+# Signals a client relays to its job as they are (by name, as ``kill -l`` and ``trap`` spell
+# them); a stop (TSTP) is relayed too but handled apart, see "Terminals".
+FORWARDED_SIGNALS = ("INT", "TERM", "HUP", "QUIT", "USR1", "USR2", "WINCH")
 
 
 class ProtocolError(Exception):
