@@ -2,7 +2,7 @@
 
 The caller's tree (a temp dir, or one under ``--dir``) is exported by the shim mount's
 nfs-ganesha (``[export] backend = "ganesha"``); the daemon reaches it with its userspace NFS
-client (``[mounts] client = "userspace"``: ``offloadd.nfsfuse``, FUSE over libnfs), because
+client (``[mounts] client = "userspace"``: ``offloadd.nfs``, FUSE over libnfs), because
 this machine has no kernel NFS client. The same fio job (the thesis's: libaio, direct=1 where
 the filesystem allows it, invalidate=1, bs=4k, iodepth=32; size and runtime scaled down by
 ``--quick``) runs twice per pattern, interleaved: here with ``fio`` in that directory (the
@@ -124,7 +124,7 @@ def nfs_processes(d: Daemon, m: Shims) -> dict[str, int]:
     """The pids of the NFS server (ganesha, below the mount) and client (below the daemon)."""
     found = {}
     for who, top, mark in (("server", m.proc.pid, b"ganesha"),
-                           ("client", d.proc.pid, b"nfsfuse")):
+                           ("client", d.proc.pid, b"offloadd.nfs")):
         for pid in descendants(top):
             with contextlib.suppress(OSError):
                 if mark in Path(f"/proc/{pid}/cmdline").read_bytes():

@@ -149,7 +149,7 @@ class MountTable:
             return None
         logfile = mount.path + ".log"
         with open(logfile, "ab") as log_out:
-            proc = subprocess.Popen([sys.executable, "-m", "offloadd.nfsfuse", server, export,
+            proc = subprocess.Popen([sys.executable, "-m", "offloadd.nfs", server, export,
                                      mount.path, "--foreground"], stdin=subprocess.DEVNULL,
                                     stdout=log_out, stderr=log_out, start_new_session=True)
         deadline = time.monotonic() + 20

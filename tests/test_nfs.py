@@ -226,6 +226,6 @@ def _nfs_client_pid(vm) -> int:
                 cmd = open(f"/proc/{entry}/cmdline", "rb").read()
             except OSError:
                 continue
-            if b"offloadd.nfsfuse" in cmd and str(vm).encode() in cmd:
+            if b"offloadd.nfs" in cmd and str(vm).encode() in cmd:
                 return int(entry)
     pytest.fail("no NFS client process")

@@ -1,7 +1,7 @@
-"""offloadd.nfsfuse: a FUSE NFSv4 client (libnfs) against a real nfs-ganesha on loopback.
+"""offloadd.nfs: a FUSE NFSv4 client (libnfs) against a real nfs-ganesha on loopback.
 
 Each test gets its own ganesha export over a temp dir (``server``) and, through ``start_fuse``,
-``python -m offloadd.nfsfuse`` mounted on a fresh directory under /tmp (reachable by other users,
+``python -m offloadd.nfs`` mounted on a fresh directory under /tmp (reachable by other users,
 unlike pytest's tmp_path). Server side = the exported directory itself.
 """
 from __future__ import annotations
@@ -19,10 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from offloadd.nfs.binding import NfsError
+from offloadd.nfs.retry import once_more_if_broken
 from offloadfs.export import ExportConfig, GaneshaExport
 
 from .conftest import CONVERT, wait_for
@@ -65,7 +68,7 @@ class Server:
 
 
 class Fuse:
-    """A ``python -m offloadd.nfsfuse`` process and its mount point."""
+    """A ``python -m offloadd.nfs`` process and its mount point."""
 
     def __init__(self, server: Server, logdir: Path, *args: str):
         """Start it and wait (bounded) until the mount point is in mountinfo."""
@@ -74,7 +77,7 @@ class Fuse:
         self.mnt.chmod(0o755)
         self.log_path = logdir / f"nfsfuse-{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "wb")
-        argv = [sys.executable, "-m", "offloadd.nfsfuse", f"127.0.0.1:{server.port}",
+        argv = [sys.executable, "-m", "offloadd.nfs", f"127.0.0.1:{server.port}",
                 str(server.root), str(self.mnt), "--foreground", "--timeout", str(TIMEOUT), *args]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log_file,
                                      stderr=subprocess.STDOUT, cwd="/")
@@ -522,7 +525,7 @@ def test_sigterm_unmounts_and_exits_zero(server, fs):
 def test_unreachable_server_exits_1_with_a_reason(tmp_path):
     mnt = Path(tempfile.mkdtemp(prefix="nfsfuse-mnt-", dir="/tmp"))
     try:
-        done = subprocess.run([sys.executable, "-m", "offloadd.nfsfuse",
+        done = subprocess.run([sys.executable, "-m", "offloadd.nfs",
                                f"127.0.0.1:{free_port()}", str(tmp_path), str(mnt),
                                "--foreground", "--timeout", "2"],
                               capture_output=True, text=True, timeout=60, cwd="/")
@@ -560,3 +563,54 @@ def test_idle_open_file_keeps_its_lease(tmp_path, monkeypatch):
             assert fs.unmount() == 0
     finally:
         srv.stop()
+
+
+class FakeContext:
+    """Stands in for a libnfs Context: only ``broken`` matters to the retry rule."""
+
+    def __init__(self, name: str):
+        self.name, self.broken = name, False
+
+
+def retry_case(outcomes: list):
+    """Run once_more_if_broken with a session handing out fresh FakeContexts and a body that
+    plays ``outcomes`` in turn ("ok", "broken": NfsError that breaks ctx, "error": one that
+    does not); what happened, in order."""
+    events, plays, names = [], iter(outcomes), iter("abc")
+
+    @contextmanager
+    def session():
+        ctx = FakeContext(next(names))
+        events.append(f"enter {ctx.name}")
+        try:
+            yield ctx
+        except NfsError:
+            events.append(f"failed {ctx.name}")  # e.g. a file context is given back here
+            raise
+
+    def body(ctx):
+        play = next(plays)
+        events.append(f"{play} {ctx.name}")
+        if play == "ok":
+            return ctx.name
+        ctx.broken = play == "broken"
+        raise NfsError(errno.EIO, play, "fake")
+
+    try:
+        events.append(("returned", once_more_if_broken(session, body,
+                                                       lambda ctx: events.append(
+                                                           f"recover {ctx.name}"))))
+    except NfsError as exc:
+        events.append(("raised", exc.message))
+    return events
+
+
+def test_retry_rule_without_a_server():
+    assert retry_case(["ok"]) == ["enter a", "ok a", ("returned", "a")]
+    assert retry_case(["broken", "ok"]) == [
+        "enter a", "broken a", "failed a", "recover a", "enter b", "ok b", ("returned", "b")]
+    assert retry_case(["error"]) == ["enter a", "error a", "failed a", ("raised", "error")]
+    assert retry_case(["broken", "broken"]) == [
+        "enter a", "broken a", "failed a", "recover a", "enter b", "broken b", "failed b",
+        ("raised", "broken")]
+    assert retry_case(["broken", "error"])[-1] == ("raised", "error")

@@ -1,0 +1,153 @@
+"""The ctypes binding of libnfs 4.0.0 (Debian libnfs13): its structs, the prototypes of every
+function we call, its limits, and how its return values map to errno (see docs/nfs-client.md)."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+import fuse
+
+LIBNFS = "libnfs.so.13"
+NFS_V4 = 4
+WRITE_CHUNK = 3744         # fits libnfs 4.0's 4 KiB encode buffer with a 128-byte fh, 16 groups
+READ_MAX = 1024 * 1024     # a larger READ breaks libnfs 4.0's connection
+OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC  # what libnfs understands
+TRANSPORT = {errno.EIO, errno.EFAULT, errno.EINTR}  # libnfs: lost connection, RPC error, timeout
+STATE = errno.ERANGE       # libnfs maps NFSv4 state errors (EXPIRED, BAD_STATEID...) to ERANGE
+
+
+class NfsStat64(ctypes.Structure):
+    """struct nfs_stat_64 (libnfs.h): all fields uint64_t."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "nfs_dev", "nfs_ino", "nfs_mode", "nfs_nlink", "nfs_uid", "nfs_gid", "nfs_rdev",
+        "nfs_size", "nfs_blksize", "nfs_blocks", "nfs_atime", "nfs_mtime", "nfs_ctime",
+        "nfs_atime_nsec", "nfs_mtime_nsec", "nfs_ctime_nsec", "nfs_used")]
+
+
+class NfsStatvfs64(ctypes.Structure):
+    """struct nfs_statvfs_64 (libnfs.h): all fields uint64_t."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+        "f_favail", "f_fsid", "f_flag", "f_namemax")]
+
+
+class Timeval(ctypes.Structure):
+    """struct timeval."""
+
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class NfsDirent(ctypes.Structure):
+    """struct nfsdirent (libnfs.h, 4.0)."""
+
+
+NfsDirent._fields_ = [
+    ("next", ctypes.POINTER(NfsDirent)), ("name", ctypes.c_char_p), ("inode", ctypes.c_uint64),
+    ("type", ctypes.c_uint32), ("mode", ctypes.c_uint32), ("size", ctypes.c_uint64),
+    ("atime", Timeval), ("mtime", Timeval), ("ctime", Timeval),
+    ("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("nlink", ctypes.c_uint32),
+    ("dev", ctypes.c_uint64), ("rdev", ctypes.c_uint64), ("blksize", ctypes.c_uint64),
+    ("blocks", ctypes.c_uint64), ("used", ctypes.c_uint64),
+    ("atime_nsec", ctypes.c_uint32), ("mtime_nsec", ctypes.c_uint32),
+    ("ctime_nsec", ctypes.c_uint32)]
+
+
+class NfsUrl(ctypes.Structure):
+    """struct nfs_url (libnfs.h)."""
+
+    _fields_ = [("server", ctypes.c_char_p), ("path", ctypes.c_char_p), ("file", ctypes.c_char_p)]
+
+
+class NfsFh(ctypes.Structure):
+    """struct nfs_fh (what nfs_get_fh returns): the NFS file handle of an open file."""
+
+    _fields_ = [("len", ctypes.c_int), ("val", ctypes.c_void_p)]
+
+
+# void (*nfs_cb)(int err, struct nfs_context *nfs, void *data, void *private_data)
+NFS_CB = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+
+_P, _S, _I, _U64 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint64
+_PP = ctypes.POINTER(ctypes.c_void_p)
+SIGNATURES = {  # name: (restype, argtypes), from /usr/include/nfsc/libnfs.h of libnfs 4.0.0
+    "nfs_init_context": (_P, []),
+    "nfs_destroy_context": (None, [_P]),
+    "nfs_get_error": (_S, [_P]),
+    "nfs_parse_url_incomplete": (ctypes.POINTER(NfsUrl), [_P, _S]),
+    "nfs_destroy_url": (None, [ctypes.POINTER(NfsUrl)]),
+    "nfs_set_version": (_I, [_P, _I]),
+    "nfs_set_timeout": (None, [_P, _I]),
+    "nfs_set_tcp_syncnt": (None, [_P, _I]),
+    "nfs_set_autoreconnect": (None, [_P, _I]),
+    "nfs_set_dircache": (None, [_P, _I]),
+    "nfs_umask": (ctypes.c_uint16, [_P, ctypes.c_uint16]),
+    "nfs4_set_client_name": (None, [_P, _S]),
+    "nfs4_set_verifier": (None, [_P, _S]),
+    "nfs_set_auth": (None, [_P, _P]),
+    "libnfs_authunix_create": (_P, [_S, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
+                                    ctypes.POINTER(ctypes.c_uint32)]),
+    "nfs_mount": (_I, [_P, _S, _S]),
+    "nfs_get_fd": (_I, [_P]),
+    "nfs_which_events": (_I, [_P]),
+    "nfs_service": (_I, [_P, _I]),
+    "nfs_stat64": (_I, [_P, _S, ctypes.POINTER(NfsStat64)]),
+    "nfs_lstat64": (_I, [_P, _S, ctypes.POINTER(NfsStat64)]),
+    "nfs_fstat64": (_I, [_P, _P, ctypes.POINTER(NfsStat64)]),
+    "nfs_open2": (_I, [_P, _S, _I, _I, _PP]),
+    "nfs_create": (_I, [_P, _S, _I, _I, _PP]),
+    "nfs_close": (_I, [_P, _P]),
+    "nfs_pread": (_I, [_P, _P, _U64, _U64, _P]),            # (nfs, fh, offset, count, buf)
+    "nfs_pwrite": (_I, [_P, _P, _U64, _U64, _P]),           # (nfs, fh, offset, count, buf)
+    "nfs_pwrite_async": (_I, [_P, _P, _U64, _U64, _P, NFS_CB, _P]),
+    "nfs_fsync": (_I, [_P, _P]),
+    "nfs_truncate": (_I, [_P, _S, _U64]),
+    "nfs_ftruncate": (_I, [_P, _P, _U64]),
+    "nfs_mkdir2": (_I, [_P, _S, _I]),
+    "nfs_rmdir": (_I, [_P, _S]),
+    "nfs_unlink": (_I, [_P, _S]),
+    "nfs_opendir": (_I, [_P, _S, _PP]),
+    "nfs_readdir": (ctypes.POINTER(NfsDirent), [_P, _P]),
+    "nfs_closedir": (None, [_P, _P]),
+    "nfs_statvfs64": (_I, [_P, _S, ctypes.POINTER(NfsStatvfs64)]),
+    "nfs_readlink2": (_I, [_P, _S, _PP]),
+    "nfs_chmod": (_I, [_P, _S, _I]),
+    "nfs_chown": (_I, [_P, _S, _I, _I]),
+    "nfs_utimes": (_I, [_P, _S, ctypes.POINTER(Timeval)]),  # struct timeval[2], never NULL
+    "nfs_symlink": (_I, [_P, _S, _S]),                      # (nfs, target, linkname)
+    "nfs_rename": (_I, [_P, _S, _S]),
+    "nfs_link": (_I, [_P, _S, _S]),                         # (nfs, oldpath, newpath)
+    "nfs_get_fh": (_P, [_P]),               # libnfs-raw.h: struct nfs_fh * {int len; char *val}
+}
+
+
+def load_libnfs(name: str = LIBNFS) -> ctypes.CDLL:
+    """libnfs with the prototypes of every function we call."""
+    lib = ctypes.CDLL(name)
+    for fname, (restype, argtypes) in SIGNATURES.items():
+        func = getattr(lib, fname)
+        func.restype, func.argtypes = restype, argtypes
+    return lib
+
+
+libc = ctypes.CDLL(None)  # free() for what libnfs allocates for us (nfs_readlink2)
+libc.free.argtypes, libc.free.restype = [ctypes.c_void_p], None
+
+
+class NfsError(fuse.FuseOSError):
+    """A failed libnfs call: ``errno`` for the caller, ``message`` from nfs_get_error."""
+
+    def __init__(self, err: int, message: str, call: str):
+        super().__init__(err)
+        self.message = message
+        self.call = call
+
+
+def errno_of(ret: int, message: str) -> int:
+    """The errno for a negative libnfs return value."""
+    err = -ret
+    if err == errno.EPERM and "NFS4ERR_PERM" not in message:
+        return errno.EIO  # -1: the call could not even be queued (encode error, no memory)
+    return err
