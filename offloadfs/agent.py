@@ -2,10 +2,11 @@
 
 Threads: the agent thread (``offloadfs-agent``) owns every ZeroMQ socket, host link and JobRun
 (it is a :class:`~offloadfs.client.ClientLoop`). FUSE worker threads call :meth:`Agent.submit`
-with a :class:`ShimRequest` and then block in :meth:`ShimRequest.reply` until the agent decides
-(offloaded job finished, run locally, or fail closed); the FUSE thread itself then finishes the
-caller's output and builds the shim's reply line. Nothing else crosses threads but the inbox
-queue, the wake-up pipe and each request's Event.
+with a :class:`~offloadfs.request.ShimRequest` and then block in :meth:`ShimRequest.next_line`
+until the agent decides (offloaded job finished, run locally, or fail closed: the rule is
+:func:`offloadfs.request.decide`); the FUSE thread itself then finishes the caller's output and
+builds the shim's reply line. Nothing else crosses threads but the inbox
+queue, the wake-up pipe and each request's queue of lines.
 """
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import environ, export, protocol, shim, staging, terminal
-from .caller import Caller, filesystem_ids, pending_signals
+from . import environ, export, protocol, request as rules, shim, staging, terminal
+from .caller import filesystem_ids, pending_signals
 from .channel import Channel, OffloadError
 from .client import ClientLoop
 from .config import ClientConfig
-from .jobrun import FORWARDED, JobRun, JobSpec, Outcome
+from .jobrun import FORWARDED, JobRun, JobSpec
 from .registry import Registry
+from .request import Decision, ShimRequest
 from .states import HostState
 
 log = logging.getLogger("offloadfs")
@@ -36,110 +38,6 @@ HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_F
 HOST_LIVENESS = 3.0         # a host not answering hello this long is dead for new jobs
 REBUILD_AFTER = 3.0         # a connection still away after this long gets a new socket
 FORWARD = frozenset(int(s) for s in FORWARDED)
-
-
-class ShimRequest:
-    """One run of a shim, from its control-file read to the reply line.
-
-    Made and waited on by a FUSE thread; decided by the agent thread, which sets exactly one of
-    ``outcome`` (the job ran), ``local`` (run locally, with the reason) or ``refusal``. Before
-    that, the agent may :meth:`emit` lines for the shim (the terminal's settings, a stop); the
-    FUSE thread hands them out in order from :meth:`next_line`."""
-
-    def __init__(self, name: str, args: list[bytes], caller: Caller, policy: str,
-                 stdio: tuple[int, int, int] | None, debug: bool = False):
-        """A request to run ``name`` with ``args`` for ``caller``, whose fds 0-2 we hold as
-        ``stdio`` (the request closes them when it is done); ``debug`` tells where it ran."""
-        self.name, self.args, self.caller, self.policy = name, args, caller, policy
-        self.verbose = debug or caller.debug()
-        self.lines: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()   # None: decided
-        self.stdio = stdio
-        self.job: JobRun | None = None
-        self.outcome: Outcome | None = None
-        self.local: str | None = None
-        self.refusal: str | None = None
-        self.pidfd = -1
-        self.forwarded: set[int] = set()
-        self.early_signals: list[int] = []
-
-    def decide_local(self, reason: str) -> None:
-        """Agent thread: run the command locally."""
-        self.local = reason
-        self.lines.put(None)
-
-    def decide_refused(self, text: str) -> None:
-        """Agent thread: fail closed (exit 255 with one line)."""
-        self.refusal = text
-        self.lines.put(None)
-
-    def decide_outcome(self, outcome: Outcome) -> None:
-        """Agent thread: the job ended."""
-        self.outcome = outcome
-        self.lines.put(None)
-
-    @property
-    def decided(self) -> bool:
-        """True once one of the three decisions was made."""
-        return self.outcome is not None or self.local is not None or self.refusal is not None
-
-    def emit(self, line: bytes) -> None:
-        """Agent thread: a line for the shim before the last one."""
-        self.lines.put(line)
-
-    def next_line(self) -> tuple[bytes, bool]:
-        """FUSE thread: wait for the shim's next line; (line, True) for the last one, once the
-        caller's output is all written."""
-        line = self.lines.get()
-        if line is not None:
-            return line, False
-        if self.job is not None:
-            self.job.join()
-        try:
-            return self._reply(), True
-        finally:
-            self._close()
-
-    def _reply(self) -> bytes:
-        """The reply line, after any message of ours on the caller's stderr."""
-        if self.local is not None:
-            path = self.caller.local_command(self.name)
-            if path is None:
-                self._say(f"{self.name}: {self.local}, and there is no local {self.name} on PATH")
-                return shim.reply_status(127)
-            self._debug(f"{self.name}: running locally ({self.local}): {path}")
-            return shim.reply_local(path)
-        if self.refusal is not None:
-            self._say(f"{self.name}: {self.refusal}")
-            return shim.reply_status(255)
-        out = self.outcome
-        if out.error is not None:
-            self._say(f"{self.name}: {out.error}")
-            return shim.reply_status(255)
-        self._debug(f"{self.name}: ran on {out.host}, exit {out.status} (policy {self.policy})")
-        return shim.reply_signal(out.signal) if out.signal else shim.reply_status(out.status)
-
-    def _say(self, text: str) -> None:
-        """One line on the caller's stderr."""
-        fd = self.stdio[2] if self.stdio else None
-        if fd is not None:
-            try:
-                os.write(fd, f"offloadfs: {text}\n".encode(errors="replace"))
-            except OSError:
-                pass
-
-    def _debug(self, text: str) -> None:
-        """A line on the caller's stderr with OFFLOADFS_DEBUG=1."""
-        if self.verbose:
-            self._say(text)
-
-    def _close(self) -> None:
-        """Close our duplicates of the caller's fds and its pidfd."""
-        for fd in self.stdio or ():
-            os.close(fd)
-        self.stdio = None
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
 
 
 class HostLink:
@@ -183,7 +81,15 @@ class HostLink:
 
 
 class Agent(ClientLoop):
-    """Runs shims' jobs on the configured hosts; see the module docstring for threads."""
+    """Runs shims' jobs on the configured hosts; see the module docstring for threads.
+
+    Any thread calls :meth:`start`, :meth:`stop`, :meth:`submit`, :meth:`continued` and
+    :meth:`status`; everything else runs on the agent thread. There :meth:`_main` repeats
+    :meth:`ClientLoop.step`, which calls back the hooks this class overrides, in this order
+    each round: :meth:`channels` (the hosts' channels, not only those of running jobs),
+    :meth:`register` and :meth:`ready` (host monitors, callers' pidfds), :meth:`unrouted`
+    (welcomes), :meth:`tick` (new requests, hellos, liveness, signals) and :meth:`finished`
+    (a job's end: the shim's answer)."""
 
     def __init__(self, config: ClientConfig, registry: Registry, endpoints: list[str]):
         """Links to ``endpoints``; nothing runs until :meth:`start`."""
@@ -374,18 +280,17 @@ class Agent(ClientLoop):
                 request.decide_outcome(job.outcome)
 
     def _conclude(self, request: ShimRequest, job: JobRun) -> None:
-        """Fall back if the job never started and policy allows, else reply."""
+        """Fall back if the job never started and policy allows (request.decide), else reply."""
         self.export.finish(job.spec.data)
         link = next((link for link in self.links if link.channel is job.channel), None)
         if link is not None:
             link.in_flight -= 1
         out = job.outcome
         error = out.error
-        if error is not None and not error.started and request.policy == "auto" \
-                and error.kind not in ("cancelled",):
-            self.registry.record(request.name, "fallbacks", {})
-            self._remember(request, "local", str(error), -1, {})
-            request.decide_local(str(error))
+        decision = rules.decide(request.policy, ended=rules.ending(error),
+                                error="" if error is None else str(error))
+        if decision.route != rules.REMOTE:
+            self._apply(request, decision)
             return
         self.registry.record(request.name, "failures" if error else "jobs", out.timings)
         why = str(error) if error else f"policy {request.policy}"
@@ -398,7 +303,7 @@ class Agent(ClientLoop):
         """Send a request to a host, or decide to run it locally or refuse it."""
         link = self._pick(request.name)
         if link is None:
-            self._no_host(request)
+            self._apply(request, rules.decide(request.policy, host=False))
             return
         try:
             data = None if request.name in self.config.stage_commands else \
@@ -434,20 +339,18 @@ class Agent(ClientLoop):
         for signum in request.early_signals:  # caught by the shim before it asked
             job.signal(signum)
 
-    def _no_host(self, request: ShimRequest) -> None:
-        """No usable host: local under auto, refusal under always."""
-        self._cannot(request, "no host offering it answers")
-
     def _cannot(self, request: ShimRequest, why: str) -> None:
         """The job cannot be offloaded: local under auto, refusal under always."""
-        if request.policy == "always":
-            self.registry.record(request.name, "failures", {})
-            self._remember(request, "nowhere", f"{why} (policy always)", 255, {})
-            request.decide_refused(f"{why} (policy always); it never ran")
+        self._apply(request, rules.decide(request.policy, obstacle=why))
+
+    def _apply(self, request: ShimRequest, decision: Decision) -> None:
+        """Run locally or fail closed as decided, counted in the registry and the status."""
+        self.registry.record(request.name, decision.counted, {})
+        if decision.route == rules.FAIL:
+            self._remember(request, "nowhere", decision.reason, 255, {})
         else:
-            self.registry.record(request.name, "fallbacks", {})
-            self._remember(request, "local", why, -1, {})
-            request.decide_local(why)
+            self._remember(request, "local", decision.reason, -1, {})
+        request.decide(decision)
 
     def _stage(self, request: ShimRequest, spec: JobSpec) -> tuple | None:
         """Staging for this command (config [staging] commands): its files travel with it.
@@ -456,7 +359,7 @@ class Agent(ClientLoop):
         try:
             with filesystem_ids(c.uid, c.gid):
                 spec.argv, files = staging.plan(spec.argv, c.cwd)
-                spec.data = {"mode": "stage", "bytes": staging.total(c.cwd, files)}
+                spec.data = {"mode": protocol.DATA_STAGE, "bytes": staging.total(c.cwd, files)}
         except OSError as exc:
             self._cannot(request, f"cannot stage its files: {exc.strerror}")
             return None

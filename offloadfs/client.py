@@ -40,7 +40,14 @@ def connect(ctx: zmq.Context, endpoints: list[str], timeout: float, debug,
 
 
 class ClientLoop:
-    """Drives jobs to their end. Subclasses add poll items and react to what jobs leave."""
+    """Drives jobs to their end. Subclasses add poll items and react to what jobs leave.
+
+    Everything but :meth:`poke` runs on the loop's thread. Each :meth:`step` polls, then calls
+    back, in this order: :meth:`channels` (which channels to read), :meth:`register` (extra poll
+    items), :meth:`unrouted` and :meth:`channel_failed` (while it reads the channels),
+    :meth:`ready` (extra items that are ready), :meth:`tick` (after the jobs' own ticks) and
+    :meth:`finished` (each job that got its outcome, once). ``offld`` uses them as they are;
+    the mount's :class:`~offloadfs.agent.Agent` overrides all but :meth:`channel_failed`."""
 
     def __init__(self, timing: Timing):
         """A loop with its wake-up pipe; jobs are added with :meth:`add`."""

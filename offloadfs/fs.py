@@ -21,8 +21,10 @@ from fuse import FuseOSError, Operations, fuse_get_context
 
 from . import mountinfo, shim
 from . import registry as reg
-from .agent import Agent, ShimRequest
+from . import request as rules
+from .agent import Agent
 from .caller import Caller, CallerGone
+from .request import ShimRequest
 
 log = logging.getLogger("offloadfs")
 
@@ -266,26 +268,14 @@ class ShimFS(Operations):
         request = ShimRequest(session.name, args, session.caller, policy,
                               session.take_stdio(), self.debug)
         request.early_signals = early
-        reason = self._local_reason(request)
-        if reason and request.policy == "always":   # fail closed, whatever is broken
-            self.registry.record(session.name, "failures", {})
-            request.decide_refused(f"{reason} (policy always); it never ran")
-        elif reason:
-            self.registry.record(session.name, "fallbacks", {})
-            request.decide_local(reason)
-        else:
+        decision = rules.decide(policy, stdio=request.stdio is not None,
+                                agent=self.agent is not None and self.agent.thread.is_alive())
+        if decision.route == rules.REMOTE:
             self.agent.submit(request)
+            return request
+        self.registry.record(session.name, decision.counted, {})
+        request.decide(decision)
         return request
-
-    def _local_reason(self, request: ShimRequest) -> str | None:
-        """Why this request runs locally without asking the agent, or None."""
-        if request.policy == "never":
-            return "policy never"
-        if self.agent is None or not self.agent.thread.is_alive():
-            return "the agent is not running"
-        if request.stdio is None:
-            return "its stdio cannot be relayed (a file of the offloadfs mount?)"
-        return None
 
     def _dev(self) -> int:
         """The device number of this filesystem, from mountinfo (a stat of our own root from

@@ -39,8 +39,9 @@ FROM_HOST = frozenset({"queued", "started", "stdout", "stderr", "tty", "file", "
 OUTPUT = frozenset({"stdout", "stderr", "tty", "file"})   # spends the output credit
 BEFORE_START = frozenset({"stdout", "stderr", "tty", "file", "stopped", "exit"})  # illegal then
 STOP_SIGNALS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGSTOP})
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2, signal.SIGWINCH, signal.SIGTSTP)
+# The caller's signals a job gets: the protocol's forwarded ones, and a stop (handled apart).
+FORWARDED = tuple(signal.Signals["SIG" + name]
+                  for name in protocol.FORWARDED_SIGNALS + ("TSTP",))
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 SIGNAL_GRACE = 5.0   # seconds a host may stay silent after an ending signal was forwarded
 SINK_WAIT = 5.0   # seconds a stop waits for the terminal's output before it restores it

@@ -156,7 +156,7 @@ def run(command: list[str], opts, say: Reporter) -> int:
 def stage(spec: JobSpec) -> tuple:
     """-n: send the files the argv names under the cwd; changed files come back here."""
     spec.argv, files = staging.plan(spec.argv, spec.cwd)
-    spec.data = {"mode": "stage", "bytes": staging.total(spec.cwd, files)}
+    spec.data = {"mode": protocol.DATA_STAGE, "bytes": staging.total(spec.cwd, files)}
     return staging.Outbox(spec.cwd, files), staging.Inbox(spec.cwd)
 
 

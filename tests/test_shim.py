@@ -39,3 +39,13 @@ def test_script_names_its_command_and_starts_with_a_shebang():
     assert text.startswith("#!/bin/sh\n") and "shim for convert" in text
     assert "exec 3<>'/opt/off load/.ctl/convert'" in text
     assert text.splitlines()[2] == "s='' t=''"
+
+
+def test_the_forwarded_signals_are_the_protocols():
+    """The shim traps the protocol's forwarded signals; a job gets those and a stop (TSTP)."""
+    from offloadfs import jobrun, protocol
+    text = shim.script("cat", "/m").decode()
+    for name in protocol.FORWARDED_SIGNALS:
+        assert f"trap 's=${{s:-{name}}}' {name}\n" in text
+    assert shim.parse_request(b"/m/cat\x000\x00WINCH\x00") == ([], [signal.SIGWINCH])
+    assert [s.name[3:] for s in jobrun.FORWARDED] == list(protocol.FORWARDED_SIGNALS) + ["TSTP"]
