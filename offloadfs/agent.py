@@ -173,13 +173,17 @@ class Agent(ClientLoop):
             job.cancel()
             job.fail(OffloadError("the offloadfs mount is stopping", "shutdown", True))
         self._reap()
-        while not self.inbox.empty():
-            self.inbox.get().decide_local("the offloadfs mount is stopping")
+        self._release_waiting()
         for link in self.links:
             link.close()
         self.ctx.term()
         self.close()
         self.export.stop()
+
+    def _release_waiting(self) -> None:
+        """Requests never sent when the mount stops: local under auto, refused under always."""
+        while not self.inbox.empty():
+            self._cannot(self.inbox.get(), "the offloadfs mount is stopping")
 
     def channels(self) -> list[Channel]:
         """Every host's channel."""

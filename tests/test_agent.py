@@ -186,3 +186,16 @@ def test_the_filesystem_decides_when_there_is_no_agent(stdio, policy, line, coun
     if policy == "always":
         assert stdio.read(stdio.err) == (b"offloadfs: cat: the agent is not running (policy "
                                          b"always); it never ran\n")
+
+
+@pytest.mark.parametrize("policy, local", [("auto", True), ("always", False)])
+def test_a_request_left_waiting_when_the_mount_stops(agent, stdio, policy, local):
+    """A request never sent when the mount stops runs locally under auto, fails closed under
+    always (it never ran)."""
+    request = ShimRequest("cat", [], FakeCaller(), policy, stdio.dup())
+    agent.submit(request)
+    agent._release_waiting()
+    reply(request)   # the FUSE side: closes its fds
+    assert (request.local, request.refusal) == (
+        ("the offloadfs mount is stopping", None) if local else
+        (None, "the offloadfs mount is stopping (policy always); it never ran"))
