@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from . import environ, export, joblog, mountinfo, protocol, staging, terminal
+from . import environ, export, joblog, mountinfo, protocol, request, staging, terminal
 from .channel import OffloadError
 from .client import ClientLoop, connect
 from .config import DEFAULT_PORT, ClientConfig, ConfigError, host_endpoint
@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None, prog: str = "offld") -> int:
 
 
 def fall_back(command: list[str], opts, error: OffloadError, say: "Reporter") -> None:
-    """With --fallback, replace this process by the local command when nothing ran remotely."""
-    if not opts.fallback or error.started:
+    """With --fallback, replace this process by the local command when nothing ran remotely
+    (and the caller did not give up on it: a Ctrl-C before the start is no reason to run it)."""
+    if not opts.fallback or request.ending(error) is not request.Ending.NEVER_RAN:
         return
     say.debug(f"{error}; running {opts.fallback} here")
     try:

@@ -1,6 +1,8 @@
 """The one local-or-remote rule (offloadfs.request.decide) as a table, and ShimRequest's reply."""
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from offloadfs import request as rules
@@ -117,3 +119,17 @@ def test_lines_before_the_outcome(stdio):
     r.decide_outcome(Outcome(0, "h1", signal=2))
     assert r.next_line() == (b"t 500:5:bf:8a3b\n", False)
     assert r.next_line() == (b"s INT\n", True)
+
+
+@pytest.mark.parametrize("kind, started, execs", [
+    ("nohost", False, True), ("nohost", True, False), ("cancelled", False, False)])
+def test_offld_falls_back_only_when_the_job_never_ran(monkeypatch, kind, started, execs):
+    """``offld --fallback`` execs the local command for a job that never ran, not for one that
+    may have run, nor for one the caller gave up on (a Ctrl-C before its start)."""
+    from offloadfs import offld
+    calls = []
+    monkeypatch.setattr(offld.os, "execv", lambda *a: calls.append(a))
+    opts = types.SimpleNamespace(fallback="/bin/true")
+    say = types.SimpleNamespace(debug=lambda text: None, error=lambda text: None)
+    offld.fall_back(["true"], opts, OffloadError("x", kind, started), say)
+    assert bool(calls) == execs
