@@ -85,7 +85,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import msgpack
 
@@ -366,6 +367,7 @@ SCHEMA: dict[str, tuple[bool, dict, dict]] = {
                      {"commands": _CMDS, "tags": _TAGS, "jobs": _list(_any_map, 1024),
                       "done": _POS, "failed": _POS}),
 }
+NEEDS_JOB = frozenset(k for k, (needs_job, _, _) in SCHEMA.items() if needs_job)   # carry a job
 
 
 _SERVER = re.compile(r"[A-Za-z0-9_.%\[:][A-Za-z0-9_.%\[\]:-]*:[0-9]{1,5}")   # host:port, no "-o"
@@ -388,8 +390,6 @@ def check_data(data: dict | None) -> None:
     if not ok:
         raise FieldError(f"bad data descriptor {repr(data)[:80]}")
 
-
-NEEDS_JOB = frozenset(k for k, (needs_job, _, _) in SCHEMA.items() if needs_job)
 
 # --- who sends what ---------------------------------------------------------------------------
 
