@@ -52,8 +52,16 @@ Messages, by stage (C = client, D = daemon or broker on the client's behalf)::
     H->B ready        {host, commands, slots, tags}       a host offers itself to a broker
                       (H = a daemon's DEALER to a broker B; B forwards jobs to H as a client
                       would, with job ids of its own, and relays H's replies to the client)
+    B->H error        job?, kind, text     a broker refuses a host's ready (``ready``), asks
+                      it to announce itself again (``reannounce``), or refuses its bad input
     C->D status       {}
     D->C status-reply {host, slots, busy, queued, commands, tags, jobs[map], done, failed}
+
+As data: ``SCHEMA`` (each kind's job id and fields), ``ROUTES`` (the roles CLIENT, HOST and
+BROKER that may send and receive each kind; ``SENDERS``, ``RECEIVERS``, ``may_send``,
+``sent_by``, ``accepted_by``, and ``dispatch_check`` for a handler table), ``ERROR_KINDS``
+(each ``error.kind``: its meaning, and whether its job ran; ``may_have_run``), and
+``check_data`` (the rules of a submit's ``data``).
 
 Staging (``data`` = {"mode": "stage", "bytes": total}): the daemon answers the submit with a
 ``credit`` for the input files, which come as ``file`` messages; the job runs in a scratch
@@ -76,6 +84,8 @@ Every malformed input raises a subclass of :class:`ProtocolError`; nothing here 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -106,6 +116,7 @@ TTY_STDIN, TTY_STDOUT, TTY_STDERR = 1, 2, 4   # bits of a tty's ``fds``
 DATA_STAGE = "stage"   # the files travel as ``file`` messages, the job runs in a scratch dir
 DATA_NFS = "nfs"       # the host mounts the caller's export (server, export, path, nonce)
 DATA_MODES = (DATA_STAGE, DATA_NFS)
+MAX_STAGE_BYTES = 2**40   # a staged job's announced input (``data.bytes``)
 # Signals a client relays to its job as they are (by name, as ``kill -l`` and ``trap`` spell
 # them); a stop (TSTP) is relayed too but handled apart, see "Terminals".
 FORWARDED_SIGNALS = ("INT", "TERM", "HUP", "QUIT", "USR1", "USR2", "WINCH")
@@ -116,41 +127,34 @@ class ProtocolError(Exception):
 
     kind = "protocol"
 
+    def __init_subclass__(cls, kind: str = "", **kw):
+        """A subclass names its ``error`` kind as ``class X(ProtocolError, kind="x")``."""
+        super().__init_subclass__(**kw)
+        cls.kind = kind or cls.kind
 
-class FrameError(ProtocolError):
+
+class FrameError(ProtocolError, kind="frame"):
     """Wrong number or size of frames."""
 
-    kind = "frame"
 
-
-class DecodeError(ProtocolError):
+class DecodeError(ProtocolError, kind="decode"):
     """Frame 0 is not a msgpack map."""
 
-    kind = "decode"
 
-
-class VersionError(ProtocolError):
+class VersionError(ProtocolError, kind="version"):
     """The peer speaks another protocol version."""
 
-    kind = "version"
 
-
-class KindError(ProtocolError):
+class KindError(ProtocolError, kind="kind"):
     """Unknown message kind."""
 
-    kind = "kind"
 
-
-class FieldError(ProtocolError):
+class FieldError(ProtocolError, kind="field"):
     """A field is missing, of the wrong type, or out of range."""
 
-    kind = "field"
 
-
-class TooLarge(ProtocolError):
+class TooLarge(ProtocolError, kind="too-large"):
     """A size limit was exceeded."""
-
-    kind = "too-large"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +367,96 @@ SCHEMA: dict[str, tuple[bool, dict, dict]] = {
                      {"commands": _CMDS, "tags": _TAGS, "jobs": _list(_any_map, 1024),
                       "done": _POS, "failed": _POS}),
 }
+NEEDS_JOB = frozenset(k for k, (needs_job, _, _) in SCHEMA.items() if needs_job)   # carry a job
+
+
+_SERVER = re.compile(r"[A-Za-z0-9_.%\[:][A-Za-z0-9_.%\[\]:-]*:[0-9]{1,5}")   # host:port, no "-o"
+
+
+def check_data(data: dict | None) -> None:
+    """Raise FieldError for a submit's data descriptor (None: none) of an unknown mode or with a
+    field of the wrong type (the mount of an nfs job gets its server and export as arguments)."""
+    data = data or {}
+    mode, n = data.get("mode"), data.get("bytes", 0)
+    if mode == DATA_STAGE:
+        ok = type(n) is int and 0 <= n <= MAX_STAGE_BYTES
+    elif mode == DATA_NFS:
+        server, export = data.get("server"), data.get("export")
+        ok = isinstance(server, str) and bool(_SERVER.fullmatch(server)) and \
+            isinstance(export, str) and export.startswith("/") and \
+            all(isinstance(data.get(k, ""), str) for k in ("path", "nonce"))
+    else:
+        ok = mode is None
+    if not ok:
+        raise FieldError(f"bad data descriptor {repr(data)[:80]}")
+
+
+# --- who sends what ---------------------------------------------------------------------------
+
+# Roles: the client (``offld``, the mount's agent), the host (``offloadd serve``), the broker
+# (``offloadd broker``: a host to its clients, a client to its hosts; a host's link to it says
+# ``ready``). Two peers of one role never talk to each other.
+CLIENT, HOST, BROKER = "client", "host", "broker"
+ROLES = frozenset({CLIENT, HOST, BROKER})
+_C_TO_D = (frozenset({CLIENT, BROKER}), frozenset({HOST, BROKER}))
+_D_TO_C = (frozenset({HOST, BROKER}), frozenset({CLIENT, BROKER}))
+_ANY = (ROLES, ROLES)
+
+# kind -> (the roles that may send it, the roles that may receive it)
+ROUTES: dict[str, tuple[frozenset, frozenset]] = {
+    "hello": (frozenset({CLIENT}), frozenset({HOST, BROKER})),
+    "welcome": (frozenset({HOST, BROKER}), frozenset({CLIENT})),
+    "submit": _C_TO_D,
+    "queued": _D_TO_C,
+    "started": _D_TO_C,
+    "file": _ANY,
+    "stdin": _C_TO_D,
+    "stdin-eof": _C_TO_D,
+    "stdout": _D_TO_C,
+    "stderr": _D_TO_C,
+    "tty": _D_TO_C,
+    "credit": _ANY,
+    "close": _C_TO_D,
+    "signal": _C_TO_D,
+    "cancel": _C_TO_D,
+    "resize": _C_TO_D,
+    "stopped": _D_TO_C,
+    "suspend": _C_TO_D,
+    "resume": _C_TO_D,
+    "exit": _D_TO_C,
+    "error": (frozenset({HOST, BROKER}), ROLES),
+    "ping": _ANY,
+    "ready": (frozenset({HOST}), frozenset({BROKER})),
+    "status": (frozenset({CLIENT}), frozenset({HOST, BROKER})),
+    "status-reply": (frozenset({HOST, BROKER}), frozenset({CLIENT})),
+}
+SENDERS = {kind: senders for kind, (senders, _) in ROUTES.items()}
+RECEIVERS = {kind: receivers for kind, (_, receivers) in ROUTES.items()}
+
+
+def may_send(role: str, kind: str, to: str | None = None) -> bool:
+    """Whether ``role`` may send a message of ``kind`` (to a peer of role ``to``, if given)."""
+    senders, receivers = ROUTES.get(kind, ((), ()))
+    return role in senders and (to is None or (to in receivers and to != role))
+
+
+def sent_by(role: str, to: str | None = None) -> frozenset:
+    """The kinds ``role`` may send (to a peer of role ``to``, if given)."""
+    return frozenset(k for k in ROUTES if may_send(role, k, to))
+
+
+def accepted_by(role: str, sender: str | None = None) -> frozenset:
+    """The kinds ``role`` may receive (from a peer of role ``sender``, if given)."""
+    return frozenset(k for k, (senders, receivers) in ROUTES.items() if role in receivers
+                     and any(s != role for s in senders if sender in (None, s)))
+
+
+def dispatch_check(role: str, handled: Iterable[str],
+                   sender: str | None = None) -> tuple[frozenset, frozenset]:
+    """A handler table's faults: (the kinds ``role`` may receive, from ``sender`` if given, but
+    does not handle; the kinds it handles but may never receive)."""
+    accepted, handled = accepted_by(role, sender), frozenset(handled)
+    return accepted - handled, handled - accepted
 
 
 def encode(kind: str, job: str | None = None, payload: bytes | None = None, /,
@@ -478,3 +572,72 @@ def _checked(name: str, check, value: Any) -> Any:
 def error_frames(exc: ProtocolError, job: str | None = None) -> list:
     """The frames of an ``error`` reply describing ``exc``."""
     return encode("error", job, kind=exc.kind, text=str(exc)[:MAX_TEXT])
+
+
+# --- error kinds --------------------------------------------------------------------------------
+
+# What an ``error`` of a kind says of its job: it never ran, it may have, the sender says which
+# (its ``started`` field: it knows whether a process was spawned), or it is not about a job.
+NEVER, MAY, EITHER, NA = "never", "may have", "started says", "n.a."
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorKind:
+    """One ``error.kind``: what it means, whether its job ran, and whether it goes on the wire
+    (``wire=False``: only the kind of a client's own OffloadError)."""
+
+    meaning: str
+    ran: str
+    wire: bool = True
+
+
+ERROR_KINDS: dict[str, ErrorKind] = {
+    # bad input (ProtocolError kinds), answered without a job id
+    "protocol": ErrorKind("the peer broke the protocol (a bad message, or one that its job's "
+                          "state does not allow)", EITHER),
+    "frame": ErrorKind("wrong number or size of frames", NA),
+    "decode": ErrorKind("frame 0 is not a msgpack map", NA),
+    "version": ErrorKind("another protocol version", NA),
+    "kind": ErrorKind("an unknown kind, or one not for the receiver (about a job: it may "
+                      "have run)", MAY),
+    "field": ErrorKind("a field missing, mistyped or out of range; a bad data descriptor "
+                       "(never ran), a signal the host lacks", EITHER),
+    "too-large": ErrorKind("a size limit was exceeded", NA),
+    # a submit refused (policy.Refused, the broker's checks): nothing ran
+    "not-allowed": ErrorKind("the command is not allowlisted on the host", NEVER),
+    "identity": ErrorKind("the uid, groups or export claimed are refused", NEVER),
+    "root": ErrorKind("jobs as root are refused on the host", NEVER),
+    "unauthorized": ErrorKind("the VM's key is not (or no longer) authorized", NEVER),
+    "loop": ErrorKind("the command lies in an offloadfs mount on the host", NEVER),
+    "busy": ErrorKind("the peer's or the host's job budget is full", NEVER),
+    "cwd": ErrorKind("the working directory is missing or leaves the export", NEVER),
+    "attach": ErrorKind("the caller's export could not be mounted, or is not the caller's", NEVER),
+    "spawn": ErrorKind("the command could not be started", NEVER),
+    "no-host": ErrorKind("no host answered, or none can run the job", NEVER),
+    # about a job that is there, or was
+    "duplicate": ErrorKind("a submit of a job id already known (the error names that job)", MAY),
+    "unknown-job": ErrorKind("the receiver has no such job: it ended, or the receiver "
+                             "restarted", MAY),
+    "stage": ErrorKind("staging files in or out failed", EITHER),
+    "credit": ErrorKind("the client sent more stdin than its credit", MAY),
+    "limit": ErrorKind("the job's output passed the host's limit: it was killed", MAY),
+    "internal": ErrorKind("a bug in handling one message or job", EITHER),
+    "shutdown": ErrorKind("the daemon, broker or mount stopped", EITHER),
+    "host-lost": ErrorKind("the broker lost the host that ran the job", MAY),
+    # between a broker and its hosts
+    "ready": ErrorKind("the broker refused a host's ready", NA),
+    "reannounce": ErrorKind("the broker does not know this host: say ready again", NA),
+    # the client's own (OffloadError), never sent
+    "offload": ErrorKind("an offload error of no other kind", EITHER, wire=False),
+    "handshake": ErrorKind("the CURVE handshake failed", NEVER, wire=False),
+    "export": ErrorKind("the caller's tree cannot be exported", NEVER, wire=False),
+    "no-ack": ErrorKind("no host acknowledged the submit", NEVER, wire=False),
+    "lost": ErrorKind("the host went silent, or stopped naming the job", MAY, wire=False),
+    "cancelled": ErrorKind("the caller went away or gave up", MAY, wire=False),
+}
+
+
+def may_have_run(msg: Message, running: bool = False) -> bool:
+    """For an ``error`` about a job: whether the job may have run. Its ``started`` field
+    says; absent, it may have; ``running`` (the receiver saw it start) overrides a false."""
+    return bool(msg.get("started", True)) or running

@@ -600,3 +600,100 @@ def test_fuzz_mutated_valid_headers(data):
     msg = assert_decodes_or_protocol_error(frames)
     if msg is not None and value is not ... and name in protocol.SCHEMA[kind][1]:
         assert msg[name] == value
+
+
+# --- the data descriptor -----------------------------------------------------------------------
+
+GOOD_DATA = [
+    None, {}, {"mode": "stage"}, {"mode": "stage", "bytes": 0},
+    {"mode": "stage", "bytes": protocol.MAX_STAGE_BYTES},
+    {"mode": "nfs", "server": "nas:2049", "export": "/srv"},
+    {"mode": "nfs", "server": "[fe80::1%eth0]:2049", "export": "/", "path": "a/b",
+     "nonce": "n"},
+    {"mode": "nfs", "server": "10.0.0.1:1", "export": "/x", "path": "", "nonce": ""},
+    {"other": 1},                                     # no mode: no descriptor to check
+]
+BAD_DATA = [
+    {"mode": "ftp"}, {"mode": b"stage"}, {"mode": ""},
+    {"mode": "stage", "bytes": -1}, {"mode": "stage", "bytes": protocol.MAX_STAGE_BYTES + 1},
+    {"mode": "stage", "bytes": 1.0}, {"mode": "stage", "bytes": True},
+    {"mode": "stage", "bytes": "1"}, {"mode": "stage", "bytes": None},
+    {"mode": "nfs", "export": "/srv"},                # no server
+    {"mode": "nfs", "server": "nas", "export": "/srv"},          # no port
+    {"mode": "nfs", "server": "nas:123456", "export": "/srv"},   # port of 6 digits
+    {"mode": "nfs", "server": "-o:1", "export": "/srv"},         # an option to mount(8)
+    {"mode": "nfs", "server": "nas:2049 ", "export": "/srv"},
+    {"mode": "nfs", "server": b"nas:2049", "export": "/srv"},
+    {"mode": "nfs", "server": "nas:2049"},            # no export
+    {"mode": "nfs", "server": "nas:2049", "export": "srv"},      # relative export
+    {"mode": "nfs", "server": "nas:2049", "export": b"/srv"},
+    {"mode": "nfs", "server": "nas:2049", "export": "/srv", "path": b"a"},
+    {"mode": "nfs", "server": "nas:2049", "export": "/srv", "nonce": None},
+]
+
+
+@pytest.mark.parametrize("data", GOOD_DATA, ids=range(len(GOOD_DATA)))
+def test_check_data_accepts(data):
+    """Descriptors the daemon takes pass check_data."""
+    assert protocol.check_data(data) is None
+
+
+@pytest.mark.parametrize("data", BAD_DATA, ids=range(len(BAD_DATA)))
+def test_check_data_refuses(data):
+    """A descriptor of an unknown mode or with a mistyped field is a FieldError (kind field)
+    naming the descriptor."""
+    with pytest.raises(FieldError, match="bad data descriptor") as info:
+        protocol.check_data(data)
+    assert info.value.kind == "field"
+
+
+def test_check_data_modes_are_the_constants():
+    """check_data knows exactly the modes of DATA_MODES."""
+    assert protocol.DATA_MODES == (protocol.DATA_STAGE, protocol.DATA_NFS) == ("stage", "nfs")
+
+
+# --- error kinds and roles ---------------------------------------------------------------------
+
+def test_error_subclass_kind_keyword():
+    """A ProtocolError subclass names its kind as a class keyword; one without keeps its
+    parent's."""
+    class Odd(FieldError):
+        """No kind of its own."""
+    assert Odd("x").kind == "field" and isinstance(Odd("x"), ProtocolError)
+
+
+@pytest.mark.parametrize("fields,running,expected", [
+    ({"started": False}, False, False), ({"started": True}, False, True),
+    ({}, False, True), ({"started": False}, True, True),
+])
+def test_may_have_run(fields, running, expected):
+    """An error's started field says whether its job may have run; absent, it may have; a
+    job seen running may have run whatever the error says."""
+    msg = decode(encode("error", "j", None, kind="stage", text="t", **fields))
+    assert protocol.may_have_run(msg, running) is expected
+
+
+def test_roles():
+    """The broker sends as a client to hosts and as a host to clients; same roles never talk."""
+    c, h, b = protocol.CLIENT, protocol.HOST, protocol.BROKER
+    assert protocol.may_send(c, "submit", h) and protocol.may_send(b, "submit", h)
+    assert not protocol.may_send(h, "submit") and not protocol.may_send(b, "submit", b)
+    assert protocol.may_send(b, "started", c) and not protocol.may_send(b, "started", h)
+    assert protocol.may_send(h, "ready", b) and not protocol.may_send(h, "ready", c)
+    assert not protocol.may_send(c, "no-such-kind")
+    assert "hello" not in protocol.sent_by(b, h) and "error" in protocol.sent_by(b, h)
+    assert "ready" in protocol.accepted_by(b, h) and "ready" not in protocol.accepted_by(b, c)
+    assert protocol.accepted_by(h, b) < protocol.accepted_by(h)
+    assert "welcome" not in protocol.accepted_by(b)
+
+
+def test_dispatch_check():
+    """dispatch_check names the kinds missing from a handler table and those it may never
+    receive."""
+    h = protocol.HOST
+    handled = set(protocol.accepted_by(h))
+    assert protocol.dispatch_check(h, handled) == (frozenset(), frozenset())
+    missing, extra = protocol.dispatch_check(h, handled - {"ping"} | {"exit"})
+    assert (missing, extra) == ({"ping"}, {"exit"})
+    assert protocol.dispatch_check(h, {k: None for k in handled}, protocol.BROKER)[1] == \
+        {"hello", "status"}
