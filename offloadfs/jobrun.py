@@ -34,10 +34,10 @@ from .protocol import Message
 from .states import IllegalTransition, JobState, advance
 from .terminal import Terminal, foreground
 
-FROM_HOST = frozenset({"queued", "started", "stdout", "stderr", "tty", "file", "credit", "exit",
-                       "error", "stopped"})   # what a host may say about a job
-OUTPUT = frozenset({"stdout", "stderr", "tty", "file"})   # spends the output credit
-BEFORE_START = frozenset({"stdout", "stderr", "tty", "file", "stopped", "exit"})  # illegal then
+# What a host (or a broker for it) may say about a job, from the protocol's routing table.
+FROM_HOST = protocol.accepted_by(protocol.CLIENT) & (protocol.NEEDS_JOB | {"error"})
+OUTPUT = protocol.accepted_by(protocol.CLIENT) & protocol.PAYLOAD_KINDS   # spends output credit
+BEFORE_START = OUTPUT | {"stopped", "exit"}   # illegal before ``started`` (a job's state)
 STOP_SIGNALS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGSTOP})
 # The caller's signals a job gets: the protocol's forwarded ones, and a stop (handled apart).
 FORWARDED = tuple(signal.Signals["SIG" + name]
