@@ -101,6 +101,8 @@ import time
 
 import fuse
 
+from offloadfs.settings import ConfigError, host_port
+
 log = logging.getLogger("nfsfuse")
 
 LIBNFS = "libnfs.so.13"
@@ -1229,12 +1231,10 @@ def _show_result(result) -> str:
 
 def parse_server(text: str) -> tuple[str, int]:
     """SERVER[:PORT] -> (host, port); ValueError if malformed."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(DEFAULT_PORT)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad server {text!r}: expected HOST[:PORT]")
-    return host, int(port)
+    try:
+        return host_port(text, DEFAULT_PORT)
+    except ConfigError:
+        raise ValueError(f"bad server {text!r}: expected HOST[:PORT]") from None
 
 
 def mount_options(server: str, export: str) -> dict:
