@@ -32,7 +32,7 @@ from offloadfs.protocol import Message, ProtocolError
 
 from . import broker_rules as rules_mod
 from . import limits
-from .config import Security, is_loopback
+from .config import BrokerConfig, Security, is_loopback
 from .metrics import Metrics
 from offloadfs.config import ConfigError
 
@@ -43,32 +43,6 @@ log = logging.getLogger("offloadd")
 
 PASS_THROUGH = frozenset({"stdin", "stdin-eof", "credit", "close", "signal", "file", "resize",
                           "suspend", "resume"})
-
-
-@dataclasses.dataclass
-class BrokerConfig:
-    """What ``offloadd broker`` needs."""
-
-    clients: str = "tcp://0.0.0.0:7788"
-    workers: str = "tcp://0.0.0.0:7789"
-    heartbeat: float = 1.0
-    liveness: float = 3.0
-    client_timeout: float = 5.0
-    suspend_limit: float = 86400.0   # how long a suspended client's silence is no death
-    name: str = ""
-    metrics: str = ""
-    security: Security = dataclasses.field(default_factory=Security)
-
-    def default(self, port: str) -> str:
-        """The default endpoint of ``port`` (clients, workers): loopback only without keys."""
-        endpoint = getattr(BrokerConfig, port)
-        return endpoint if self.security.on else endpoint.replace("0.0.0.0", "127.0.0.1")
-
-    def check_security(self) -> None:
-        """With keys, the worker port needs the hosts' keys too."""
-        if self.security.on and not self.security.authorized_hosts:
-            raise ConfigError("[security] of a broker needs authorized_hosts (the hosts' "
-                              "public keys) besides authorized_keys (the VMs')")
 
 
 @dataclasses.dataclass

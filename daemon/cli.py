@@ -5,9 +5,9 @@ import argparse
 import logging
 import sys
 
-from offloadfs.config import ConfigError
+from offloadfs.commandline import add_keygen, keygen, run
 
-from .config import ServeConfig
+from .config import BrokerConfig, ServeConfig
 
 log = logging.getLogger("offloadd")
 
@@ -55,10 +55,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("-c", "--config", metavar="FILE", help="a client's TOML file whose "
                     "[security] keys to ask with (secret_key, server_key)")
     st.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    k = sub.add_parser("keygen", help="write a CURVE key pair: DIR/NAME.key and "
-                       "DIR/NAME.key_secret")
-    k.add_argument("directory", metavar="DIR")
-    k.add_argument("name", metavar="NAME", help="the key's name (the host's, or a broker's)")
+    add_keygen(sub, "the host's, or a broker's")
     return p
 
 
@@ -68,24 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         stream=sys.stderr,
                         format="offloadd: %(levelname)s %(message)s")
-    try:
-        return {"serve": serve, "status": status, "broker": broker,
-                "keygen": keygen}[args.cmd](args)
-    except ConfigError as exc:
-        print(f"offloadd: {exc}", file=sys.stderr)
-        return 2
-
-
-def keygen(args) -> int:
-    """``offloadd keygen DIR NAME``: write a key pair, say where."""
-    from offloadfs.keys import keygen_command
-    return keygen_command(args.directory, args.name)
+    return run("offloadd", {"serve": serve, "status": status, "broker": broker,
+                            "keygen": keygen}, args)
 
 
 def status(args) -> int:
     """``offloadd status``: print what the daemons (or brokers) report."""
     from offloadfs import status as st
-    from offloadfs.config import ClientConfig, host_endpoint
+    from offloadfs.config import ClientConfig
+    from offloadfs.settings import host_endpoint
     endpoints = [host_endpoint(h) for h in (args.host or ["127.0.0.1"])]
     keys = ClientConfig.load(args.config).keys if args.config else None
     lines, ok = st.report(endpoints, args.timeout, keys)
@@ -95,42 +83,27 @@ def status(args) -> int:
 
 def broker(args) -> int:
     """``offloadd broker``: bind both ports and broker jobs until SIGTERM."""
-    import zmq
-
-    from offloadfs.config import load_toml, section, typed
-
-    from .broker import Broker, BrokerConfig
-    from .config import Security
-    data = load_toml(args.config, "/etc/offloadfs/offloadd.toml")
-    table = section(data, "broker")
-    cfg = BrokerConfig(security=Security.from_toml(data))
-    cfg.check_security()
-    cfg.clients = args.clients or typed(table, "clients", str, cfg.default("clients"))
-    cfg.workers = args.workers or typed(table, "workers", str, cfg.default("workers"))
-    cfg.name = args.name or typed(table, "name", str, cfg.name)
-    cfg.metrics = args.metrics or typed(table, "metrics", str, cfg.metrics)
-    cfg.suspend_limit = float(typed(table, "suspend_limit", (int, float), cfg.suspend_limit))
-    if cfg.suspend_limit < 0:
-        raise ConfigError(f"suspend_limit = {cfg.suspend_limit}: expected seconds >= 0")
-    try:
-        server = Broker(cfg)
-    except zmq.ZMQError as exc:
-        print(f"offloadd: cannot bind the broker's ports: {exc}", file=sys.stderr)
-        return 1
-    server.run()
-    return 0
+    from .broker import Broker
+    config = BrokerConfig.from_file(args.config).apply_flags(args)
+    return _run_server(Broker, config, "cannot bind the broker's ports")
 
 
 def serve(args) -> int:
     """``offloadd serve``: bind and run jobs until SIGTERM."""
-    import zmq
-
     from .server import Server
     config = ServeConfig.from_file(args.config).apply_flags(args)
+    return _run_server(Server, config, f"cannot listen on {config.listen}")
+
+
+def _run_server(make, config, failure: str) -> int:
+    """Build a server or broker with ``make(config)`` (it binds its ports) and run it until
+    SIGTERM; 1 with the line ``failure`` if it cannot bind."""
+    import zmq
+
     try:
-        server = Server(config)
+        server = make(config)
     except zmq.ZMQError as exc:
-        print(f"offloadd: cannot listen on {config.listen}: {exc}", file=sys.stderr)
+        print(f"offloadd: {failure}: {exc}", file=sys.stderr)
         return 1
     server.run()
     return 0

@@ -1,11 +1,15 @@
-"""The host side's settings: /etc/offloadfs/offloadd.toml, overridden by ``offloadd`` flags."""
+"""The host side's settings: /etc/offloadfs/offloadd.toml, overridden by ``offloadd`` flags.
+
+:class:`ServeConfig` is what ``offloadd serve`` reads, :class:`BrokerConfig` what ``offloadd
+broker`` reads; both share the [security] table (:class:`Security`).
+"""
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
 
-from offloadfs.config import ConfigError, load_toml, section, typed
+from offloadfs.settings import ConfigError, load_toml, section, typed
 
 from . import policy
 
@@ -169,6 +173,60 @@ class ServeConfig:
         if any(not (k.startswith("/") and v.startswith("/")) for k, v in self.path_map.items()):
             raise ConfigError("[mounts] path_map: both sides must be absolute paths")
         self.limits = {name: _limit(name, value) for name, value in self.limits.items()}
+        return self
+
+
+@dataclasses.dataclass
+class BrokerConfig:
+    """What ``offloadd broker`` needs; built from the file, then the flags."""
+
+    clients: str = "tcp://0.0.0.0:7788"
+    workers: str = "tcp://0.0.0.0:7789"
+    heartbeat: float = 1.0
+    liveness: float = 3.0
+    client_timeout: float = 5.0
+    suspend_limit: float = 86400.0   # how long a suspended client's silence is no death
+    name: str = ""
+    metrics: str = ""
+    security: Security = dataclasses.field(default_factory=Security)
+
+    @classmethod
+    def from_file(cls, path: str | None) -> "BrokerConfig":
+        """Read the [broker] and [security] tables of ``path`` (or the system file)."""
+        data = load_toml(path, DAEMON_CONFIG)
+        table = section(data, "broker")
+        cfg = cls(security=Security.from_toml(data))
+        cfg.check_security()
+        cfg.clients = typed(table, "clients", str, cfg.default("clients"))
+        cfg.workers = typed(table, "workers", str, cfg.default("workers"))
+        cfg.name = typed(table, "name", str, cfg.name)
+        cfg.metrics = typed(table, "metrics", str, cfg.metrics)
+        cfg.suspend_limit = float(typed(table, "suspend_limit", (int, float), cfg.suspend_limit))
+        return cfg
+
+    def apply_flags(self, args) -> "BrokerConfig":
+        """Override with the command-line flags that were given (and not empty)."""
+        for name in ("clients", "workers", "name", "metrics"):
+            value = getattr(args, name, None)
+            if value:
+                setattr(self, name, value)
+        return self.check()
+
+    def default(self, port: str) -> str:
+        """The default endpoint of ``port`` (clients, workers): loopback only without keys."""
+        endpoint = getattr(BrokerConfig, port)
+        return endpoint if self.security.on else endpoint.replace("0.0.0.0", "127.0.0.1")
+
+    def check_security(self) -> None:
+        """With keys, the worker port needs the hosts' keys too."""
+        if self.security.on and not self.security.authorized_hosts:
+            raise ConfigError("[security] of a broker needs authorized_hosts (the hosts' "
+                              "public keys) besides authorized_keys (the VMs')")
+
+    def check(self) -> "BrokerConfig":
+        """Refuse settings that cannot work, with one clear line."""
+        if self.suspend_limit < 0:
+            raise ConfigError(f"suspend_limit = {self.suspend_limit}: expected seconds >= 0")
         return self
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from offloadfs.settings import host_port
+
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800)
 
 
@@ -34,8 +36,8 @@ class Metrics:
 
     def serve(self, address: str) -> None:
         """Serve the metrics over HTTP at ADDR:PORT (port 0: any free port)."""
-        host, _, port = address.rpartition(":")
-        self.server, self.thread = start_http_server(int(port), host or "0.0.0.0",
+        host, port = host_port(address, None, bind=True)
+        self.server, self.thread = start_http_server(port, host or "0.0.0.0",
                                                      registry=self.registry)
         self.thread.name = "offloadd-metrics"
 

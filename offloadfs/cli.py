@@ -6,7 +6,9 @@ import sys
 
 from . import joblog, mount, offld
 from . import status as st
-from .config import ClientConfig, ConfigError, host_endpoint
+from .commandline import add_keygen, keygen, run
+from .config import ClientConfig
+from .settings import host_endpoint
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,10 +34,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("-H", "--host", action="append", metavar="HOST[:PORT]",
                     help="ask this host (default: the configured ones; repeatable)")
     st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each host")
-    k = sub.add_parser("keygen", help="write a CURVE key pair: DIR/NAME.key and "
-                       "DIR/NAME.key_secret")
-    k.add_argument("directory", metavar="DIR")
-    k.add_argument("name", metavar="NAME", help="the key's name (this VM's)")
+    add_keygen(sub, "this VM's")
     return p
 
 
@@ -45,18 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["run"]:
         return offld.main(argv[1:], prog="offloadfs run")
     args = parser().parse_args(argv)
-    try:
-        return {"status": status, "mount": mount.mount, "umount": mount.umount,
-                "keygen": keygen}[args.cmd](args)
-    except ConfigError as exc:
-        print(f"offloadfs: {exc}", file=sys.stderr)
-        return 2
-
-
-def keygen(args) -> int:
-    """``offloadfs keygen DIR NAME``: write this VM's key pair, say where."""
-    from .keys import keygen_command
-    return keygen_command(args.directory, args.name)
+    return run("offloadfs", {"status": status, "mount": mount.mount, "umount": mount.umount,
+                             "keygen": keygen}, args)
 
 
 def status(args) -> int:

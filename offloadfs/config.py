@@ -1,63 +1,20 @@
-"""Configuration files (TOML) and the VM side's settings.
+"""The VM side's settings (TOML) for its client.
 
-``load_toml`` is shared with the daemon. :class:`ClientConfig` is what ``offld``, ``offloadfs
-run`` and the mount's agent read; command-line flags override the file.
+:class:`ClientConfig` is what ``offld``, ``offloadfs run`` and the mount's agent read;
+command-line flags override the file. The readers of files and fields it shares with the daemon
+are in ``settings`` (``DEFAULT_PORT``, ``ConfigError`` and ``host_endpoint`` are still
+imported from here too).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 
+from .export import ExportConfig
+from .keys import Keychain
+from .settings import DEFAULT_PORT, ConfigError, host_endpoint, load_toml, section, typed
+
 CLIENT_CONFIG = "/etc/offloadfs/offloadfs.toml"
-DEFAULT_PORT = 7788
-
-
-class ConfigError(Exception):
-    """A configuration file or flag that cannot be used; the text is one line for the user."""
-
-
-def load_toml(path: str | None, default: str | None = None) -> dict:
-    """The TOML file at ``path`` (must exist), or ``default`` if it exists, or {}."""
-    chosen = path or default
-    if chosen is None or (path is None and not os.path.exists(chosen)):
-        return {}
-    import tomllib  # only when there is a file: offld starts faster without one
-
-    try:
-        with open(chosen, "rb") as f:
-            return tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"{chosen}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{chosen}: {exc}") from None
-
-
-def section(data: dict, name: str) -> dict:
-    """A table of the config, {} if absent; an error if it is not a table."""
-    value = data.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] must be a table")
-    return value
-
-
-def typed(table: dict, key: str, kind: type | tuple, default):
-    """``table[key]`` checked to be of ``kind``, or ``default``."""
-    value = table.get(key, default)
-    if value is not default and not isinstance(value, kind):
-        raise ConfigError(f"{key} = {value!r}: expected {getattr(kind, '__name__', kind)}")
-    return value
-
-
-def host_endpoint(text: str, default_port: int = DEFAULT_PORT) -> str:
-    """HOST[:PORT] or tcp://HOST:PORT as a ZeroMQ endpoint."""
-    if text.startswith(("tcp://", "ipc://", "inproc://")):
-        return text
-    host, sep, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
-    if not sep:
-        host, port = text, str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{text}: expected HOST[:PORT]")
-    return f"tcp://{host}:{port}"
 
 
 def state_dir() -> str:
@@ -81,10 +38,10 @@ class ClientConfig:
     allow: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     deny: list[str] = dataclasses.field(default_factory=list)
     state_file: str = ""
-    export: object = None      # export.ExportConfig
+    export: ExportConfig | None = None
     stage_commands: list[str] = dataclasses.field(default_factory=list)
     tags: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    keys: object = None        # keys.Keychain: CURVE on every connection when set
+    keys: Keychain | None = None   # CURVE on every connection when set
 
     def timing(self):
         """Heartbeat, liveness and acknowledgement limits for job runs."""
@@ -116,14 +73,13 @@ class ClientConfig:
                     for k, v in section(data, "tags").items()}
         cfg.stage_commands = [str(x) for x in
                               typed(section(data, "staging"), "commands", list, [])]
-        from .export import ExportConfig
         cfg.export = ExportConfig.from_toml(data)
         cfg.keys = client_keys(section(data, "security"))
         return cfg
 
 
-def client_keys(security: dict):
-    """The [security] table's CURVE keys of a client (a keys.Keychain), or None without keys:
+def client_keys(security: dict) -> Keychain | None:
+    """The [security] table's CURVE keys of a client, or None without keys:
     secret_key with server_key (any host) and/or [security.server_keys] (per host)."""
     secret = typed(security, "secret_key", str, "")
     server = typed(security, "server_key", str, "")
@@ -134,5 +90,4 @@ def client_keys(security: dict):
     if not secret or not (server or per_host):
         raise ConfigError("[security] needs secret_key and server_key (or "
                           "[security.server_keys]), or none of them")
-    from .keys import Keychain
     return Keychain.load(secret, server, per_host)

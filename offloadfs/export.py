@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 
-from .config import ConfigError, section, typed
+from .settings import ConfigError, host_port, section, typed
 
 BACKENDS = ("ganesha", "exportfs", "none")
 DEFAULT_NFS_PORT = 2049
@@ -52,11 +52,13 @@ class ExportConfig:
         return cfg
 
     def address(self) -> tuple[str, int]:
-        """(address, port) where the NFS server is reached."""
-        host, _, port = self.listen.rpartition(":") if ":" in self.listen else (self.listen, "", "")
-        if port and not port.isdigit():
-            raise ConfigError(f"export listen = {self.listen!r}: expected ADDR[:PORT]")
-        return host or socket.gethostname(), int(port or DEFAULT_NFS_PORT)
+        """(address, port) where the NFS server is reached: ``listen``, this host's name where
+        it names no address."""
+        try:
+            host, port = host_port(self.listen, DEFAULT_NFS_PORT, bind=True)
+        except ConfigError:
+            raise ConfigError(f"export listen = {self.listen!r}: expected ADDR[:PORT]") from None
+        return host or socket.gethostname(), port
 
 
 class Export:

@@ -19,7 +19,7 @@ import time
 
 import zmq
 
-from .config import ConfigError
+from .settings import ConfigError
 
 log = logging.getLogger("offloadfs.keys")
 

@@ -4,7 +4,7 @@ import pytest
 
 from offloadd import policy
 from offloadfs import export
-from offloadfs.config import ConfigError
+from offloadfs.settings import ConfigError
 
 
 def cfg(**kw) -> export.ExportConfig:

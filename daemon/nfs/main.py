@@ -28,6 +28,8 @@ import sys
 
 import fuse
 
+from offloadfs.settings import ConfigError, host_port
+
 from .binding import LIBNFS, NfsError, NfsStat64, load_libnfs
 from .logs import log
 from .ops import IO_SIZE, NfsFuse
@@ -38,12 +40,10 @@ DEFAULT_PORT = 2049
 
 def parse_server(text: str) -> tuple[str, int]:
     """SERVER[:PORT] -> (host, port); ValueError if malformed."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(DEFAULT_PORT)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad server {text!r}: expected HOST[:PORT]")
-    return host, int(port)
+    try:
+        return host_port(text, DEFAULT_PORT)
+    except ConfigError:
+        raise ValueError(f"bad server {text!r}: expected HOST[:PORT]") from None
 
 
 def mount_options(server: str, export: str) -> dict:

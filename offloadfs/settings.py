@@ -1,0 +1,86 @@
+"""What every settings reader shares, on both sides: TOML files, typed fields and ``HOST[:PORT]``.
+
+A leaf: it imports nothing from the package, so that ``config``, ``export``, ``keys`` and the
+daemon's ``config`` can all build on it without an import cycle. Rules only, but for
+:func:`load_toml`'s one read of the file.
+"""
+from __future__ import annotations
+
+import os
+
+DEFAULT_PORT = 7788
+MAX_PORT = 65535
+
+
+class ConfigError(Exception):
+    """A configuration file or flag that cannot be used; the text is one line for the user."""
+
+
+def load_toml(path: str | None, default: str | None = None) -> dict:
+    """The TOML file at ``path`` (must exist), or ``default`` if it exists, or {}."""
+    chosen = path or default
+    if chosen is None or (path is None and not os.path.exists(chosen)):
+        return {}
+    import tomllib  # only when there is a file: offld starts faster without one
+
+    try:
+        with open(chosen, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{chosen}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{chosen}: {exc}") from None
+
+
+def section(data: dict, name: str) -> dict:
+    """A table of the config, {} if absent; an error if it is not a table."""
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def typed(table: dict, key: str, kind: type | tuple, default):
+    """``table[key]`` checked to be of ``kind``, or ``default``."""
+    value = table.get(key, default)
+    if value is not default and not isinstance(value, kind):
+        raise ConfigError(f"{key} = {value!r}: expected {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def host_port(text: str, default_port: int | None, bind: bool = False) -> tuple[str, int]:
+    """``HOST[:PORT]`` as (host, port); ``default_port`` where none is written (None: a port
+    must be). An IPv6 address is ``[ADDR]:PORT`` (its host keeps the brackets, as ZeroMQ and
+    mount(8) want them) or bare, without a port: more than one colon is all host. A ``bind``
+    address may leave out the host (the caller picks one) and ask for port 0 (any free one).
+    ConfigError with one line if malformed."""
+    host, sep, port = _split(text)
+    low = 0 if bind else 1
+    if not sep and default_port is not None:
+        port = str(default_port)
+    if (not bind and not host.strip("[]")) or not (port.isascii() and port.isdigit()) or \
+            not low <= int(port) <= MAX_PORT:
+        form = ("ADDR" if bind else "HOST") + (":PORT" if default_port is None else "[:PORT]")
+        raise ConfigError(f"{text}: expected {form}")
+    return host, int(port)
+
+
+def _split(text: str) -> tuple[str, str, str]:
+    """(host, ":", port) as written, or (text, "", "") without a port; ("", ":", "") (no
+    host, no port) if a bracketed host is followed by anything but a port."""
+    if text.startswith("[") and "]" in text:
+        inside, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            return "", ":", ""
+        return f"[{inside}]", rest[:1], rest[1:]
+    if text.count(":") == 1:
+        return text.partition(":")
+    return text, "", ""
+
+
+def host_endpoint(text: str, default_port: int = DEFAULT_PORT) -> str:
+    """HOST[:PORT] or tcp://HOST:PORT as a ZeroMQ endpoint."""
+    if text.startswith(("tcp://", "ipc://", "inproc://")):
+        return text
+    host, port = host_port(text, default_port)
+    return f"tcp://{host}:{port}"
