@@ -25,7 +25,7 @@ from offloadfs import keys, mountinfo, protocol, staging
 from offloadfs.protocol import Message, ProtocolError
 from offloadfs.states import JobState, advance
 
-from . import limits, policy, warden
+from . import limits, policy, router, warden
 from .config import ServeConfig, is_loopback, show_size
 from .metrics import Metrics
 from .mounts import MountTable
@@ -93,13 +93,10 @@ class Server:
         self.done = self.failed = 0
         self.recent: list[dict] = []
         self.metrics = Metrics("daemon")
-        self.replies = limits.replies(self.metrics.dropped.inc)
-        self.answers = limits.answers(self.metrics.dropped.inc)
-        self.warnings = limits.warnings()
+        self.peer_gate = router.PeerGate(self.metrics.dropped.inc)
         self.budget = limits.budget()
         self._peers_cap = limits.MAX_PEERS
-        self._positions: dict[tuple[bytes, str], int] = {}
-        self._stopping = False
+        self.positions = router.Positions()
         self.records = self._clear_leftovers(config.state_dir)   # before anything is served
         self.warden: subprocess.Popen | None = None
         self._warden_w = -1
@@ -107,15 +104,16 @@ class Server:
         self.ctx = ctx or zmq.Context()
         self.keys, self.ring, self.gate = self._security(config.security)
         self.sender_key: str | None = None
-        self.sock = self._bind(config.listen) if config.listen else None
-        self.endpoint = getattr(self, "endpoint", "")
+        self.sock, self.endpoint = router.bind(
+            self.ctx, config.listen, self.keys, "clients", rcvhwm=router.DAEMON_RCVHWM,
+            linger=router.DAEMON_LINGER) if config.listen else (None, "")
         link_keys = self.keys.client(keys.load_public(config.security.broker_key)) \
             if self.keys and config.connect else None
         self.links = {link.peer: link for link in (BrokerLink(
             self.ctx, e, 3 * config.heartbeat, link_keys) for e in config.connect)}
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = router.Wakeup()
         self.mounts = MountTable(config.mounts_dir, config.mounts_client, config.idle_unmount,
-                                 self._poke)
+                                 self.wakeup.poke)
         if config.metrics:
             self.metrics.serve(config.metrics)
 
@@ -182,20 +180,6 @@ class Server:
         ring = keys.Keyring(sec.authorized_keys)
         return keys.ServerKeys.load(sec.secret_key), ring, keys.Gate(self.ctx, {"clients": ring})
 
-    def _bind(self, endpoint: str) -> zmq.Socket:
-        """A ROUTER socket bound to ``endpoint`` (port 0 picks a free port), CURVE with keys."""
-        sock = self.ctx.socket(zmq.ROUTER)
-        if self.keys:
-            self.keys.apply(sock, "clients")
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 10000)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.bind(_wildcard_port(endpoint))
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        return sock
-
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -210,7 +194,7 @@ class Server:
         self._start_warden()
         old = signal.signal(signal.SIGCHLD, _child_changed)   # wakes the loop: see _ready
         try:
-            with stopping_on_signals(self.stop, self._wake_w):
+            with stopping_on_signals(self.stop, self.wakeup.w):
                 self._loop()
         finally:
             signal.signal(signal.SIGCHLD, old)
@@ -218,31 +202,23 @@ class Server:
 
     def _say_security(self) -> None:
         """Log whether clients must hold a key, and warn when anyone may reach us without."""
-        if self.ring is not None:
-            log.info("CURVE on: %d authorized keys in %s (%s)", len(self.ring.names()),
-                     self.ring.directory, " ".join(self.ring.names()) or "none yet")
-        elif self.endpoint and not is_loopback(self.endpoint):
-            log.warning("no keys ([security] secret_key): anyone who reaches %s can run the "
-                        "allowlisted commands as any non-root user", self.endpoint)
-        elif self.endpoint:
-            log.info("no keys ([security] secret_key): listening on loopback only")
+        names = self.ring.names() if self.ring is not None else []
+        router.say_security(
+            None if self.ring is None else ("CURVE on: %d authorized keys in %s (%s)",
+                                            len(names), self.ring.directory,
+                                            " ".join(names) or "none yet"),
+            [self.endpoint] if self.endpoint else [],
+            "no keys ([security] secret_key): anyone who reaches %s can run the allowlisted "
+            "commands as any non-root user")
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler or another thread)."""
-        self._stopping = True
-        self._poke()
-
-    def _poke(self) -> None:
-        """Wake the loop (any thread)."""
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self.wakeup.stop()
 
     def _loop(self) -> None:
         """Poll and dispatch until stopped."""
         next_beat = time.monotonic()
-        while not self._stopping:
+        while not self.wakeup.stopping:
             poller = self._poller()
             timeout = max(0.0, next_beat - time.monotonic())
             for what, _ in poller.poll(timeout * 1000):
@@ -259,7 +235,7 @@ class Server:
             poller.register(self.sock, zmq.POLLIN)
         for link in self.links.values():
             poller.register(link.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self.wakeup.r, zmq.POLLIN)
         self.fdmap = {}
         for job in self.jobs.values():
             self._want(poller, job)
@@ -292,8 +268,8 @@ class Server:
             self._drain_socket()
         elif isinstance(what, zmq.Socket):
             self._drain_link(next(k for k in self.links.values() if k.sock is what))
-        elif what == self._wake_r:
-            _drain_pipe(self._wake_r)
+        elif what == self.wakeup.r:
+            self.wakeup.drain()
             self.mounts.ready()
             for job in list(self.jobs.values()):   # a SIGCHLD may be a job that stopped
                 if job.process is not None and not job.process.tty:
@@ -315,7 +291,7 @@ class Server:
         """Handle every message waiting on the socket (bounded per round)."""
         for _ in range(1000):
             try:
-                frames, key = recv_routed(self.sock, self.keys is not None)
+                frames, key = router.recv_routed(self.sock, self.keys is not None)
             except zmq.Again:
                 return
             self._received(frames, key)
@@ -345,8 +321,8 @@ class Server:
         broker link's name is an impostor (it would act on the broker's jobs)."""
         peer, body = frames[0], frames[1:]
         if peer in self.links and not via_link:
-            self._note(peer, logging.WARNING, "peer on %s poses as broker link %s; dropped",
-                       self.endpoint, peer.decode(errors="replace"))
+            self.peer_gate.note(peer, logging.WARNING, "peer on %s poses as broker link %s; "
+                                "dropped", self.endpoint, peer.decode(errors="replace"))
             return
         self.sender_key = key
         self._heard(peer)
@@ -362,8 +338,7 @@ class Server:
         try:
             handler(peer, msg)
         except Exception:  # a bug must cost one message, never the daemon and its jobs
-            self._note(peer, logging.ERROR, "internal error handling %s from %s", msg.kind,
-                       peer.hex(), exc_info=True)
+            self.peer_gate.internal_error(peer, msg.kind)
             job = self.jobs.get((peer, msg.job)) if msg.job else None
             self._refuse(peer, msg.job, "internal", f"internal error handling {msg.kind}",
                          self._may_have_run(job, msg.kind == "submit"))
@@ -383,28 +358,21 @@ class Server:
 
     def _bad_input(self, peer: bytes, exc: ProtocolError) -> None:
         """Reply with an error (rate limited) and log sparingly."""
-        self._refuse(peer, None, exc.kind, str(exc))
-        self._note(peer, logging.WARNING, "bad message from peer %s: %s (further ones logged "
-                   "at debug level)", peer.hex(), exc)
-
-    def _note(self, peer: bytes, level: int, text: str, *args, **kw) -> None:
-        """Log a line about a peer's input at ``level`` if the log's rate limit lets it (once
-        a minute per peer, ten a minute in all), else at debug level."""
-        log.log(level if self.warnings.allow(peer) else logging.DEBUG, text, *args, **kw)
+        self.peer_gate.bad_input(lambda job_id, kind, text: self._refuse(peer, job_id, kind, text),
+                                 peer, exc)
 
     def _refuse(self, peer: bytes, job_id: str | None, kind: str, text: str,
                 started: bool | None = None) -> bool:
-        """An error reply to input we do not act on (bad, refused, or about a job the peer
-        does not have here); past the peer's rate limit it is dropped silently and counted.
-        A broker link has no limit: it frees the job's slot only when it hears of it, and its
-        load is bounded by what it dispatches. ``started`` (about a job): whether it may have
-        run. True if it went."""
-        if peer not in self.links and not self.replies.allow(peer):
-            return False
-        extra = {} if job_id is None or started is None else {"started": started}
-        self.send(peer, protocol.encode("error", job_id, kind=kind,
-                                        text=text[:protocol.MAX_TEXT], **extra))
-        return True
+        """An error reply (``router.PeerGate.refuse``), rate limited per peer. A broker link
+        has no limit: it frees the job's slot only when it hears of it, and its load is
+        bounded by what it dispatches. True if it went."""
+        return self.peer_gate.refuse(self.send, peer, job_id, kind, text, started,
+                                     limited=peer not in self.links)
+
+    def _unknown(self, job_id: str) -> str:
+        """The line for a job a client names that we do not know."""
+        return f"{self.hostname} has no job {job_id}; it may have run and ended, or the " \
+            "daemon restarted"
 
     @staticmethod
     def _may_have_run(job: Job | None, new: bool = False) -> bool:
@@ -415,7 +383,7 @@ class Server:
 
     def _on_hello(self, peer: bytes, msg: Message) -> None:
         """Tell the client who we are and what we offer (rate limited per peer)."""
-        if not self.answers.allow(peer):
+        if not self.peer_gate.answer(peer):
             return
         self.send(peer, protocol.encode(
             "welcome", host=self.hostname, commands=self.allow.names(), slots=self.config.slots,
@@ -424,12 +392,9 @@ class Server:
     def _on_ping(self, peer: bytes, msg: Message) -> None:
         """A heartbeat: jobs the client believes live but we do not know get an error (each
         once, within the rate limit; the client's next ping names the rest again)."""
-        for job_id in dict.fromkeys(msg.get("jobs", [])):
-            if (peer, job_id) not in self.jobs and not self._refuse(
-                    peer, job_id, "unknown-job",
-                    f"{self.hostname} has no job {job_id}; it may have run and ended, or "
-                    f"the daemon restarted", True):
-                return
+        router.refuse_unknown(msg.get("jobs", []), lambda job_id: (peer, job_id) in self.jobs,
+                              lambda job_id: self._refuse(peer, job_id, "unknown-job",
+                                                          self._unknown(job_id), True))
 
     def _on_error(self, peer: bytes, msg: Message) -> None:
         """A broker that does not know us asks us to announce ourselves again."""
@@ -441,7 +406,7 @@ class Server:
 
     def _on_status(self, peer: bytes, msg: Message) -> None:
         """Report slots, queue and recent jobs (rate limited per peer)."""
-        if not self.answers.allow(peer):
+        if not self.peer_gate.answer(peer):
             return
         self.send(peer, protocol.encode(
             "status-reply", host=self.hostname, slots=self.config.slots, busy=self.sched.busy,
@@ -460,7 +425,8 @@ class Server:
             path = self._check(peer, msg)
             cost = self._admit(peer, msg)
         except policy.Refused as exc:
-            self._note(peer, logging.INFO, "refused job %s from %s: %s", msg.job, peer.hex(), exc)
+            self.peer_gate.note(peer, logging.INFO, "refused job %s from %s: %s", msg.job,
+                                peer.hex(), exc)
             self.failed += 1
             self._refuse(peer, msg.job, exc.kind, str(exc), False)
             return
@@ -587,8 +553,8 @@ class Server:
             return
         job = self._job(peer, msg)
         if job and job.process:
-            self._note(peer, logging.INFO, "%s: signal %d from client", job.describe(),
-                       msg["signum"])
+            self.peer_gate.note(peer, logging.INFO, "%s: signal %d from client",
+                                job.describe(), msg["signum"])
             job.process.signal(msg["signum"])
 
     def _on_resize(self, peer: bytes, msg: Message) -> None:
@@ -622,8 +588,7 @@ class Server:
         """The job a message names, or None after telling the client it is unknown."""
         job = self.jobs.get((peer, msg.job))
         if job is None:
-            self._refuse(peer, msg.job, "unknown-job", f"{self.hostname} has no job {msg.job}; "
-                         f"it may have run and ended, or the daemon restarted", True)
+            self._refuse(peer, msg.job, "unknown-job", self._unknown(msg.job), True)
         return job
 
     def _admit(self, peer: bytes, msg: Message) -> int:
@@ -648,20 +613,15 @@ class Server:
                 job.slot = action.slot
                 self._start(job)
             elif isinstance(action, Position) and job.state == JobState.QUEUED:
-                self._positions[job.key] = action.position   # told at the next heartbeat
+                self.positions.later(job.key, action.position)   # told at the next heartbeat
             elif isinstance(action, Position):
                 job.state = advance(job.state, "queued")
                 self.send(job.peer, protocol.encode("queued", job.id, position=action.position))
 
     def _flush_positions(self) -> None:
-        """Tell queued jobs their new positions: at most once a heartbeat (telling every
-        queued job each time one leaves the queue costs O(n^2) messages, which a client
-        submitting and cancelling could make us send)."""
-        positions, self._positions = self._positions, {}
-        for key, position in positions.items():
-            job = self.jobs.get(key)
-            if job is not None and job.state == JobState.QUEUED:
-                self.send(job.peer, protocol.encode("queued", job.id, position=position))
+        """Tell queued jobs their new positions (``router.Positions``)."""
+        self.positions.flush(self.send, lambda key: key in self.jobs
+                             and self.jobs[key].state == JobState.QUEUED)
 
     def _start(self, job: Job) -> None:
         """Attach the job's data (maybe later, when its mount is made), then spawn it."""
@@ -948,9 +908,8 @@ class Server:
         for link in self.links.values():
             link.close()
         if self.sock is not None:
-            self.sock.close(linger=1000)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+            self.sock.close(linger=router.DAEMON_LINGER)
+        self.wakeup.close()
         if self._own_ctx:
             self.ctx.term()
         log.info("stopped")
@@ -994,26 +953,3 @@ def _scratch(parent: str, uid: int, gid: int) -> str:
     path = tempfile.mkdtemp(prefix="job-", dir=parent)
     os.chown(path, uid, gid)
     return path
-
-
-def recv_routed(sock: zmq.Socket, keyed: bool) -> tuple[list, str | None]:
-    """One message waiting on a ROUTER (else zmq.Again): the peer's id as bytes, then its
-    frames uncopied (a stream chunk is read where ZeroMQ put it), and with CURVE (``keyed``)
-    the sender's key, which the ZAP handler put on each frame."""
-    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-    key = frames[1].get("User-Id") if keyed and len(frames) > 1 else None
-    return [frames[0].bytes, *frames[1:]], key
-
-
-def _wildcard_port(endpoint: str) -> str:
-    """tcp://ADDR:0 means any free port, which ZeroMQ spells tcp://ADDR:*."""
-    return endpoint[:-2] + ":*" if endpoint.startswith("tcp://") and endpoint.endswith(":0") else endpoint
-
-
-def _drain_pipe(fd: int) -> None:
-    """Empty the wake-up pipe."""
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
