@@ -10,33 +10,30 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import zmq
 
-from offloadfs import keys, mountinfo, protocol, staging
+from offloadfs import keys, protocol
 from offloadfs.protocol import Message, ProtocolError
 from offloadfs.states import JobState, advance
 
-from . import limits, policy, router, warden
+from . import admission, limits, policy, router, warden
 from .config import ServeConfig, is_loopback, show_size
+from .hoststage import UNANNOUNCED, HostStage
 from .metrics import Metrics
 from .mounts import MountTable
 from .worker import BrokerLink
 from .runner import Process, SpawnError, rlimits, user_of
 from .scheduler import Position, Scheduler, Start
 from .signals import stopping_on_signals
+from .streams import JobStreams
 
 log = logging.getLogger("offloadd")
-
-MAX_CREDIT = 16 * 1024 * 1024   # a client may not make us buffer more than this per job
 
 
 @dataclasses.dataclass
@@ -49,21 +46,14 @@ class Job:
     state: JobState = JobState.NEW
     path: str = ""
     process: Process | None = None
-    credit: int = 0
-    owed: int = 0
+    streams: JobStreams | None = None
     received: float = dataclasses.field(default_factory=time.monotonic)
     timings: dict = dataclasses.field(default_factory=dict)
     slot: int = 0
     attaching: float = 0.0
     mounted: tuple[str, str] | None = None
-    scratch: str = ""
-    stage_left: int = 0
-    inbox: staging.Inbox | None = None
-    outbox: staging.Outbox | None = None
-    before: dict | None = None
-    output: int = 0
+    stage: HostStage | None = None   # a staged job's scratch directory
     cost: int = 0               # what its spec holds of the budget (limits.cost)
-    stdin_held: int = 0         # stdin bytes received, not yet written to the process
     suspended: float | None = None   # since when its client is stopped (it said ``suspend``)
     spawned: bool = False       # a process may have been started for it (it may have run)
 
@@ -250,12 +240,8 @@ class Server:
             self._register(poller, job, "pid", proc.pidfd, zmq.POLLIN)
         if proc.is_open("leader"):
             self._register(poller, job, "leader", proc.fds["leader"], zmq.POLLIN)
-        if job.credit > 0:
-            for name in protocol.STREAMS:
-                if proc.is_open(name):
-                    self._register(poller, job, name, proc.fds[name], zmq.POLLIN)
-        if proc.pending and proc.is_open("stdin"):
-            self._register(poller, job, "stdin", proc.fds["stdin"], zmq.POLLOUT)
+        job.streams.want(proc, lambda role, fd, flags: self._register(poller, job, role, fd,
+                                                                      flags))
 
     def _register(self, poller, job: Job, role: str, fd: int, flags: int) -> None:
         """Register one fd and remember whose it is."""
@@ -422,16 +408,19 @@ class Server:
                          self.jobs[key].spawned)
             return
         try:
-            path = self._check(peer, msg)
-            cost = self._admit(peer, msg)
+            vm_key = msg.get("vm") if peer in self.links else self.sender_key
+            path = admission.check(self.config, msg, self.allow, self.ring, vm_key,
+                                   self.hostname)
+            cost = admission.admit(self.budget, peer, msg, self.hostname)
         except policy.Refused as exc:
             self.peer_gate.note(peer, logging.INFO, "refused job %s from %s: %s", msg.job,
                                 peer.hex(), exc)
             self.failed += 1
             self._refuse(peer, msg.job, exc.kind, str(exc), False)
             return
-        job = Job(peer, msg.job, msg, path=path, credit=min(msg["window"], MAX_CREDIT),
-                  cost=cost)
+        job = Job(peer, msg.job, msg, path=path, cost=cost, streams=JobStreams(
+            msg.job, msg["window"], lambda frames: self.send(peer, frames),
+            self.config.limits.get("output")))
         self.jobs[key] = job
         data = msg.get("data") or {}
         try:
@@ -447,12 +436,11 @@ class Server:
         """-n: a scratch directory of the caller's; the input files come first."""
         spec = job.spec
         try:
-            job.scratch = _scratch(self.config.scratch_dir, spec["uid"], spec["gid"])
+            job.stage = HostStage(self.config.scratch_dir, spec["uid"], spec["gid"],
+                                  int(data.get("bytes", 0)))
         except OSError as exc:
             self._fail(job, "stage", f"cannot make a scratch directory: {exc.strerror}")
             return
-        job.inbox = staging.Inbox(job.scratch, (spec["uid"], spec["gid"]))
-        job.stage_left = int(data.get("bytes", 0))
         self.send(job.peer, protocol.encode("credit", job.id, n=protocol.WINDOW))
         self._staged_maybe(job)
 
@@ -461,69 +449,25 @@ class Server:
         job = self._job(peer, msg)
         if job is None:
             return
-        if job.inbox is None or job.state != JobState.NEW or len(msg.payload) > job.stage_left:
-            self._fail(job, "stage", "file data the job did not announce")
+        why = UNANNOUNCED if job.stage is None or job.state != JobState.NEW else \
+            job.stage.take(msg["name"], msg["mode"], msg["last"], msg.payload)
+        if why is not None:
+            self._fail(job, "stage", why)
             return
-        if msg["name"] not in job.inbox.open and len(job.inbox.open) >= limits.STAGE_OPEN:
-            self._fail(job, "stage", f"more than {limits.STAGE_OPEN} input files at once")
-            return
-        try:
-            job.inbox.write(msg["name"], msg["mode"], msg["last"], msg.payload)
-        except OSError as exc:
-            self._fail(job, "stage", f"cannot write {os.fsdecode(msg['name'])}: {exc.strerror}")
-            return
-        job.stage_left -= len(msg.payload)
-        job.owed += len(msg.payload)
-        if job.owed >= protocol.CREDIT_BATCH:
-            self.send(job.peer, protocol.encode("credit", job.id, n=job.owed))
-            job.owed = 0
+        job.streams.staged(len(msg.payload))
         self._staged_maybe(job)
 
     def _staged_maybe(self, job: Job) -> None:
         """Once every input byte is in, note what is there and queue the job."""
-        if job.stage_left == 0 and not job.inbox.open and job.before is None:
-            job.owed = 0
-            job.before = staging.snapshot(job.scratch)
+        if job.stage.complete():
+            job.streams.forgive()
             self._act(self.sched.submit(job.key))
-
-    def _check(self, peer: bytes, msg: Message) -> str:
-        """Apply the host's policy to a submit; the command's path, or Refused."""
-        path = self.allow.resolve(msg["argv"][0])
-        policy.check_identity(msg["uid"], msg["gid"], self.config.allow_root, os.getuid(),
-                              msg["groups"])
-        if self.ring is not None:
-            self._check_vm(peer, msg)
-        if mountinfo.resolves_into_offloadfs(path):
-            raise policy.Refused("loop", f"{path} lies in an offloadfs mount on {self.hostname}; "
-                                         f"running it would offload again")
-        return path
-
-    def _check_vm(self, peer: bytes, msg: Message) -> None:
-        """With keys: the VM behind the submit (its CURVE key, or the key its broker vouches
-        for) must still be authorized, and may claim only what its rule allows."""
-        key = msg.get("vm") if peer in self.links else self.sender_key
-        vm = self.ring.name_of(key)
-        if vm is None:
-            raise policy.Refused("unauthorized", f"this VM's key is not (or no longer) "
-                                                 f"authorized on {self.hostname}")
-        data = msg.get("data") or {}
-        export = f"{data.get('server')}:{data.get('export')}" if data.get("mode") == "nfs" \
-            else None
-        policy.check_claim(vm, self.config.security.vms.get(vm), msg["uid"], msg["gid"],
-                           msg["groups"], export)
 
     def _on_stdin(self, peer: bytes, msg: Message) -> None:
         """Stdin data for a running job."""
         job = self._job(peer, msg)
-        if job and job.process:
-            if job.process.is_open("stdin"):
-                job.stdin_held += len(msg.payload)
-                held = job.stdin_held + limits.STDIN_SLACK * (len(job.process.pending) + 1)
-                if held > 2 * protocol.WINDOW:   # a client keeping to its credit stays under
-                    self._fail(job, "credit", "the client sent more stdin than its credit")
-                    return
-            job.process.feed(msg.payload)
-            self._credit_back(job, job.process.write_pending())
+        if job and job.process and not job.streams.stdin(job.process, msg.payload):
+            self._fail(job, "credit", "the client sent more stdin than its credit")
 
     def _on_stdin_eof(self, peer: bytes, msg: Message) -> None:
         """The client's stdin ended."""
@@ -535,7 +479,7 @@ class Server:
         """The client consumed output: it may receive more."""
         job = self._job(peer, msg)
         if job:
-            job.credit = min(job.credit + msg["n"], MAX_CREDIT)
+            job.streams.granted(msg["n"])
             self._maybe_finish(job)
 
     def _on_close(self, peer: bytes, msg: Message) -> None:
@@ -591,16 +535,6 @@ class Server:
             self._refuse(peer, msg.job, "unknown-job", self._unknown(msg.job), True)
         return job
 
-    def _admit(self, peer: bytes, msg: Message) -> int:
-        """Check a submit's data descriptor and take the job's cost from the budget of the
-        peer and of the host; its cost, or Refused."""
-        _check_data(msg.get("data") or {})
-        size = limits.cost(msg.fields)
-        why = self.budget.take(peer, size)
-        if why is not None:
-            raise policy.Refused("busy", f"{self.hostname}: {why}")
-        return size
-
     # --- jobs ----------------------------------------------------------------------------------
 
     def _act(self, actions: list) -> None:
@@ -631,10 +565,11 @@ class Server:
         if data.get("mode") == "nfs":
             self.mounts.attach(data["server"], data["export"],
                                lambda result: self._attached(job, data, result))
-        elif job.scratch:
-            self._spawn(job, lambda: (job.scratch, job.scratch))
+        elif job.stage is not None:
+            self._spawn(job, lambda: (job.stage.dir, job.stage.dir))
         else:
-            self._spawn(job, lambda: (self._shared_cwd(job.spec), None))
+            self._spawn(job, lambda: (admission.shared_cwd(self.config, job.spec,
+                                                           self.hostname), None))
 
     def _attached(self, job: Job, data: dict, result) -> None:
         """The job's export is mounted (``result`` is its path) or could not be."""
@@ -646,7 +581,7 @@ class Server:
             self._fail(job, "attach", str(result))
             return
         job.mounted = (data["server"], data["export"])
-        self._spawn(job, lambda: (self._nfs_cwd(result, data), result))
+        self._spawn(job, lambda: (admission.nfs_cwd(result, data, self.hostname), result))
 
     def _spawn(self, job: Job, where) -> None:
         """Spawn the job's process in its slot in the directory ``where()`` gives, confined
@@ -668,28 +603,6 @@ class Server:
         self.send(job.peer, protocol.encode("started", job.id, host=self.hostname,
                                             pid=job.process.pid, window=protocol.WINDOW))
 
-    def _shared_cwd(self, spec: Message) -> str:
-        """The job's working directory in shared mode: the same path, or its path_map twin."""
-        cwd = policy.map_path(os.fsdecode(spec["cwd"]), self.config.path_map)
-        if not os.path.isdir(cwd):
-            raise policy.Refused("cwd", f"{cwd}: no such directory on {self.hostname}")
-        return cwd
-
-    def _nfs_cwd(self, mnt: str, data: dict) -> str:
-        """The job's working directory in its mounted export, after checking that the mount
-        is the caller's tree (the nonce file the VM wrote is there) and the cwd stays in it."""
-        nonce = str(data.get("nonce", ""))
-        if not nonce or "/" in nonce or not os.path.exists(os.path.join(mnt, ".offloadfs", nonce)):
-            raise policy.Refused("attach", f"{data['server']}:{data['export']} mounted on "
-                                           f"{self.hostname} is not the caller's tree (no nonce)")
-        cwd = policy.below(mnt, str(data.get("path", "")))
-        real = os.path.realpath(cwd)
-        if real != mnt and not real.startswith(mnt + "/"):
-            raise policy.Refused("cwd", f"{data.get('path')!r} leaves the export (symlink)")
-        if not os.path.isdir(cwd):
-            raise policy.Refused("cwd", f"{data.get('path')!r}: no such directory in the export")
-        return cwd
-
     def _env(self, spec: Message, slot: int) -> dict[bytes, bytes]:
         """The job's environment from the host's base, the pass list and the slot."""
         home, user = user_of(spec["uid"])
@@ -709,7 +622,7 @@ class Server:
         if role in protocol.STREAMS and proc.is_open(role):
             self._pump_output(job, role)
         elif role == "stdin":
-            self._credit_back(job, proc.write_pending())
+            job.streams.written(proc)
         elif role == "leader":
             self._changed(job)
         elif role == "pid" and proc.reap():
@@ -726,32 +639,11 @@ class Server:
                 self.send(job.peer, protocol.encode("stopped", job.id, signal=signum))
 
     def _pump_output(self, job: Job, name: str) -> None:
-        """Send what the job wrote on ``name``, within the client's credit; a job whose
-        output passes the host's limit is killed."""
-        data = job.process.read(name, min(protocol.CHUNK, job.credit))
-        if not data:
-            return
-        allowed = self._output_allowed(job, len(data))
-        if allowed:
-            job.credit -= allowed
-            self.send(job.peer, protocol.encode(name, job.id, data[:allowed]))
-        if allowed < len(data):
+        """Send what the job wrote on ``name`` (``JobStreams.pump``); a job whose output
+        passes the host's limit is killed."""
+        if not job.streams.pump(job.process, name):
             self._fail(job, "limit", f"the job's output passed the host's limit of "
                                      f"{show_size(self.config.limits['output'])}; it was killed")
-
-    def _output_allowed(self, job: Job, n: int) -> int:
-        """How many of ``n`` more output bytes the host's output limit lets through."""
-        limit = self.config.limits.get("output")
-        job.output += n
-        return n if limit is None else max(0, min(n, limit - (job.output - n)))
-
-    def _credit_back(self, job: Job, n: int) -> None:
-        """Give the client back stdin credit for bytes written to the job, in batches."""
-        job.stdin_held -= n
-        job.owed += n
-        if job.owed >= protocol.CREDIT_BATCH or (job.owed and not job.process.pending):
-            self.send(job.peer, protocol.encode("credit", job.id, n=job.owed))
-            job.owed = 0
 
     def _maybe_finish(self, job: Job) -> None:
         """When the process is reaped and its output drained (and, staging, its files sent
@@ -759,7 +651,7 @@ class Server:
         proc = job.process
         if proc is None or not proc.finished or job.key not in self.jobs:
             return
-        if job.scratch and not self._return_files(job):
+        if job.stage is not None and not job.streams.send_files(job.stage.outbox()):
             return
         job.timings["drain"] = time.monotonic() - proc.ended
         self.send(job.peer, protocol.encode(
@@ -767,21 +659,6 @@ class Server:
             timings=job.timings))
         log.info("%s exited %d in %.3fs", job.describe(), proc.status, job.timings["run"])
         self._forget(job, proc.status)
-
-    def _return_files(self, job: Job) -> bool:
-        """-n: send the files the job created or changed, within credit; True when done."""
-        if job.outbox is None:
-            names = staging.changed(job.scratch, job.before or {}, job.spec["uid"])
-            job.outbox = staging.Outbox(job.scratch, names)
-        while job.credit > 0:
-            chunk = job.outbox.next_chunk(job.credit)
-            if chunk is None:
-                return True
-            name, mode, last, data = chunk
-            self.send(job.peer, protocol.encode("file", job.id, data, name=name, mode=mode,
-                                                last=last))
-            job.credit -= len(data)
-        return False
 
     def _fail(self, job: Job, kind: str, text: str) -> None:
         """End a job with an error the client reports as exit 255 (saying whether it may have
@@ -804,12 +681,8 @@ class Server:
             job.process.kill()
         if job.mounted:
             self.mounts.release(*job.mounted)
-        if job.outbox is not None:
-            job.outbox.close()
-        if job.inbox is not None:
-            job.inbox.discard()
-        if job.scratch:
-            shutil.rmtree(job.scratch, ignore_errors=True)
+        if job.stage is not None:
+            job.stage.close()
         if status is None:
             self.failed += 1
         else:
@@ -871,7 +744,7 @@ class Server:
         has, then close it so that the exit goes out."""
         for job in list(self.jobs.values()):
             if job.process is not None and job.process.linger_over(now):
-                if job.credit > 0:
+                if job.streams.credit > 0:
                     self._pump_output(job, "tty")
                 job.process.close("tty")
                 self._maybe_finish(job)
@@ -920,36 +793,8 @@ SIGNALS = frozenset(signal.valid_signals())   # a signal a client may send its j
 
 def _child_changed(signum, frame) -> None:
     """SIGCHLD: nothing to do here; the wake-up fd makes the loop look at its jobs."""
-_SERVER = re.compile(r"[A-Za-z0-9_.%\[:][A-Za-z0-9_.%\[\]:-]*:[0-9]{1,5}")   # host:port, no "-o"
-
-
-def _check_data(data: dict) -> None:
-    """Refuse a submit's data descriptor of an unknown mode or with a field of the wrong type
-    (the mount of an nfs job gets its server and export as arguments)."""
-    mode, n = data.get("mode"), data.get("bytes", 0)
-    if mode == "stage":
-        ok = type(n) is int and 0 <= n <= limits.MAX_STAGE_BYTES
-    elif mode == "nfs":
-        server, export = data.get("server"), data.get("export")
-        ok = isinstance(server, str) and bool(_SERVER.fullmatch(server)) and \
-            isinstance(export, str) and export.startswith("/") and \
-            all(isinstance(data.get(k, ""), str) for k in ("path", "nonce"))
-    else:
-        ok = mode is None
-    if not ok:
-        raise policy.Refused("field", f"bad data descriptor {repr(data)[:80]}")
-
-
 def _summary(job: Job, status: int | None) -> dict:
     """A job as ``status`` reports it."""
     return {"job": job.id, "command": os.fsdecode(job.spec["argv"][0])[:255],
             "status": -1 if status is None else status, "uid": job.spec["uid"],
             **{k: round(v, 6) for k, v in job.timings.items()}}
-
-
-def _scratch(parent: str, uid: int, gid: int) -> str:
-    """A fresh 0700 directory for a staged job, owned by its caller."""
-    os.makedirs(parent, mode=0o711, exist_ok=True)
-    path = tempfile.mkdtemp(prefix="job-", dir=parent)
-    os.chown(path, uid, gid)
-    return path
