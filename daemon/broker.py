@@ -110,6 +110,15 @@ class Broker:
         self.wakeup = router.Wakeup()
         self.metrics = Metrics("broker")
         self.peer_gate = router.PeerGate(self.metrics.dropped.inc)
+        self.from_clients = {"hello": self._answer, "status": self._answer, "ping": self._on_ping,
+                             "submit": self._submit, "cancel": self._on_cancel,
+                             **dict.fromkeys(PASS_THROUGH, self._pass_to_host)}
+        self.from_hosts = {"ready": self._host_ready}   # any other kind: _host_news
+        self.actions = {rules_mod.Dispatch: self._do_dispatch, rules_mod.Queued: self._do_queued,
+                        rules_mod.HostLost: self._do_host_lost, rules_mod.NoHost: self._do_no_host,
+                        rules_mod.Cancel: self._do_cancel, rules_mod.Forget: self._do_forget,
+                        rules_mod.CommandsChanged: self._do_commands_changed,
+                        rules_mod.Reannounce: self._do_reannounce}
         self.budget = limits.budget()
         if config.metrics:
             self.metrics.serve(config.metrics)
@@ -198,24 +207,29 @@ class Broker:
         """A client's message: hello, status, ping, submit, cancel, or a job's stream."""
         now = time.monotonic()
         self._act(self.rules.client_heard(client, now))
-        if msg.kind in ("hello", "status"):
-            if self.peer_gate.answer(client):
-                self._to_client(client, self._welcome() if msg.kind == "hello" else self._status())
-        elif msg.kind == "ping":
-            router.refuse_unknown(
-                msg.get("jobs", []), lambda job_id: (client, job_id) in self.jobs,
-                lambda job_id: self._refuse(self.front, client, job_id, "unknown-job",
-                                            self._unknown(job_id), started=True))
-        elif msg.kind == "submit":
-            self._submit(client, msg, now)
-        elif msg.kind == "cancel":
-            job = self.jobs.get((client, msg.job))
-            if job is not None:
-                self._act(self.rules.cancel(job.key))
-        elif msg.kind in PASS_THROUGH:
-            self._pass_to_host(client, msg, now)
-        else:
+        handler = self.from_clients.get(msg.kind)
+        if handler is None:
             self._refuse(self.front, client, msg.job, "kind", f"{msg.kind} is not for a broker")
+        else:
+            handler(client, msg, now)
+
+    def _answer(self, client: bytes, msg: Message, now: float) -> None:
+        """A hello or a status: who we are, or our state (rate limited per peer)."""
+        if self.peer_gate.answer(client):
+            self._to_client(client, self._welcome() if msg.kind == "hello" else self._status())
+
+    def _on_ping(self, client: bytes, msg: Message, now: float) -> None:
+        """A heartbeat: jobs the client names that we do not know get an error."""
+        router.refuse_unknown(
+            msg.get("jobs", []), lambda job_id: (client, job_id) in self.jobs,
+            lambda job_id: self._refuse(self.front, client, job_id, "unknown-job",
+                                        self._unknown(job_id), started=True))
+
+    def _on_cancel(self, client: bytes, msg: Message, now: float) -> None:
+        """The client gave up a job: the rules drop it or have its host kill it."""
+        job = self.jobs.get((client, msg.job))
+        if job is not None:
+            self._act(self.rules.cancel(job.key))
 
     def _submit(self, client: bytes, msg: Message, now: float) -> None:
         """A new job: remember it and let the rules place or queue it."""
@@ -287,10 +301,10 @@ class Broker:
 
     def _from_host(self, host: bytes, msg: Message) -> None:
         """A host's message: ready, ping, or news of a job (passed on to its client)."""
-        now = time.monotonic()
-        if msg.kind == "ready":
-            self._host_ready(host, msg, now)
-            return
+        self.from_hosts.get(msg.kind, self._host_news)(host, msg, time.monotonic())
+
+    def _host_news(self, host: bytes, msg: Message, now: float) -> None:
+        """Any message but ``ready`` from a host: it lives; news of a job goes to its client."""
         self._act(self.rules.host_heard(host, now))
         key = self.wires.get(msg.job) if msg.job else None
         job = self.jobs.get(key) if key else None
@@ -343,7 +357,7 @@ class Broker:
     def _act(self, actions: list) -> None:
         """Carry out the rules' actions, in order."""
         for action in actions:
-            getattr(self, "_do_" + type(action).__name__.lower())(action)
+            self.actions[type(action)](action)
 
     def _do_dispatch(self, a: rules_mod.Dispatch) -> None:
         """Send the job's submit to its host, under the broker's id."""
@@ -375,7 +389,7 @@ class Broker:
         self.positions.flush(self._to_client, lambda key: key in self.jobs
                              and self.jobs[key].host is None)
 
-    def _do_hostlost(self, a: rules_mod.HostLost) -> None:
+    def _do_host_lost(self, a: rules_mod.HostLost) -> None:
         """The job's host died while it ran: exit 255 with one line on the client."""
         client, job_id = a.job
         self.failed += 1
@@ -383,7 +397,7 @@ class Broker:
         self._client_error(client, job_id, "host-lost", a.reason, started=True)
         self._forget(a.job)
 
-    def _do_nohost(self, a: rules_mod.NoHost) -> None:
+    def _do_no_host(self, a: rules_mod.NoHost) -> None:
         """No live host can run the job."""
         client, job_id = a.job
         self.failed += 1
@@ -400,7 +414,7 @@ class Broker:
         """Drop what we keep of a job."""
         self._forget(a.job)
 
-    def _do_commandschanged(self, a: rules_mod.CommandsChanged) -> None:
+    def _do_commands_changed(self, a: rules_mod.CommandsChanged) -> None:
         """VMs see the new command set at their next hello."""
         log.info("commands offered now: %s", " ".join(a.commands) or "(none)")
 

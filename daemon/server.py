@@ -23,7 +23,7 @@ from offloadfs.protocol import Message, ProtocolError
 from offloadfs.states import JobState, advance
 
 from . import admission, limits, policy, router, warden
-from .config import ServeConfig, is_loopback, show_size
+from .config import ServeConfig, show_size
 from .hoststage import UNANNOUNCED, HostStage
 from .metrics import Metrics
 from .mounts import MountTable
@@ -87,6 +87,8 @@ class Server:
         self.budget = limits.budget()
         self._peers_cap = limits.MAX_PEERS
         self.positions = router.Positions()
+        self.handlers = self._handlers()
+        self.actions = {Start: self._do_start, Position: self._do_position}
         self.records = self._clear_leftovers(config.state_dir)   # before anything is served
         self.warden: subprocess.Popen | None = None
         self._warden_w = -1
@@ -317,7 +319,7 @@ class Server:
         except ProtocolError as exc:
             self._bad_input(peer, exc)
             return
-        handler = getattr(self, "_on_" + msg.kind.replace("-", "_"), None)
+        handler = self.handlers.get(msg.kind)
         if handler is None:
             self._bad_input(peer, protocol.KindError(f"{msg.kind} is not for a daemon"))
             return
@@ -366,6 +368,15 @@ class Server:
         ever spawned for it; one we do not know, unless it is a submit we refused (``new``),
         yes: it may have run and ended here, or before a restart."""
         return job.spawned if job is not None else not new
+
+    def _handlers(self) -> dict:
+        """The handler of each kind of message a daemon takes (any other is refused)."""
+        return {"hello": self._on_hello, "ping": self._on_ping, "error": self._on_error,
+                "status": self._on_status, "submit": self._on_submit, "file": self._on_file,
+                "stdin": self._on_stdin, "stdin-eof": self._on_stdin_eof,
+                "credit": self._on_credit, "close": self._on_close, "signal": self._on_signal,
+                "resize": self._on_resize, "suspend": self._on_suspend,
+                "resume": self._on_resume, "cancel": self._on_cancel}
 
     def _on_hello(self, peer: bytes, msg: Message) -> None:
         """Tell the client who we are and what we offer (rate limited per peer)."""
@@ -538,19 +549,25 @@ class Server:
     # --- jobs ----------------------------------------------------------------------------------
 
     def _act(self, actions: list) -> None:
-        """Carry out the scheduler's actions."""
+        """Carry out the scheduler's actions about jobs we still have (``actions``)."""
         for action in actions:
             job = self.jobs.get(action.job)
-            if job is None:
-                continue
-            if isinstance(action, Start):
-                job.slot = action.slot
-                self._start(job)
-            elif isinstance(action, Position) and job.state == JobState.QUEUED:
-                self.positions.later(job.key, action.position)   # told at the next heartbeat
-            elif isinstance(action, Position):
-                job.state = advance(job.state, "queued")
-                self.send(job.peer, protocol.encode("queued", job.id, position=action.position))
+            if job is not None:
+                self.actions[type(action)](job, action)
+
+    def _do_start(self, job: Job, action: Start) -> None:
+        """Start the job in the slot the scheduler gave it."""
+        job.slot = action.slot
+        self._start(job)
+
+    def _do_position(self, job: Job, action: Position) -> None:
+        """Tell the client its job's queue position: at once the first time, else at the next
+        heartbeat."""
+        if job.state == JobState.QUEUED:
+            self.positions.later(job.key, action.position)
+        else:
+            job.state = advance(job.state, "queued")
+            self.send(job.peer, protocol.encode("queued", job.id, position=action.position))
 
     def _flush_positions(self) -> None:
         """Tell queued jobs their new positions (``router.Positions``)."""
