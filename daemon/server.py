@@ -4,6 +4,10 @@ One thread does everything: :meth:`Server.run` polls the ROUTER socket, every jo
 pidfds, and a wake-up pipe for signals; it decodes messages (``offloadfs.protocol``), applies
 the rules (``policy``, ``scheduler``) and drives the processes (``runner``). Nothing else
 touches the socket or the jobs. ``stop()`` may be called from a signal handler.
+
+What is here is the loop and the glue; the roles are elsewhere: the socket plumbing shared
+with the broker (``router``), whether a submit is taken (``admission``), one job's streams and
+credit (``streams.JobStreams``), a staged job's scratch directory (``hoststage.HostStage``).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from .metrics import Metrics
 from .mounts import MountTable
 from .worker import BrokerLink
 from .runner import Process, SpawnError, rlimits, user_of
-from .scheduler import Position, Scheduler, Start
+from .scheduler import Dispatch, Queued, Scheduler
 from .signals import stopping_on_signals
 from .streams import JobStreams
 
@@ -68,7 +72,9 @@ class Job:
 
 
 class Server:
-    """The daemon: owns the socket, the scheduler and every job's process."""
+    """The daemon: owns the socket, the scheduler and every job's process. Its loop thread
+    (:meth:`run`) calls everything, but :meth:`stop`, which any thread or a signal handler
+    may call."""
 
     def __init__(self, config: ServeConfig, ctx: zmq.Context | None = None):
         """Bind the ROUTER socket; nothing runs until :meth:`run`."""
@@ -88,7 +94,7 @@ class Server:
         self._peers_cap = limits.MAX_PEERS
         self.positions = router.Positions()
         self.handlers = self._handlers()
-        self.actions = {Start: self._do_start, Position: self._do_position}
+        self.actions = {Dispatch: self._do_dispatch, Queued: self._do_queued}
         self.records = self._clear_leftovers(config.state_dir)   # before anything is served
         self.warden: subprocess.Popen | None = None
         self._warden_w = -1
@@ -184,7 +190,7 @@ class Server:
             log.info("taking jobs from broker %s", link.endpoint)
             link.send(self._announcement())
         self._start_warden()
-        old = signal.signal(signal.SIGCHLD, _child_changed)   # wakes the loop: see _ready
+        old = signal.signal(signal.SIGCHLD, _child_changed)   # wakes the loop: see _polled
         try:
             with stopping_on_signals(self.stop, self.wakeup.w):
                 self._loop()
@@ -214,7 +220,7 @@ class Server:
             poller = self._poller()
             timeout = max(0.0, next_beat - time.monotonic())
             for what, _ in poller.poll(timeout * 1000):
-                self._ready(what)
+                self._polled(what)
             if time.monotonic() >= next_beat:
                 self._heartbeat()
                 self.mounts.tick(time.monotonic())
@@ -250,7 +256,7 @@ class Server:
         poller.register(fd, flags)
         self.fdmap[fd] = (job, role)
 
-    def _ready(self, what) -> None:
+    def _polled(self, what) -> None:
         """Dispatch one ready socket or fd."""
         if what is self.sock:
             self._drain_socket()
@@ -265,12 +271,12 @@ class Server:
         elif what in self.fdmap:
             job, role = self.fdmap[what]
             if job.key in self.jobs:
-                self._job_ready_safely(job, role)
+                self._job_polled_safely(job, role)
 
-    def _job_ready_safely(self, job: Job, role: str) -> None:
+    def _job_polled_safely(self, job: Job, role: str) -> None:
         """A bug in handling one job fails that job, never the daemon."""
         try:
-            self._job_ready(job, role)
+            self._job_polled(job, role)
         except Exception:
             log.exception("internal error on %s (%s)", job.describe(), role)
             self._fail(job, "internal", f"internal error on {self.hostname}; the job was killed")
@@ -491,14 +497,14 @@ class Server:
         job = self._job(peer, msg)
         if job:
             job.streams.granted(msg["n"])
-            self._maybe_finish(job)
+            self._maybe_exit(job)
 
     def _on_close(self, peer: bytes, msg: Message) -> None:
         """The client's reader of a stream went away: the job gets SIGPIPE as it would locally."""
         job = self._job(peer, msg)
         if job and job.process:
             job.process.close(msg["stream"])
-            self._maybe_finish(job)
+            self._maybe_exit(job)
 
     def _on_signal(self, peer: bytes, msg: Message) -> None:
         """Forward a signal to the job's process group."""
@@ -555,12 +561,12 @@ class Server:
             if job is not None:
                 self.actions[type(action)](job, action)
 
-    def _do_start(self, job: Job, action: Start) -> None:
+    def _do_dispatch(self, job: Job, action: Dispatch) -> None:
         """Start the job in the slot the scheduler gave it."""
         job.slot = action.slot
         self._start(job)
 
-    def _do_position(self, job: Job, action: Position) -> None:
+    def _do_queued(self, job: Job, action: Queued) -> None:
         """Tell the client its job's queue position: at once the first time, else at the next
         heartbeat."""
         if job.state == JobState.QUEUED:
@@ -633,7 +639,7 @@ class Server:
             return None
         return spec["uid"], spec["gid"], spec["groups"]
 
-    def _job_ready(self, job: Job, role: str) -> None:
+    def _job_polled(self, job: Job, role: str) -> None:
         """One of the job's fds is ready."""
         proc = job.process
         if role in protocol.STREAMS and proc.is_open(role):
@@ -645,7 +651,7 @@ class Server:
         elif role == "pid" and proc.reap():
             job.timings["run"] = proc.ended - proc.started
             job.state = advance(job.state, "exited")
-        self._maybe_finish(job)
+        self._maybe_exit(job)
 
     def _changed(self, job: Job) -> None:
         """Tell the client that its job stopped (it then stops itself, as at a terminal)."""
@@ -662,7 +668,7 @@ class Server:
             self._fail(job, "limit", f"the job's output passed the host's limit of "
                                      f"{show_size(self.config.limits['output'])}; it was killed")
 
-    def _maybe_finish(self, job: Job) -> None:
+    def _maybe_exit(self, job: Job) -> None:
         """When the process is reaped and its output drained (and, staging, its files sent
         back), send the exit status."""
         proc = job.process
@@ -675,21 +681,21 @@ class Server:
             "exit", job.id, status=proc.status, signal=proc.term_signal, rusage=proc.rusage,
             timings=job.timings))
         log.info("%s exited %d in %.3fs", job.describe(), proc.status, job.timings["run"])
-        self._forget(job, proc.status)
+        self._retire(job, proc.status)
 
     def _fail(self, job: Job, kind: str, text: str) -> None:
         """End a job with an error the client reports as exit 255 (saying whether it may have
         run: then it must never be run again, anywhere)."""
         log.info("%s failed: %s", job.describe(), text)
         self._job_error(job.peer, job.id, kind, text, job.spawned)
-        self._forget(job, None)
+        self._retire(job, None)
 
     def _drop(self, job: Job, why: str) -> None:
         """Kill a job whose client is gone or gave up."""
         log.info("%s killed: %s", job.describe(), why)
-        self._forget(job, None)
+        self._retire(job, None)
 
-    def _forget(self, job: Job, status: int | None) -> None:
+    def _retire(self, job: Job, status: int | None) -> None:
         """Remove a job (once), kill what is left of it, free its slot and mount, count it."""
         if self.jobs.pop(job.key, None) is None:
             return
@@ -764,7 +770,7 @@ class Server:
                 if job.streams.credit > 0:
                     self._pump_output(job, "tty")
                 job.process.close("tty")
-                self._maybe_finish(job)
+                self._maybe_exit(job)
 
     def _peer_gone(self, peer: bytes, why: str, now: float | None = None) -> None:
         """Kill every job of a vanished client; with ``now`` (silence, not a disconnect), a
