@@ -31,12 +31,9 @@ from offloadfs import keys, protocol
 from offloadfs.protocol import Message, ProtocolError
 
 from . import broker_rules as rules_mod
-from . import limits
-from .config import BrokerConfig, Security, is_loopback
+from . import limits, router
+from .config import BrokerConfig, Security
 from .metrics import Metrics
-from offloadfs.config import ConfigError
-
-from .server import _drain_pipe, _wildcard_port, recv_routed
 from .signals import stopping_on_signals
 
 log = logging.getLogger("offloadd")
@@ -73,20 +70,27 @@ class Broker:
         self._own_ctx = ctx is None
         self.keys, self.rings, self.gate = self._security(config.security)
         self.sender_key: str | None = None
-        self.front, self.front_endpoint = self._bind(config.clients, "clients")
-        self.back, self.back_endpoint = self._bind(config.workers, "hosts")
+        self.front, self.front_endpoint = router.bind(self.ctx, config.clients, self.keys,
+                                                      "clients")
+        self.back, self.back_endpoint = router.bind(self.ctx, config.workers, self.keys, "hosts")
         self.jobs: dict[tuple[bytes, str], BrokerJob] = {}
         self.wires: dict[str, tuple[bytes, str]] = {}
         self.life = os.urandom(6).hex()   # this process's prefix of wire ids
         self.ids = itertools.count(1)
-        self.positions: dict[tuple[bytes, str], int] = {}
+        self.positions = router.Positions()
         self.done = self.failed = 0
-        self._stopping = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = router.Wakeup()
         self.metrics = Metrics("broker")
-        self.replies = limits.replies(self.metrics.dropped.inc)
-        self.answers = limits.answers(self.metrics.dropped.inc)
-        self.warnings = limits.warnings()
+        self.peer_gate = router.PeerGate(self.metrics.dropped.inc)
+        self.from_clients = {"hello": self._answer, "status": self._answer, "ping": self._on_ping,
+                             "submit": self._submit, "cancel": self._on_cancel,
+                             **dict.fromkeys(PASS_THROUGH, self._pass_to_host)}
+        self.from_hosts = {"ready": self._host_ready}   # any other kind: _host_news
+        self.actions = {rules_mod.Dispatch: self._do_dispatch, rules_mod.Queued: self._do_queued,
+                        rules_mod.HostLost: self._do_host_lost, rules_mod.NoHost: self._do_no_host,
+                        rules_mod.Cancel: self._do_cancel, rules_mod.Forget: self._do_forget,
+                        rules_mod.CommandsChanged: self._do_commands_changed,
+                        rules_mod.Reannounce: self._do_reannounce}
         self.budget = limits.budget()
         if config.metrics:
             self.metrics.serve(config.metrics)
@@ -99,35 +103,20 @@ class Broker:
                  "hosts": keys.Keyring(sec.authorized_hosts)}
         return keys.ServerKeys.load(sec.secret_key), rings, keys.Gate(self.ctx, rings)
 
-    def _bind(self, endpoint: str, domain: str) -> tuple[zmq.Socket, str]:
-        """A ROUTER bound to ``endpoint`` (port 0: any free port), CURVE with keys, whose
-        peers' keys the ZAP ``domain`` checks."""
-        sock = self.ctx.socket(zmq.ROUTER)
-        if self.keys:
-            self.keys.apply(sock, domain)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.LINGER, 500)
-        sock.bind(_wildcard_port(endpoint))
-        return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
         """Serve until SIGTERM (or :meth:`stop`); then close both sockets."""
         log.info("broker %s: clients on %s, hosts on %s (job ids %s-N)", self.name,
                  self.front_endpoint, self.back_endpoint, self.life)
-        if self.keys:
-            log.info("CURVE on: %d VM keys, %d host keys authorized",
-                     len(self.rings["clients"].names()), len(self.rings["hosts"].names()))
-        elif not (is_loopback(self.front_endpoint) and is_loopback(self.back_endpoint)):
-            log.warning("no keys ([security] secret_key): anyone who reaches %s or %s can "
-                        "submit jobs or pose as a host", self.front_endpoint, self.back_endpoint)
-        else:
-            log.info("no keys ([security] secret_key): listening on loopback only")
+        router.say_security(
+            ("CURVE on: %d VM keys, %d host keys authorized", len(self.rings["clients"].names()),
+             len(self.rings["hosts"].names())) if self.keys else None,
+            [self.front_endpoint, self.back_endpoint],
+            "no keys ([security] secret_key): anyone who reaches %s or %s can submit jobs or "
+            "pose as a host")
         try:
-            with stopping_on_signals(self.stop, self._wake_w):
+            with stopping_on_signals(self.stop, self.wakeup.w):
                 self._loop()
         finally:
             try:
@@ -137,27 +126,23 @@ class Broker:
 
     def stop(self) -> None:
         """Ask the loop to end (any thread, or a signal handler)."""
-        self._stopping = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self.wakeup.stop()
 
     def _loop(self) -> None:
         """Poll, dispatch, heartbeat."""
         poller = zmq.Poller()
-        for item in (self.front, self.back, self._wake_r):
+        for item in (self.front, self.back, self.wakeup.r):
             poller.register(item, zmq.POLLIN)
         next_beat = time.monotonic()
-        while not self._stopping:
+        while not self.wakeup.stopping:
             timeout = max(0.0, next_beat - time.monotonic())
             ready = dict(poller.poll(timeout * 1000))
             if self.back in ready:
                 self._drain(self.back, self._from_host)
             if self.front in ready:
                 self._drain(self.front, self._from_client)
-            if self._wake_r in ready:
-                _drain_pipe(self._wake_r)
+            if self.wakeup.r in ready:
+                self.wakeup.drain()
             if time.monotonic() >= next_beat:
                 self._heartbeat()
                 next_beat = time.monotonic() + self.config.heartbeat
@@ -166,7 +151,7 @@ class Broker:
         """Handle what waits on ``sock`` (bounded per round)."""
         for _ in range(1000):
             try:
-                frames, self.sender_key = recv_routed(sock, self.keys is not None)
+                frames, self.sender_key = router.recv_routed(sock, self.keys is not None)
             except zmq.Again:
                 return
             self._received(sock, frames, handle)
@@ -179,21 +164,14 @@ class Broker:
         try:
             msg = protocol.decode(body)
         except ProtocolError as exc:
-            self._refuse(sock, peer, None, exc.kind, str(exc))
-            self._note(peer, logging.WARNING, "bad message from peer %s: %s (further ones "
-                       "logged at debug level)", peer.hex(), exc)
+            self.peer_gate.bad_input(lambda job_id, kind, text: self._refuse(
+                sock, peer, job_id, kind, text), peer, exc)
             return
         try:
             handle(peer, msg)
         except Exception:
-            self._note(peer, logging.ERROR, "internal error handling %s from %s", msg.kind,
-                       peer.hex(), exc_info=True)
+            self.peer_gate.internal_error(peer, msg.kind)
             self._refuse(sock, peer, msg.job, "internal", f"internal error handling {msg.kind}")
-
-    def _note(self, peer: bytes, level: int, text: str, *args, **kw) -> None:
-        """Log a line about a peer's input at ``level`` within the log's rate limit (once a
-        minute per peer, ten a minute in all), else at debug level."""
-        log.log(level if self.warnings.allow(peer) else logging.DEBUG, text, *args, **kw)
 
     # --- clients -------------------------------------------------------------------------------
 
@@ -201,25 +179,29 @@ class Broker:
         """A client's message: hello, status, ping, submit, cancel, or a job's stream."""
         now = time.monotonic()
         self._act(self.rules.client_heard(client, now))
-        if msg.kind in ("hello", "status"):
-            if self.answers.allow(client):
-                self._to_client(client, self._welcome() if msg.kind == "hello" else self._status())
-        elif msg.kind == "ping":
-            for job_id in dict.fromkeys(msg.get("jobs", [])):
-                if (client, job_id) not in self.jobs and not self._refuse(
-                        self.front, client, job_id, "unknown-job", self._unknown(job_id),
-                        started=True):
-                    break
-        elif msg.kind == "submit":
-            self._submit(client, msg, now)
-        elif msg.kind == "cancel":
-            job = self.jobs.get((client, msg.job))
-            if job is not None:
-                self._act(self.rules.cancel(job.key))
-        elif msg.kind in PASS_THROUGH:
-            self._pass_to_host(client, msg, now)
-        else:
+        handler = self.from_clients.get(msg.kind)
+        if handler is None:
             self._refuse(self.front, client, msg.job, "kind", f"{msg.kind} is not for a broker")
+        else:
+            handler(client, msg, now)
+
+    def _answer(self, client: bytes, msg: Message, now: float) -> None:
+        """A hello or a status: who we are, or our state (rate limited per peer)."""
+        if self.peer_gate.answer(client):
+            self._to_client(client, self._welcome() if msg.kind == "hello" else self._status())
+
+    def _on_ping(self, client: bytes, msg: Message, now: float) -> None:
+        """A heartbeat: jobs the client names that we do not know get an error."""
+        router.refuse_unknown(
+            msg.get("jobs", []), lambda job_id: (client, job_id) in self.jobs,
+            lambda job_id: self._refuse(self.front, client, job_id, "unknown-job",
+                                        self._unknown(job_id), started=True))
+
+    def _on_cancel(self, client: bytes, msg: Message, now: float) -> None:
+        """The client gave up a job: the rules drop it or have its host kill it."""
+        job = self.jobs.get((client, msg.job))
+        if job is not None:
+            self._act(self.rules.cancel(job.key))
 
     def _submit(self, client: bytes, msg: Message, now: float) -> None:
         """A new job: remember it and let the rules place or queue it."""
@@ -291,10 +273,10 @@ class Broker:
 
     def _from_host(self, host: bytes, msg: Message) -> None:
         """A host's message: ready, ping, or news of a job (passed on to its client)."""
-        now = time.monotonic()
-        if msg.kind == "ready":
-            self._host_ready(host, msg, now)
-            return
+        self.from_hosts.get(msg.kind, self._host_news)(host, msg, time.monotonic())
+
+    def _host_news(self, host: bytes, msg: Message, now: float) -> None:
+        """Any message but ``ready`` from a host: it lives; news of a job goes to its client."""
         self._act(self.rules.host_heard(host, now))
         key = self.wires.get(msg.job) if msg.job else None
         job = self.jobs.get(key) if key else None
@@ -347,7 +329,7 @@ class Broker:
     def _act(self, actions: list) -> None:
         """Carry out the rules' actions, in order."""
         for action in actions:
-            getattr(self, "_do_" + type(action).__name__.lower())(action)
+            self.actions[type(action)](action)
 
     def _do_dispatch(self, a: rules_mod.Dispatch) -> None:
         """Send the job's submit to its host, under the broker's id."""
@@ -368,21 +350,18 @@ class Broker:
         if job is None:
             return
         if job.told:
-            self.positions[a.job] = a.position
+            self.positions.later(a.job, a.position)
             return
         job.told = True
         client, job_id = a.job
         self._to_client(client, protocol.encode("queued", job_id, position=a.position))
 
     def _flush_positions(self) -> None:
-        """Send the latest queue position of each job whose position changed."""
-        positions, self.positions = self.positions, {}
-        for key, position in positions.items():
-            job = self.jobs.get(key)
-            if job is not None and job.host is None:
-                self._to_client(key[0], protocol.encode("queued", key[1], position=position))
+        """Send the latest queue position of each job still waiting (``router.Positions``)."""
+        self.positions.flush(self._to_client, lambda key: key in self.jobs
+                             and self.jobs[key].host is None)
 
-    def _do_hostlost(self, a: rules_mod.HostLost) -> None:
+    def _do_host_lost(self, a: rules_mod.HostLost) -> None:
         """The job's host died while it ran: exit 255 with one line on the client."""
         client, job_id = a.job
         self.failed += 1
@@ -390,7 +369,7 @@ class Broker:
         self._client_error(client, job_id, "host-lost", a.reason, started=True)
         self._forget(a.job)
 
-    def _do_nohost(self, a: rules_mod.NoHost) -> None:
+    def _do_no_host(self, a: rules_mod.NoHost) -> None:
         """No live host can run the job."""
         client, job_id = a.job
         self.failed += 1
@@ -407,7 +386,7 @@ class Broker:
         """Drop what we keep of a job."""
         self._forget(a.job)
 
-    def _do_commandschanged(self, a: rules_mod.CommandsChanged) -> None:
+    def _do_commands_changed(self, a: rules_mod.CommandsChanged) -> None:
         """VMs see the new command set at their next hello."""
         log.info("commands offered now: %s", " ".join(a.commands) or "(none)")
 
@@ -431,16 +410,10 @@ class Broker:
 
     def _refuse(self, sock: zmq.Socket, peer: bytes, job_id: str | None, kind: str,
                 text: str, started: bool | None = None) -> bool:
-        """An error reply to input we do not act on (bad, refused, or about a job the peer
-        does not have here); past the peer's rate limit it is dropped silently and counted.
-        ``started`` (about a job): whether it may have run; None leaves it out (the client
-        then assumes it may have). True if it went."""
-        if not self.replies.allow(peer):
-            return False
-        extra = {} if job_id is None or started is None else {"started": started}
-        self._send(sock, peer, protocol.encode("error", job_id, kind=kind,
-                                               text=text[:protocol.MAX_TEXT], **extra))
-        return True
+        """An error reply on ``sock`` (``router.PeerGate.refuse``), rate limited per peer;
+        True if it went."""
+        return self.peer_gate.refuse(lambda p, frames: self._send(sock, p, frames), peer,
+                                     job_id, kind, text, started)
 
     def _client_error(self, client: bytes, job_id: str, kind: str, text: str, *,
                       started: bool) -> None:
@@ -479,10 +452,9 @@ class Broker:
         self.metrics.close()
         if self.gate is not None:
             self.gate.close()
-        self.front.close(linger=500)
-        self.back.close(linger=500)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self.front.close(linger=router.LINGER)
+        self.back.close(linger=router.LINGER)
+        self.wakeup.close()
         if self._own_ctx:
             self.ctx.term()
         log.info("broker stopped")

@@ -1,7 +1,13 @@
 """Slots and the FIFO queue of one host; plain rules, no I/O.
 
-The server's loop thread is the only caller: it feeds ``submit``, ``finish`` and ``cancel``
-and carries out the returned actions (start a job, tell a client its queue position).
+The server's loop thread is the only caller: it feeds ``submit``, ``slot_freed`` and
+``cancel`` and carries out the returned actions (start a job, tell a client its queue
+position).
+
+The actions and events have the names the broker's rules (``broker_rules``) give them:
+``Dispatch`` (a job gets a slot: here it starts in it; the broker sends it to a host's slot,
+where it is not started yet, so ``Start`` would read wrong there), ``Queued`` (the wire message
+it becomes, ``queued``) and ``slot_freed``.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from typing import Hashable
 
 
 @dataclasses.dataclass(frozen=True)
-class Start:
+class Dispatch:
     """Action: start this job now, in a free slot (``slot`` counts from 0)."""
 
     job: Hashable
@@ -19,7 +25,7 @@ class Start:
 
 
 @dataclasses.dataclass(frozen=True)
-class Position:
+class Queued:
     """Action: tell this job's client its queue position (1 = next to start)."""
 
     job: Hashable
@@ -47,9 +53,9 @@ class Scheduler:
         if job in self.running or job in self.queue:
             raise ValueError(f"job {job!r} is already known")
         self.queue[job] = None
-        return self._fill() or [Position(job, len(self.queue))]
+        return self._fill() or [Queued(job, len(self.queue))]
 
-    def finish(self, job: Hashable) -> list:
+    def slot_freed(self, job: Hashable) -> list:
         """A running job ended: its slot goes to the head of the queue."""
         self.running.pop(job, None)
         return self._fill()
@@ -57,7 +63,7 @@ class Scheduler:
     def cancel(self, job: Hashable) -> list:
         """A job went away, queued or running."""
         if job in self.running:
-            return self.finish(job)
+            return self.slot_freed(job)
         if self.queue.pop(job, 0) is None:
             return self._positions()
         return []
@@ -69,9 +75,9 @@ class Scheduler:
             job, _ = self.queue.popitem(last=False)
             slot = min(set(range(self.slots)) - set(self.running.values()))
             self.running[job] = slot
-            started.append(Start(job, slot))
+            started.append(Dispatch(job, slot))
         return started + (self._positions() if started else [])
 
     def _positions(self) -> list:
         """The position of every queued job."""
-        return [Position(job, i) for i, job in enumerate(self.queue, start=1)]
+        return [Queued(job, i) for i, job in enumerate(self.queue, start=1)]

@@ -4,39 +4,40 @@ One thread does everything: :meth:`Server.run` polls the ROUTER socket, every jo
 pidfds, and a wake-up pipe for signals; it decodes messages (``offloadfs.protocol``), applies
 the rules (``policy``, ``scheduler``) and drives the processes (``runner``). Nothing else
 touches the socket or the jobs. ``stop()`` may be called from a signal handler.
+
+What is here is the loop and the glue; the roles are elsewhere: the socket plumbing shared
+with the broker (``router``), whether a submit is taken (``admission``), one job's streams and
+credit (``streams.JobStreams``), a staged job's scratch directory (``hoststage.HostStage``).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import zmq
 
-from offloadfs import keys, mountinfo, protocol, staging
+from offloadfs import keys, protocol
 from offloadfs.protocol import Message, ProtocolError
 from offloadfs.states import JobState, advance
 
-from . import limits, policy, warden
-from .config import ServeConfig, is_loopback, show_size
+from . import admission, limits, policy, router, warden
+from .config import ServeConfig, show_size
+from .hoststage import UNANNOUNCED, HostStage
 from .metrics import Metrics
 from .mounts import MountTable
 from .worker import BrokerLink
 from .runner import Process, SpawnError, rlimits, user_of
-from .scheduler import Position, Scheduler, Start
+from .scheduler import Dispatch, Queued, Scheduler
 from .signals import stopping_on_signals
+from .streams import JobStreams
 
 log = logging.getLogger("offloadd")
-
-MAX_CREDIT = 16 * 1024 * 1024   # a client may not make us buffer more than this per job
 
 
 @dataclasses.dataclass
@@ -49,21 +50,14 @@ class Job:
     state: JobState = JobState.NEW
     path: str = ""
     process: Process | None = None
-    credit: int = 0
-    owed: int = 0
+    streams: JobStreams | None = None
     received: float = dataclasses.field(default_factory=time.monotonic)
     timings: dict = dataclasses.field(default_factory=dict)
     slot: int = 0
     attaching: float = 0.0
     mounted: tuple[str, str] | None = None
-    scratch: str = ""
-    stage_left: int = 0
-    inbox: staging.Inbox | None = None
-    outbox: staging.Outbox | None = None
-    before: dict | None = None
-    output: int = 0
+    stage: HostStage | None = None   # a staged job's scratch directory
     cost: int = 0               # what its spec holds of the budget (limits.cost)
-    stdin_held: int = 0         # stdin bytes received, not yet written to the process
     suspended: float | None = None   # since when its client is stopped (it said ``suspend``)
     spawned: bool = False       # a process may have been started for it (it may have run)
 
@@ -78,7 +72,9 @@ class Job:
 
 
 class Server:
-    """The daemon: owns the socket, the scheduler and every job's process."""
+    """The daemon: owns the socket, the scheduler and every job's process. Its loop thread
+    (:meth:`run`) calls everything, but :meth:`stop`, which any thread or a signal handler
+    may call."""
 
     def __init__(self, config: ServeConfig, ctx: zmq.Context | None = None):
         """Bind the ROUTER socket; nothing runs until :meth:`run`."""
@@ -93,13 +89,12 @@ class Server:
         self.done = self.failed = 0
         self.recent: list[dict] = []
         self.metrics = Metrics("daemon")
-        self.replies = limits.replies(self.metrics.dropped.inc)
-        self.answers = limits.answers(self.metrics.dropped.inc)
-        self.warnings = limits.warnings()
+        self.peer_gate = router.PeerGate(self.metrics.dropped.inc)
         self.budget = limits.budget()
         self._peers_cap = limits.MAX_PEERS
-        self._positions: dict[tuple[bytes, str], int] = {}
-        self._stopping = False
+        self.positions = router.Positions()
+        self.handlers = self._handlers()
+        self.actions = {Dispatch: self._do_dispatch, Queued: self._do_queued}
         self.records = self._clear_leftovers(config.state_dir)   # before anything is served
         self.warden: subprocess.Popen | None = None
         self._warden_w = -1
@@ -107,15 +102,16 @@ class Server:
         self.ctx = ctx or zmq.Context()
         self.keys, self.ring, self.gate = self._security(config.security)
         self.sender_key: str | None = None
-        self.sock = self._bind(config.listen) if config.listen else None
-        self.endpoint = getattr(self, "endpoint", "")
+        self.sock, self.endpoint = router.bind(
+            self.ctx, config.listen, self.keys, "clients", rcvhwm=router.DAEMON_RCVHWM,
+            linger=router.DAEMON_LINGER) if config.listen else (None, "")
         link_keys = self.keys.client(keys.load_public(config.security.broker_key)) \
             if self.keys and config.connect else None
         self.links = {link.peer: link for link in (BrokerLink(
             self.ctx, e, 3 * config.heartbeat, link_keys) for e in config.connect)}
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = router.Wakeup()
         self.mounts = MountTable(config.mounts_dir, config.mounts_client, config.idle_unmount,
-                                 self._poke)
+                                 self.wakeup.poke)
         if config.metrics:
             self.metrics.serve(config.metrics)
 
@@ -182,20 +178,6 @@ class Server:
         ring = keys.Keyring(sec.authorized_keys)
         return keys.ServerKeys.load(sec.secret_key), ring, keys.Gate(self.ctx, {"clients": ring})
 
-    def _bind(self, endpoint: str) -> zmq.Socket:
-        """A ROUTER socket bound to ``endpoint`` (port 0 picks a free port), CURVE with keys."""
-        sock = self.ctx.socket(zmq.ROUTER)
-        if self.keys:
-            self.keys.apply(sock, "clients")
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER + 4096)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 10000)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.bind(_wildcard_port(endpoint))
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        return sock
-
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -208,9 +190,9 @@ class Server:
             log.info("taking jobs from broker %s", link.endpoint)
             link.send(self._announcement())
         self._start_warden()
-        old = signal.signal(signal.SIGCHLD, _child_changed)   # wakes the loop: see _ready
+        old = signal.signal(signal.SIGCHLD, _child_changed)   # wakes the loop: see _polled
         try:
-            with stopping_on_signals(self.stop, self._wake_w):
+            with stopping_on_signals(self.stop, self.wakeup.w):
                 self._loop()
         finally:
             signal.signal(signal.SIGCHLD, old)
@@ -218,35 +200,27 @@ class Server:
 
     def _say_security(self) -> None:
         """Log whether clients must hold a key, and warn when anyone may reach us without."""
-        if self.ring is not None:
-            log.info("CURVE on: %d authorized keys in %s (%s)", len(self.ring.names()),
-                     self.ring.directory, " ".join(self.ring.names()) or "none yet")
-        elif self.endpoint and not is_loopback(self.endpoint):
-            log.warning("no keys ([security] secret_key): anyone who reaches %s can run the "
-                        "allowlisted commands as any non-root user", self.endpoint)
-        elif self.endpoint:
-            log.info("no keys ([security] secret_key): listening on loopback only")
+        names = self.ring.names() if self.ring is not None else []
+        router.say_security(
+            None if self.ring is None else ("CURVE on: %d authorized keys in %s (%s)",
+                                            len(names), self.ring.directory,
+                                            " ".join(names) or "none yet"),
+            [self.endpoint] if self.endpoint else [],
+            "no keys ([security] secret_key): anyone who reaches %s can run the allowlisted "
+            "commands as any non-root user")
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler or another thread)."""
-        self._stopping = True
-        self._poke()
-
-    def _poke(self) -> None:
-        """Wake the loop (any thread)."""
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self.wakeup.stop()
 
     def _loop(self) -> None:
         """Poll and dispatch until stopped."""
         next_beat = time.monotonic()
-        while not self._stopping:
+        while not self.wakeup.stopping:
             poller = self._poller()
             timeout = max(0.0, next_beat - time.monotonic())
             for what, _ in poller.poll(timeout * 1000):
-                self._ready(what)
+                self._polled(what)
             if time.monotonic() >= next_beat:
                 self._heartbeat()
                 self.mounts.tick(time.monotonic())
@@ -259,7 +233,7 @@ class Server:
             poller.register(self.sock, zmq.POLLIN)
         for link in self.links.values():
             poller.register(link.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self.wakeup.r, zmq.POLLIN)
         self.fdmap = {}
         for job in self.jobs.values():
             self._want(poller, job)
@@ -274,26 +248,22 @@ class Server:
             self._register(poller, job, "pid", proc.pidfd, zmq.POLLIN)
         if proc.is_open("leader"):
             self._register(poller, job, "leader", proc.fds["leader"], zmq.POLLIN)
-        if job.credit > 0:
-            for name in protocol.STREAMS:
-                if proc.is_open(name):
-                    self._register(poller, job, name, proc.fds[name], zmq.POLLIN)
-        if proc.pending and proc.is_open("stdin"):
-            self._register(poller, job, "stdin", proc.fds["stdin"], zmq.POLLOUT)
+        job.streams.want(proc, lambda role, fd, flags: self._register(poller, job, role, fd,
+                                                                      flags))
 
     def _register(self, poller, job: Job, role: str, fd: int, flags: int) -> None:
         """Register one fd and remember whose it is."""
         poller.register(fd, flags)
         self.fdmap[fd] = (job, role)
 
-    def _ready(self, what) -> None:
+    def _polled(self, what) -> None:
         """Dispatch one ready socket or fd."""
         if what is self.sock:
             self._drain_socket()
         elif isinstance(what, zmq.Socket):
             self._drain_link(next(k for k in self.links.values() if k.sock is what))
-        elif what == self._wake_r:
-            _drain_pipe(self._wake_r)
+        elif what == self.wakeup.r:
+            self.wakeup.drain()
             self.mounts.ready()
             for job in list(self.jobs.values()):   # a SIGCHLD may be a job that stopped
                 if job.process is not None and not job.process.tty:
@@ -301,12 +271,12 @@ class Server:
         elif what in self.fdmap:
             job, role = self.fdmap[what]
             if job.key in self.jobs:
-                self._job_ready_safely(job, role)
+                self._job_polled_safely(job, role)
 
-    def _job_ready_safely(self, job: Job, role: str) -> None:
+    def _job_polled_safely(self, job: Job, role: str) -> None:
         """A bug in handling one job fails that job, never the daemon."""
         try:
-            self._job_ready(job, role)
+            self._job_polled(job, role)
         except Exception:
             log.exception("internal error on %s (%s)", job.describe(), role)
             self._fail(job, "internal", f"internal error on {self.hostname}; the job was killed")
@@ -315,7 +285,7 @@ class Server:
         """Handle every message waiting on the socket (bounded per round)."""
         for _ in range(1000):
             try:
-                frames, key = recv_routed(self.sock, self.keys is not None)
+                frames, key = router.recv_routed(self.sock, self.keys is not None)
             except zmq.Again:
                 return
             self._received(frames, key)
@@ -345,8 +315,8 @@ class Server:
         broker link's name is an impostor (it would act on the broker's jobs)."""
         peer, body = frames[0], frames[1:]
         if peer in self.links and not via_link:
-            self._note(peer, logging.WARNING, "peer on %s poses as broker link %s; dropped",
-                       self.endpoint, peer.decode(errors="replace"))
+            self.peer_gate.note(peer, logging.WARNING, "peer on %s poses as broker link %s; "
+                                "dropped", self.endpoint, peer.decode(errors="replace"))
             return
         self.sender_key = key
         self._heard(peer)
@@ -355,15 +325,14 @@ class Server:
         except ProtocolError as exc:
             self._bad_input(peer, exc)
             return
-        handler = getattr(self, "_on_" + msg.kind.replace("-", "_"), None)
+        handler = self.handlers.get(msg.kind)
         if handler is None:
             self._bad_input(peer, protocol.KindError(f"{msg.kind} is not for a daemon"))
             return
         try:
             handler(peer, msg)
         except Exception:  # a bug must cost one message, never the daemon and its jobs
-            self._note(peer, logging.ERROR, "internal error handling %s from %s", msg.kind,
-                       peer.hex(), exc_info=True)
+            self.peer_gate.internal_error(peer, msg.kind)
             job = self.jobs.get((peer, msg.job)) if msg.job else None
             self._refuse(peer, msg.job, "internal", f"internal error handling {msg.kind}",
                          self._may_have_run(job, msg.kind == "submit"))
@@ -383,28 +352,21 @@ class Server:
 
     def _bad_input(self, peer: bytes, exc: ProtocolError) -> None:
         """Reply with an error (rate limited) and log sparingly."""
-        self._refuse(peer, None, exc.kind, str(exc))
-        self._note(peer, logging.WARNING, "bad message from peer %s: %s (further ones logged "
-                   "at debug level)", peer.hex(), exc)
-
-    def _note(self, peer: bytes, level: int, text: str, *args, **kw) -> None:
-        """Log a line about a peer's input at ``level`` if the log's rate limit lets it (once
-        a minute per peer, ten a minute in all), else at debug level."""
-        log.log(level if self.warnings.allow(peer) else logging.DEBUG, text, *args, **kw)
+        self.peer_gate.bad_input(lambda job_id, kind, text: self._refuse(peer, job_id, kind, text),
+                                 peer, exc)
 
     def _refuse(self, peer: bytes, job_id: str | None, kind: str, text: str,
                 started: bool | None = None) -> bool:
-        """An error reply to input we do not act on (bad, refused, or about a job the peer
-        does not have here); past the peer's rate limit it is dropped silently and counted.
-        A broker link has no limit: it frees the job's slot only when it hears of it, and its
-        load is bounded by what it dispatches. ``started`` (about a job): whether it may have
-        run. True if it went."""
-        if peer not in self.links and not self.replies.allow(peer):
-            return False
-        extra = {} if job_id is None or started is None else {"started": started}
-        self.send(peer, protocol.encode("error", job_id, kind=kind,
-                                        text=text[:protocol.MAX_TEXT], **extra))
-        return True
+        """An error reply (``router.PeerGate.refuse``), rate limited per peer. A broker link
+        has no limit: it frees the job's slot only when it hears of it, and its load is
+        bounded by what it dispatches. True if it went."""
+        return self.peer_gate.refuse(self.send, peer, job_id, kind, text, started,
+                                     limited=peer not in self.links)
+
+    def _unknown(self, job_id: str) -> str:
+        """The line for a job a client names that we do not know."""
+        return f"{self.hostname} has no job {job_id}; it may have run and ended, or the " \
+            "daemon restarted"
 
     @staticmethod
     def _may_have_run(job: Job | None, new: bool = False) -> bool:
@@ -413,9 +375,18 @@ class Server:
         yes: it may have run and ended here, or before a restart."""
         return job.spawned if job is not None else not new
 
+    def _handlers(self) -> dict:
+        """The handler of each kind of message a daemon takes (any other is refused)."""
+        return {"hello": self._on_hello, "ping": self._on_ping, "error": self._on_error,
+                "status": self._on_status, "submit": self._on_submit, "file": self._on_file,
+                "stdin": self._on_stdin, "stdin-eof": self._on_stdin_eof,
+                "credit": self._on_credit, "close": self._on_close, "signal": self._on_signal,
+                "resize": self._on_resize, "suspend": self._on_suspend,
+                "resume": self._on_resume, "cancel": self._on_cancel}
+
     def _on_hello(self, peer: bytes, msg: Message) -> None:
         """Tell the client who we are and what we offer (rate limited per peer)."""
-        if not self.answers.allow(peer):
+        if not self.peer_gate.answer(peer):
             return
         self.send(peer, protocol.encode(
             "welcome", host=self.hostname, commands=self.allow.names(), slots=self.config.slots,
@@ -424,12 +395,9 @@ class Server:
     def _on_ping(self, peer: bytes, msg: Message) -> None:
         """A heartbeat: jobs the client believes live but we do not know get an error (each
         once, within the rate limit; the client's next ping names the rest again)."""
-        for job_id in dict.fromkeys(msg.get("jobs", [])):
-            if (peer, job_id) not in self.jobs and not self._refuse(
-                    peer, job_id, "unknown-job",
-                    f"{self.hostname} has no job {job_id}; it may have run and ended, or "
-                    f"the daemon restarted", True):
-                return
+        router.refuse_unknown(msg.get("jobs", []), lambda job_id: (peer, job_id) in self.jobs,
+                              lambda job_id: self._refuse(peer, job_id, "unknown-job",
+                                                          self._unknown(job_id), True))
 
     def _on_error(self, peer: bytes, msg: Message) -> None:
         """A broker that does not know us asks us to announce ourselves again."""
@@ -441,7 +409,7 @@ class Server:
 
     def _on_status(self, peer: bytes, msg: Message) -> None:
         """Report slots, queue and recent jobs (rate limited per peer)."""
-        if not self.answers.allow(peer):
+        if not self.peer_gate.answer(peer):
             return
         self.send(peer, protocol.encode(
             "status-reply", host=self.hostname, slots=self.config.slots, busy=self.sched.busy,
@@ -457,15 +425,19 @@ class Server:
                          self.jobs[key].spawned)
             return
         try:
-            path = self._check(peer, msg)
-            cost = self._admit(peer, msg)
+            vm_key = msg.get("vm") if peer in self.links else self.sender_key
+            path = admission.check(self.config, msg, self.allow, self.ring, vm_key,
+                                   self.hostname)
+            cost = admission.admit(self.budget, peer, msg, self.hostname)
         except policy.Refused as exc:
-            self._note(peer, logging.INFO, "refused job %s from %s: %s", msg.job, peer.hex(), exc)
+            self.peer_gate.note(peer, logging.INFO, "refused job %s from %s: %s", msg.job,
+                                peer.hex(), exc)
             self.failed += 1
             self._refuse(peer, msg.job, exc.kind, str(exc), False)
             return
-        job = Job(peer, msg.job, msg, path=path, credit=min(msg["window"], MAX_CREDIT),
-                  cost=cost)
+        job = Job(peer, msg.job, msg, path=path, cost=cost, streams=JobStreams(
+            msg.job, msg["window"], lambda frames: self.send(peer, frames),
+            self.config.limits.get("output")))
         self.jobs[key] = job
         data = msg.get("data") or {}
         try:
@@ -481,12 +453,11 @@ class Server:
         """-n: a scratch directory of the caller's; the input files come first."""
         spec = job.spec
         try:
-            job.scratch = _scratch(self.config.scratch_dir, spec["uid"], spec["gid"])
+            job.stage = HostStage(self.config.scratch_dir, spec["uid"], spec["gid"],
+                                  int(data.get("bytes", 0)))
         except OSError as exc:
             self._fail(job, "stage", f"cannot make a scratch directory: {exc.strerror}")
             return
-        job.inbox = staging.Inbox(job.scratch, (spec["uid"], spec["gid"]))
-        job.stage_left = int(data.get("bytes", 0))
         self.send(job.peer, protocol.encode("credit", job.id, n=protocol.WINDOW))
         self._staged_maybe(job)
 
@@ -495,69 +466,25 @@ class Server:
         job = self._job(peer, msg)
         if job is None:
             return
-        if job.inbox is None or job.state != JobState.NEW or len(msg.payload) > job.stage_left:
-            self._fail(job, "stage", "file data the job did not announce")
+        why = UNANNOUNCED if job.stage is None or job.state != JobState.NEW else \
+            job.stage.take(msg["name"], msg["mode"], msg["last"], msg.payload)
+        if why is not None:
+            self._fail(job, "stage", why)
             return
-        if msg["name"] not in job.inbox.open and len(job.inbox.open) >= limits.STAGE_OPEN:
-            self._fail(job, "stage", f"more than {limits.STAGE_OPEN} input files at once")
-            return
-        try:
-            job.inbox.write(msg["name"], msg["mode"], msg["last"], msg.payload)
-        except OSError as exc:
-            self._fail(job, "stage", f"cannot write {os.fsdecode(msg['name'])}: {exc.strerror}")
-            return
-        job.stage_left -= len(msg.payload)
-        job.owed += len(msg.payload)
-        if job.owed >= protocol.CREDIT_BATCH:
-            self.send(job.peer, protocol.encode("credit", job.id, n=job.owed))
-            job.owed = 0
+        job.streams.staged(len(msg.payload))
         self._staged_maybe(job)
 
     def _staged_maybe(self, job: Job) -> None:
         """Once every input byte is in, note what is there and queue the job."""
-        if job.stage_left == 0 and not job.inbox.open and job.before is None:
-            job.owed = 0
-            job.before = staging.snapshot(job.scratch)
+        if job.stage.complete():
+            job.streams.forgive()
             self._act(self.sched.submit(job.key))
-
-    def _check(self, peer: bytes, msg: Message) -> str:
-        """Apply the host's policy to a submit; the command's path, or Refused."""
-        path = self.allow.resolve(msg["argv"][0])
-        policy.check_identity(msg["uid"], msg["gid"], self.config.allow_root, os.getuid(),
-                              msg["groups"])
-        if self.ring is not None:
-            self._check_vm(peer, msg)
-        if mountinfo.resolves_into_offloadfs(path):
-            raise policy.Refused("loop", f"{path} lies in an offloadfs mount on {self.hostname}; "
-                                         f"running it would offload again")
-        return path
-
-    def _check_vm(self, peer: bytes, msg: Message) -> None:
-        """With keys: the VM behind the submit (its CURVE key, or the key its broker vouches
-        for) must still be authorized, and may claim only what its rule allows."""
-        key = msg.get("vm") if peer in self.links else self.sender_key
-        vm = self.ring.name_of(key)
-        if vm is None:
-            raise policy.Refused("unauthorized", f"this VM's key is not (or no longer) "
-                                                 f"authorized on {self.hostname}")
-        data = msg.get("data") or {}
-        export = f"{data.get('server')}:{data.get('export')}" if data.get("mode") == "nfs" \
-            else None
-        policy.check_claim(vm, self.config.security.vms.get(vm), msg["uid"], msg["gid"],
-                           msg["groups"], export)
 
     def _on_stdin(self, peer: bytes, msg: Message) -> None:
         """Stdin data for a running job."""
         job = self._job(peer, msg)
-        if job and job.process:
-            if job.process.is_open("stdin"):
-                job.stdin_held += len(msg.payload)
-                held = job.stdin_held + limits.STDIN_SLACK * (len(job.process.pending) + 1)
-                if held > 2 * protocol.WINDOW:   # a client keeping to its credit stays under
-                    self._fail(job, "credit", "the client sent more stdin than its credit")
-                    return
-            job.process.feed(msg.payload)
-            self._credit_back(job, job.process.write_pending())
+        if job and job.process and not job.streams.stdin(job.process, msg.payload):
+            self._fail(job, "credit", "the client sent more stdin than its credit")
 
     def _on_stdin_eof(self, peer: bytes, msg: Message) -> None:
         """The client's stdin ended."""
@@ -569,15 +496,15 @@ class Server:
         """The client consumed output: it may receive more."""
         job = self._job(peer, msg)
         if job:
-            job.credit = min(job.credit + msg["n"], MAX_CREDIT)
-            self._maybe_finish(job)
+            job.streams.granted(msg["n"])
+            self._maybe_exit(job)
 
     def _on_close(self, peer: bytes, msg: Message) -> None:
         """The client's reader of a stream went away: the job gets SIGPIPE as it would locally."""
         job = self._job(peer, msg)
         if job and job.process:
             job.process.close(msg["stream"])
-            self._maybe_finish(job)
+            self._maybe_exit(job)
 
     def _on_signal(self, peer: bytes, msg: Message) -> None:
         """Forward a signal to the job's process group."""
@@ -587,8 +514,8 @@ class Server:
             return
         job = self._job(peer, msg)
         if job and job.process:
-            self._note(peer, logging.INFO, "%s: signal %d from client", job.describe(),
-                       msg["signum"])
+            self.peer_gate.note(peer, logging.INFO, "%s: signal %d from client",
+                                job.describe(), msg["signum"])
             job.process.signal(msg["signum"])
 
     def _on_resize(self, peer: bytes, msg: Message) -> None:
@@ -622,46 +549,36 @@ class Server:
         """The job a message names, or None after telling the client it is unknown."""
         job = self.jobs.get((peer, msg.job))
         if job is None:
-            self._refuse(peer, msg.job, "unknown-job", f"{self.hostname} has no job {msg.job}; "
-                         f"it may have run and ended, or the daemon restarted", True)
+            self._refuse(peer, msg.job, "unknown-job", self._unknown(msg.job), True)
         return job
-
-    def _admit(self, peer: bytes, msg: Message) -> int:
-        """Check a submit's data descriptor and take the job's cost from the budget of the
-        peer and of the host; its cost, or Refused."""
-        _check_data(msg.get("data") or {})
-        size = limits.cost(msg.fields)
-        why = self.budget.take(peer, size)
-        if why is not None:
-            raise policy.Refused("busy", f"{self.hostname}: {why}")
-        return size
 
     # --- jobs ----------------------------------------------------------------------------------
 
     def _act(self, actions: list) -> None:
-        """Carry out the scheduler's actions."""
+        """Carry out the scheduler's actions about jobs we still have (``actions``)."""
         for action in actions:
             job = self.jobs.get(action.job)
-            if job is None:
-                continue
-            if isinstance(action, Start):
-                job.slot = action.slot
-                self._start(job)
-            elif isinstance(action, Position) and job.state == JobState.QUEUED:
-                self._positions[job.key] = action.position   # told at the next heartbeat
-            elif isinstance(action, Position):
-                job.state = advance(job.state, "queued")
-                self.send(job.peer, protocol.encode("queued", job.id, position=action.position))
+            if job is not None:
+                self.actions[type(action)](job, action)
+
+    def _do_dispatch(self, job: Job, action: Dispatch) -> None:
+        """Start the job in the slot the scheduler gave it."""
+        job.slot = action.slot
+        self._start(job)
+
+    def _do_queued(self, job: Job, action: Queued) -> None:
+        """Tell the client its job's queue position: at once the first time, else at the next
+        heartbeat."""
+        if job.state == JobState.QUEUED:
+            self.positions.later(job.key, action.position)
+        else:
+            job.state = advance(job.state, "queued")
+            self.send(job.peer, protocol.encode("queued", job.id, position=action.position))
 
     def _flush_positions(self) -> None:
-        """Tell queued jobs their new positions: at most once a heartbeat (telling every
-        queued job each time one leaves the queue costs O(n^2) messages, which a client
-        submitting and cancelling could make us send)."""
-        positions, self._positions = self._positions, {}
-        for key, position in positions.items():
-            job = self.jobs.get(key)
-            if job is not None and job.state == JobState.QUEUED:
-                self.send(job.peer, protocol.encode("queued", job.id, position=position))
+        """Tell queued jobs their new positions (``router.Positions``)."""
+        self.positions.flush(self.send, lambda key: key in self.jobs
+                             and self.jobs[key].state == JobState.QUEUED)
 
     def _start(self, job: Job) -> None:
         """Attach the job's data (maybe later, when its mount is made), then spawn it."""
@@ -671,10 +588,11 @@ class Server:
         if data.get("mode") == "nfs":
             self.mounts.attach(data["server"], data["export"],
                                lambda result: self._attached(job, data, result))
-        elif job.scratch:
-            self._spawn(job, lambda: (job.scratch, job.scratch))
+        elif job.stage is not None:
+            self._spawn(job, lambda: (job.stage.dir, job.stage.dir))
         else:
-            self._spawn(job, lambda: (self._shared_cwd(job.spec), None))
+            self._spawn(job, lambda: (admission.shared_cwd(self.config, job.spec,
+                                                           self.hostname), None))
 
     def _attached(self, job: Job, data: dict, result) -> None:
         """The job's export is mounted (``result`` is its path) or could not be."""
@@ -686,7 +604,7 @@ class Server:
             self._fail(job, "attach", str(result))
             return
         job.mounted = (data["server"], data["export"])
-        self._spawn(job, lambda: (self._nfs_cwd(result, data), result))
+        self._spawn(job, lambda: (admission.nfs_cwd(result, data, self.hostname), result))
 
     def _spawn(self, job: Job, where) -> None:
         """Spawn the job's process in its slot in the directory ``where()`` gives, confined
@@ -708,28 +626,6 @@ class Server:
         self.send(job.peer, protocol.encode("started", job.id, host=self.hostname,
                                             pid=job.process.pid, window=protocol.WINDOW))
 
-    def _shared_cwd(self, spec: Message) -> str:
-        """The job's working directory in shared mode: the same path, or its path_map twin."""
-        cwd = policy.map_path(os.fsdecode(spec["cwd"]), self.config.path_map)
-        if not os.path.isdir(cwd):
-            raise policy.Refused("cwd", f"{cwd}: no such directory on {self.hostname}")
-        return cwd
-
-    def _nfs_cwd(self, mnt: str, data: dict) -> str:
-        """The job's working directory in its mounted export, after checking that the mount
-        is the caller's tree (the nonce file the VM wrote is there) and the cwd stays in it."""
-        nonce = str(data.get("nonce", ""))
-        if not nonce or "/" in nonce or not os.path.exists(os.path.join(mnt, ".offloadfs", nonce)):
-            raise policy.Refused("attach", f"{data['server']}:{data['export']} mounted on "
-                                           f"{self.hostname} is not the caller's tree (no nonce)")
-        cwd = policy.below(mnt, str(data.get("path", "")))
-        real = os.path.realpath(cwd)
-        if real != mnt and not real.startswith(mnt + "/"):
-            raise policy.Refused("cwd", f"{data.get('path')!r} leaves the export (symlink)")
-        if not os.path.isdir(cwd):
-            raise policy.Refused("cwd", f"{data.get('path')!r}: no such directory in the export")
-        return cwd
-
     def _env(self, spec: Message, slot: int) -> dict[bytes, bytes]:
         """The job's environment from the host's base, the pass list and the slot."""
         home, user = user_of(spec["uid"])
@@ -743,19 +639,19 @@ class Server:
             return None
         return spec["uid"], spec["gid"], spec["groups"]
 
-    def _job_ready(self, job: Job, role: str) -> None:
+    def _job_polled(self, job: Job, role: str) -> None:
         """One of the job's fds is ready."""
         proc = job.process
         if role in protocol.STREAMS and proc.is_open(role):
             self._pump_output(job, role)
         elif role == "stdin":
-            self._credit_back(job, proc.write_pending())
+            job.streams.written(proc)
         elif role == "leader":
             self._changed(job)
         elif role == "pid" and proc.reap():
             job.timings["run"] = proc.ended - proc.started
             job.state = advance(job.state, "exited")
-        self._maybe_finish(job)
+        self._maybe_exit(job)
 
     def _changed(self, job: Job) -> None:
         """Tell the client that its job stopped (it then stops itself, as at a terminal)."""
@@ -766,76 +662,40 @@ class Server:
                 self.send(job.peer, protocol.encode("stopped", job.id, signal=signum))
 
     def _pump_output(self, job: Job, name: str) -> None:
-        """Send what the job wrote on ``name``, within the client's credit; a job whose
-        output passes the host's limit is killed."""
-        data = job.process.read(name, min(protocol.CHUNK, job.credit))
-        if not data:
-            return
-        allowed = self._output_allowed(job, len(data))
-        if allowed:
-            job.credit -= allowed
-            self.send(job.peer, protocol.encode(name, job.id, data[:allowed]))
-        if allowed < len(data):
+        """Send what the job wrote on ``name`` (``JobStreams.pump``); a job whose output
+        passes the host's limit is killed."""
+        if not job.streams.pump(job.process, name):
             self._fail(job, "limit", f"the job's output passed the host's limit of "
                                      f"{show_size(self.config.limits['output'])}; it was killed")
 
-    def _output_allowed(self, job: Job, n: int) -> int:
-        """How many of ``n`` more output bytes the host's output limit lets through."""
-        limit = self.config.limits.get("output")
-        job.output += n
-        return n if limit is None else max(0, min(n, limit - (job.output - n)))
-
-    def _credit_back(self, job: Job, n: int) -> None:
-        """Give the client back stdin credit for bytes written to the job, in batches."""
-        job.stdin_held -= n
-        job.owed += n
-        if job.owed >= protocol.CREDIT_BATCH or (job.owed and not job.process.pending):
-            self.send(job.peer, protocol.encode("credit", job.id, n=job.owed))
-            job.owed = 0
-
-    def _maybe_finish(self, job: Job) -> None:
+    def _maybe_exit(self, job: Job) -> None:
         """When the process is reaped and its output drained (and, staging, its files sent
         back), send the exit status."""
         proc = job.process
         if proc is None or not proc.finished or job.key not in self.jobs:
             return
-        if job.scratch and not self._return_files(job):
+        if job.stage is not None and not job.streams.send_files(job.stage.outbox()):
             return
         job.timings["drain"] = time.monotonic() - proc.ended
         self.send(job.peer, protocol.encode(
             "exit", job.id, status=proc.status, signal=proc.term_signal, rusage=proc.rusage,
             timings=job.timings))
         log.info("%s exited %d in %.3fs", job.describe(), proc.status, job.timings["run"])
-        self._forget(job, proc.status)
-
-    def _return_files(self, job: Job) -> bool:
-        """-n: send the files the job created or changed, within credit; True when done."""
-        if job.outbox is None:
-            names = staging.changed(job.scratch, job.before or {}, job.spec["uid"])
-            job.outbox = staging.Outbox(job.scratch, names)
-        while job.credit > 0:
-            chunk = job.outbox.next_chunk(job.credit)
-            if chunk is None:
-                return True
-            name, mode, last, data = chunk
-            self.send(job.peer, protocol.encode("file", job.id, data, name=name, mode=mode,
-                                                last=last))
-            job.credit -= len(data)
-        return False
+        self._retire(job, proc.status)
 
     def _fail(self, job: Job, kind: str, text: str) -> None:
         """End a job with an error the client reports as exit 255 (saying whether it may have
         run: then it must never be run again, anywhere)."""
         log.info("%s failed: %s", job.describe(), text)
         self._job_error(job.peer, job.id, kind, text, job.spawned)
-        self._forget(job, None)
+        self._retire(job, None)
 
     def _drop(self, job: Job, why: str) -> None:
         """Kill a job whose client is gone or gave up."""
         log.info("%s killed: %s", job.describe(), why)
-        self._forget(job, None)
+        self._retire(job, None)
 
-    def _forget(self, job: Job, status: int | None) -> None:
+    def _retire(self, job: Job, status: int | None) -> None:
         """Remove a job (once), kill what is left of it, free its slot and mount, count it."""
         if self.jobs.pop(job.key, None) is None:
             return
@@ -844,12 +704,8 @@ class Server:
             job.process.kill()
         if job.mounted:
             self.mounts.release(*job.mounted)
-        if job.outbox is not None:
-            job.outbox.close()
-        if job.inbox is not None:
-            job.inbox.discard()
-        if job.scratch:
-            shutil.rmtree(job.scratch, ignore_errors=True)
+        if job.stage is not None:
+            job.stage.close()
         if status is None:
             self.failed += 1
         else:
@@ -911,10 +767,10 @@ class Server:
         has, then close it so that the exit goes out."""
         for job in list(self.jobs.values()):
             if job.process is not None and job.process.linger_over(now):
-                if job.credit > 0:
+                if job.streams.credit > 0:
                     self._pump_output(job, "tty")
                 job.process.close("tty")
-                self._maybe_finish(job)
+                self._maybe_exit(job)
 
     def _peer_gone(self, peer: bytes, why: str, now: float | None = None) -> None:
         """Kill every job of a vanished client; with ``now`` (silence, not a disconnect), a
@@ -948,9 +804,8 @@ class Server:
         for link in self.links.values():
             link.close()
         if self.sock is not None:
-            self.sock.close(linger=1000)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+            self.sock.close(linger=router.DAEMON_LINGER)
+        self.wakeup.close()
         if self._own_ctx:
             self.ctx.term()
         log.info("stopped")
@@ -961,59 +816,8 @@ SIGNALS = frozenset(signal.valid_signals())   # a signal a client may send its j
 
 def _child_changed(signum, frame) -> None:
     """SIGCHLD: nothing to do here; the wake-up fd makes the loop look at its jobs."""
-_SERVER = re.compile(r"[A-Za-z0-9_.%\[:][A-Za-z0-9_.%\[\]:-]*:[0-9]{1,5}")   # host:port, no "-o"
-
-
-def _check_data(data: dict) -> None:
-    """Refuse a submit's data descriptor of an unknown mode or with a field of the wrong type
-    (the mount of an nfs job gets its server and export as arguments)."""
-    mode, n = data.get("mode"), data.get("bytes", 0)
-    if mode == "stage":
-        ok = type(n) is int and 0 <= n <= limits.MAX_STAGE_BYTES
-    elif mode == "nfs":
-        server, export = data.get("server"), data.get("export")
-        ok = isinstance(server, str) and bool(_SERVER.fullmatch(server)) and \
-            isinstance(export, str) and export.startswith("/") and \
-            all(isinstance(data.get(k, ""), str) for k in ("path", "nonce"))
-    else:
-        ok = mode is None
-    if not ok:
-        raise policy.Refused("field", f"bad data descriptor {repr(data)[:80]}")
-
-
 def _summary(job: Job, status: int | None) -> dict:
     """A job as ``status`` reports it."""
     return {"job": job.id, "command": os.fsdecode(job.spec["argv"][0])[:255],
             "status": -1 if status is None else status, "uid": job.spec["uid"],
             **{k: round(v, 6) for k, v in job.timings.items()}}
-
-
-def _scratch(parent: str, uid: int, gid: int) -> str:
-    """A fresh 0700 directory for a staged job, owned by its caller."""
-    os.makedirs(parent, mode=0o711, exist_ok=True)
-    path = tempfile.mkdtemp(prefix="job-", dir=parent)
-    os.chown(path, uid, gid)
-    return path
-
-
-def recv_routed(sock: zmq.Socket, keyed: bool) -> tuple[list, str | None]:
-    """One message waiting on a ROUTER (else zmq.Again): the peer's id as bytes, then its
-    frames uncopied (a stream chunk is read where ZeroMQ put it), and with CURVE (``keyed``)
-    the sender's key, which the ZAP handler put on each frame."""
-    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-    key = frames[1].get("User-Id") if keyed and len(frames) > 1 else None
-    return [frames[0].bytes, *frames[1:]], key
-
-
-def _wildcard_port(endpoint: str) -> str:
-    """tcp://ADDR:0 means any free port, which ZeroMQ spells tcp://ADDR:*."""
-    return endpoint[:-2] + ":*" if endpoint.startswith("tcp://") and endpoint.endswith(":0") else endpoint
-
-
-def _drain_pipe(fd: int) -> None:
-    """Empty the wake-up pipe."""
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass

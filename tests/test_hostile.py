@@ -482,7 +482,7 @@ def test_tables_stay_bounded_under_a_flood_of_routing_ids(server, sent):
     for i in range(10_000):
         server._received([b"fresh-%d" % i, b"\xc1"])
     assert len(server.peers) <= limits.MAX_PEERS
-    assert len(server.replies.peers) <= limits.MAX_PEERS
+    assert len(server.peer_gate.replies.peers) <= limits.MAX_PEERS
     assert len(sent) <= limits.REPLY_TOTAL_BURST + 10 * limits.REPLY_TOTAL_RATE
     dropped = server.metrics.registry.get_sample_value("offload_daemon_replies_dropped_total")
     assert dropped >= 10_000 - len(sent)

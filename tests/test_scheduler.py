@@ -5,22 +5,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offloadd.scheduler import Position, Scheduler, Start
+from offloadd.scheduler import Queued, Scheduler, Dispatch
 
 
 def test_starts_immediately_when_a_slot_is_free():
     """A job submitted to an idle scheduler starts in slot 0, with no position report."""
     s = Scheduler(2)
-    assert s.submit("a") == [Start("a", 0)]
+    assert s.submit("a") == [Dispatch("a", 0)]
     assert s.busy == 1
 
 
 def test_slots_respected():
     """No more than ``slots`` jobs run; the next one is queued at position 1."""
     s = Scheduler(2)
-    assert s.submit("a") == [Start("a", 0)]
-    assert s.submit("b") == [Start("b", 1)]
-    assert s.submit("c") == [Position("c", 1)]
+    assert s.submit("a") == [Dispatch("a", 0)]
+    assert s.submit("b") == [Dispatch("b", 1)]
+    assert s.submit("c") == [Queued("c", 1)]
     assert s.busy == 2
     assert list(s.queue) == ["c"]
 
@@ -29,9 +29,9 @@ def test_positions_reported_after_submit():
     """Each queued job learns its own position, counting from 1, in arrival order."""
     s = Scheduler(1)
     s.submit("a")
-    assert s.submit("b") == [Position("b", 1)]
-    assert s.submit("c") == [Position("c", 2)]
-    assert s.submit("d") == [Position("d", 3)]
+    assert s.submit("b") == [Queued("b", 1)]
+    assert s.submit("c") == [Queued("c", 2)]
+    assert s.submit("d") == [Queued("d", 3)]
 
 
 def test_fifo_order_and_positions_after_finish():
@@ -39,10 +39,10 @@ def test_fifo_order_and_positions_after_finish():
     s = Scheduler(1)
     for job in "abcd":
         s.submit(job)
-    assert s.finish("a") == [Start("b", 0), Position("c", 1), Position("d", 2)]
-    assert s.finish("b") == [Start("c", 0), Position("d", 1)]
-    assert s.finish("c") == [Start("d", 0)]
-    assert s.finish("d") == []
+    assert s.slot_freed("a") == [Dispatch("b", 0), Queued("c", 1), Queued("d", 2)]
+    assert s.slot_freed("b") == [Dispatch("c", 0), Queued("d", 1)]
+    assert s.slot_freed("c") == [Dispatch("d", 0)]
+    assert s.slot_freed("d") == []
     assert s.busy == 0 and not s.queue
 
 
@@ -51,8 +51,8 @@ def test_finish_with_several_slots_starts_one():
     s = Scheduler(2)
     for job in "abcde":
         s.submit(job)
-    actions = s.finish("b")
-    assert actions == [Start("c", 1), Position("d", 1), Position("e", 2)]
+    actions = s.slot_freed("b")
+    assert actions == [Dispatch("c", 1), Queued("d", 1), Queued("e", 2)]
     assert s.busy == 2
 
 
@@ -61,7 +61,7 @@ def test_finish_unknown_job_changes_nothing():
     s = Scheduler(1)
     s.submit("a")
     s.submit("b")
-    assert s.finish("zzz") == []
+    assert s.slot_freed("zzz") == []
     assert s.running == {"a": 0} and list(s.queue) == ["b"]
 
 
@@ -70,10 +70,10 @@ def test_cancel_queued_job():
     s = Scheduler(1)
     for job in "abcd":
         s.submit(job)
-    assert s.cancel("c") == [Position("b", 1), Position("d", 2)]
+    assert s.cancel("c") == [Queued("b", 1), Queued("d", 2)]
     assert s.busy == 1
-    assert s.finish("a") == [Start("b", 0), Position("d", 1)]
-    assert s.finish("b") == [Start("d", 0)]
+    assert s.slot_freed("a") == [Dispatch("b", 0), Queued("d", 1)]
+    assert s.slot_freed("b") == [Dispatch("d", 0)]
 
 
 def test_cancel_head_of_queue():
@@ -81,7 +81,7 @@ def test_cancel_head_of_queue():
     s = Scheduler(1)
     for job in "abc":
         s.submit(job)
-    assert s.cancel("b") == [Position("c", 1)]
+    assert s.cancel("b") == [Queued("c", 1)]
 
 
 def test_cancel_last_queued_job():
@@ -98,7 +98,7 @@ def test_cancel_running_job_starts_next():
     s = Scheduler(1)
     for job in "abc":
         s.submit(job)
-    assert s.cancel("a") == [Start("b", 0), Position("c", 1)]
+    assert s.cancel("a") == [Dispatch("b", 0), Queued("c", 1)]
     assert "a" not in s.running
 
 
@@ -118,7 +118,7 @@ def test_slot_of_finished_job_goes_to_next():
     s = Scheduler(3)
     assert [s.submit(j)[0].slot for j in "abc"] == [0, 1, 2]
     s.submit("d")
-    assert s.finish("b")[0] == Start("d", 1)
+    assert s.slot_freed("b")[0] == Dispatch("d", 1)
     assert s.running == {"a": 0, "c": 2, "d": 1}
 
 
@@ -127,10 +127,10 @@ def test_lowest_free_slot_is_used():
     s = Scheduler(3)
     for job in "abc":
         s.submit(job)
-    s.finish("c")
-    s.finish("a")
-    assert s.submit("d") == [Start("d", 0)]
-    assert s.submit("e") == [Start("e", 2)]
+    s.slot_freed("c")
+    s.slot_freed("a")
+    assert s.submit("d") == [Dispatch("d", 0)]
+    assert s.submit("e") == [Dispatch("e", 2)]
 
 
 def test_cancelled_running_slot_reused():
@@ -139,7 +139,7 @@ def test_cancelled_running_slot_reused():
     s.submit("a")
     s.submit("b")
     s.cancel("a")
-    assert s.submit("c") == [Start("c", 0)]
+    assert s.submit("c") == [Dispatch("c", 0)]
 
 
 def test_duplicate_submit_raises():
@@ -158,15 +158,15 @@ def test_resubmit_after_finish_is_allowed():
     """Once a job finished, its id may be used again."""
     s = Scheduler(1)
     s.submit("a")
-    s.finish("a")
-    assert s.submit("a") == [Start("a", 0)]
+    s.slot_freed("a")
+    assert s.submit("a") == [Dispatch("a", 0)]
 
 
 def test_tuple_keys():
     """Any hashable key works, such as the server's (peer, job id) pairs."""
     s = Scheduler(1)
-    assert s.submit((b"peer1", "1")) == [Start((b"peer1", "1"), 0)]
-    assert s.submit((b"peer2", "1")) == [Position((b"peer2", "1"), 1)]
+    assert s.submit((b"peer1", "1")) == [Dispatch((b"peer1", "1"), 0)]
+    assert s.submit((b"peer2", "1")) == [Queued((b"peer2", "1"), 1)]
 
 
 @pytest.mark.parametrize("slots", [0, -1, -100])
@@ -196,15 +196,15 @@ def test_invariants_under_random_operations(slots, ops):
             actions = s.submit(job)
             queue.append(job)
         elif op == "finish":
-            actions = s.finish(job)
+            actions = s.slot_freed(job)
             running.pop(job, None)
         else:
             actions = s.cancel(job)
             running.pop(job, None)
             if job in queue:
                 queue.remove(job)
-        starts = [a for a in actions if isinstance(a, Start)]
-        positions = [a for a in actions if isinstance(a, Position)]
+        starts = [a for a in actions if isinstance(a, Dispatch)]
+        positions = [a for a in actions if isinstance(a, Queued)]
         assert actions == starts + positions          # starts come first
         expected_started = queue[:max(0, slots - len(running))]
         assert [a.job for a in starts] == expected_started

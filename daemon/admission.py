@@ -1,0 +1,104 @@
+"""Whether this host takes a client's submit, and where its job runs: plain functions, no
+sockets.
+
+The server's loop thread calls :func:`check` and :func:`admit` for each submit (either raises
+``policy.Refused``, whose kind goes into the ``error`` reply), and :func:`shared_cwd` or
+:func:`nfs_cwd` when the job is about to be spawned. The rules themselves (the allowlist, the
+caller's identity, a VM's claim, paths) are ``policy``'s; this module applies them to one
+message with this host's configuration. They look at the host's file system (the command's
+path, the working directory, the nonce in a mounted export), nothing else.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from offloadfs import keys, mountinfo
+from offloadfs.protocol import Message
+
+from . import limits, policy
+from .config import ServeConfig
+
+_SERVER = re.compile(r"[A-Za-z0-9_.%\[:][A-Za-z0-9_.%\[\]:-]*:[0-9]{1,5}")   # host:port, no "-o"
+
+
+def check(config: ServeConfig, msg: Message, allow: policy.Allowlist, ring: keys.Keyring | None,
+          vm_key: str | None, hostname: str) -> str:
+    """Apply the host's policy to a submit; the command's path, or Refused. With keys
+    (``ring``), ``vm_key`` is the VM's key: its CURVE key, or the one its broker vouches for."""
+    path = allow.resolve(msg["argv"][0])
+    policy.check_identity(msg["uid"], msg["gid"], config.allow_root, os.getuid(),
+                          msg["groups"])
+    if ring is not None:
+        check_vm(config, msg, ring, vm_key, hostname)
+    if mountinfo.resolves_into_offloadfs(path):
+        raise policy.Refused("loop", f"{path} lies in an offloadfs mount on {hostname}; "
+                                     f"running it would offload again")
+    return path
+
+
+def check_vm(config: ServeConfig, msg: Message, ring: keys.Keyring, vm_key: str | None,
+             hostname: str) -> None:
+    """With keys: the VM behind the submit (``vm_key``) must still be authorized, and may
+    claim only what its rule allows."""
+    vm = ring.name_of(vm_key)
+    if vm is None:
+        raise policy.Refused("unauthorized", f"this VM's key is not (or no longer) "
+                                             f"authorized on {hostname}")
+    data = msg.get("data") or {}
+    export = f"{data.get('server')}:{data.get('export')}" if data.get("mode") == "nfs" \
+        else None
+    policy.check_claim(vm, config.security.vms.get(vm), msg["uid"], msg["gid"],
+                       msg["groups"], export)
+
+
+def admit(budget: limits.Budget, peer: bytes, msg: Message, hostname: str) -> int:
+    """Check a submit's data descriptor and take the job's cost from the budget of the peer
+    and of the host; its cost, or Refused."""
+    check_data(msg.get("data") or {})
+    size = limits.cost(msg.fields)
+    why = budget.take(peer, size)
+    if why is not None:
+        raise policy.Refused("busy", f"{hostname}: {why}")
+    return size
+
+
+def check_data(data: dict) -> None:
+    """Refuse a submit's data descriptor of an unknown mode or with a field of the wrong type
+    (the mount of an nfs job gets its server and export as arguments)."""
+    mode, n = data.get("mode"), data.get("bytes", 0)
+    if mode == "stage":
+        ok = type(n) is int and 0 <= n <= limits.MAX_STAGE_BYTES
+    elif mode == "nfs":
+        server, export = data.get("server"), data.get("export")
+        ok = isinstance(server, str) and bool(_SERVER.fullmatch(server)) and \
+            isinstance(export, str) and export.startswith("/") and \
+            all(isinstance(data.get(k, ""), str) for k in ("path", "nonce"))
+    else:
+        ok = mode is None
+    if not ok:
+        raise policy.Refused("field", f"bad data descriptor {repr(data)[:80]}")
+
+
+def shared_cwd(config: ServeConfig, spec: Message, hostname: str) -> str:
+    """The job's working directory in shared mode: the same path, or its path_map twin."""
+    cwd = policy.map_path(os.fsdecode(spec["cwd"]), config.path_map)
+    if not os.path.isdir(cwd):
+        raise policy.Refused("cwd", f"{cwd}: no such directory on {hostname}")
+    return cwd
+
+
+def nfs_cwd(mnt: str, data: dict, hostname: str) -> str:
+    """The job's working directory in its mounted export, after checking that the mount
+    is the caller's tree (the nonce file the VM wrote is there) and the cwd stays in it."""
+    nonce = str(data.get("nonce", ""))
+    if not nonce or "/" in nonce or not os.path.exists(os.path.join(mnt, ".offloadfs", nonce)):
+        raise policy.Refused("attach", f"{data['server']}:{data['export']} mounted on "
+                                       f"{hostname} is not the caller's tree (no nonce)")
+    cwd = policy.below(mnt, str(data.get("path", "")))
+    real = os.path.realpath(cwd)
+    if real != mnt and not real.startswith(mnt + "/"):
+        raise policy.Refused("cwd", f"{data.get('path')!r} leaves the export (symlink)")
+    if not os.path.isdir(cwd):
+        raise policy.Refused("cwd", f"{data.get('path')!r}: no such directory in the export")
+    return cwd
