@@ -11,15 +11,13 @@ path, the working directory, the nonce in a mounted export), nothing else.
 from __future__ import annotations
 
 import os
-import re
 
-from offloadfs import keys, mountinfo
-from offloadfs.protocol import Message
+from offloadfs import keys, mountinfo, protocol
+from offloadfs.protocol import Message, ProtocolError
 
 from . import limits, policy
 from .config import ServeConfig
 
-_SERVER = re.compile(r"[A-Za-z0-9_.%\[:][A-Za-z0-9_.%\[\]:-]*:[0-9]{1,5}")   # host:port, no "-o"
 
 
 def check(config: ServeConfig, msg: Message, allow: policy.Allowlist, ring: keys.Keyring | None,
@@ -64,20 +62,12 @@ def admit(budget: limits.Budget, peer: bytes, msg: Message, hostname: str) -> in
 
 
 def check_data(data: dict) -> None:
-    """Refuse a submit's data descriptor of an unknown mode or with a field of the wrong type
-    (the mount of an nfs job gets its server and export as arguments)."""
-    mode, n = data.get("mode"), data.get("bytes", 0)
-    if mode == "stage":
-        ok = type(n) is int and 0 <= n <= limits.MAX_STAGE_BYTES
-    elif mode == "nfs":
-        server, export = data.get("server"), data.get("export")
-        ok = isinstance(server, str) and bool(_SERVER.fullmatch(server)) and \
-            isinstance(export, str) and export.startswith("/") and \
-            all(isinstance(data.get(k, ""), str) for k in ("path", "nonce"))
-    else:
-        ok = mode is None
-    if not ok:
-        raise policy.Refused("field", f"bad data descriptor {repr(data)[:80]}")
+    """Refuse a submit's data descriptor that breaks the protocol's schema
+    (:func:`offloadfs.protocol.check_data`): a refusal before any spawn."""
+    try:
+        protocol.check_data(data)
+    except ProtocolError as exc:
+        raise policy.Refused(exc.kind, str(exc)) from None
 
 
 def shared_cwd(config: ServeConfig, spec: Message, hostname: str) -> str:

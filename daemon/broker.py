@@ -82,10 +82,7 @@ class Broker:
         self.wakeup = router.Wakeup()
         self.metrics = Metrics("broker")
         self.peer_gate = router.PeerGate(self.metrics.dropped.inc)
-        self.from_clients = {"hello": self._answer, "status": self._answer, "ping": self._on_ping,
-                             "submit": self._submit, "cancel": self._on_cancel,
-                             **dict.fromkeys(PASS_THROUGH, self._pass_to_host)}
-        self.from_hosts = {"ready": self._host_ready}   # any other kind: _host_news
+        self.from_clients, self.from_hosts = self._handlers()
         self.actions = {rules_mod.Dispatch: self._do_dispatch, rules_mod.Queued: self._do_queued,
                         rules_mod.HostLost: self._do_host_lost, rules_mod.NoHost: self._do_no_host,
                         rules_mod.Cancel: self._do_cancel, rules_mod.Forget: self._do_forget,
@@ -274,6 +271,14 @@ class Broker:
     def _from_host(self, host: bytes, msg: Message) -> None:
         """A host's message: ready, ping, or news of a job (passed on to its client)."""
         self.from_hosts.get(msg.kind, self._host_news)(host, msg, time.monotonic())
+
+    def _handlers(self) -> tuple[dict, dict]:
+        """The handler of each kind of message from a client (any other is refused), and from
+        a host (any other kind: :meth:`_host_news`)."""
+        from_clients = {"hello": self._answer, "status": self._answer, "ping": self._on_ping,
+                        "submit": self._submit, "cancel": self._on_cancel,
+                        **dict.fromkeys(PASS_THROUGH, self._pass_to_host)}
+        return from_clients, {"ready": self._host_ready}
 
     def _host_news(self, host: bytes, msg: Message, now: float) -> None:
         """Any message but ``ready`` from a host: it lives; news of a job goes to its client."""

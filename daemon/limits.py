@@ -13,6 +13,8 @@ import collections
 import time
 from typing import Any, Callable, Hashable
 
+from offloadfs import protocol
+
 # The numbers (docs/decisions.md, "Wire and liveness").
 REPLY_RATE, REPLY_BURST = 10.0, 50                 # replies to one peer: per second, at once
 REPLY_TOTAL_RATE, REPLY_TOTAL_BURST = 200.0, 400   # error replies to all peers together
@@ -22,7 +24,7 @@ PEER_JOBS, PEER_BYTES = 256, 64 * 2**20            # one client's live jobs, the
 TOTAL_JOBS, TOTAL_BYTES = 4096, 256 * 2**20        # all clients' together
 STDIN_SLACK = 64            # memory a queued stdin chunk takes beyond its bytes
 STAGE_OPEN = 8              # staged input files open at once per job (a client sends one)
-MAX_STAGE_BYTES = 2**40     # a staged job's announced input
+MAX_STAGE_BYTES = protocol.MAX_STAGE_BYTES   # a staged job's announced input
 
 
 class _Bucket:

@@ -77,20 +77,24 @@ def test_every_role_sends_and_receives():
 
 
 def test_daemon_handler_table():
-    """offloadd serve's ``_on_*`` handlers are exactly the kinds a host receives."""
+    """offloadd serve's handler table takes exactly the kinds a host receives."""
     from offloadd.server import Server
-    handled = {n[4:].replace("_", "-") for n in dir(Server) if n.startswith("_on_")}
-    if not handled:
-        pytest.skip("the server dispatches otherwise now")
+    handled = Server._handlers(Server.__new__(Server))   # the table, without sockets
     assert protocol.dispatch_check(HOST, handled) == (frozenset(), frozenset())
 
 
-def test_broker_tables():
-    """The broker relays to hosts what a client sends about a running job (PASS_THROUGH):
-    what it receives from clients, less what it answers itself."""
-    broker = pytest.importorskip("offloadd.broker")
-    if not hasattr(broker, "PASS_THROUGH"):
-        pytest.skip("the broker has no PASS_THROUGH any more")
+def test_broker_handler_tables():
+    """The broker's table for clients takes exactly what a client sends it; for hosts, every
+    kind it names is one a host sends (the rest is news of a job, relayed to its client)."""
+    from offloadd.broker import Broker
+    from_clients, from_hosts = Broker._handlers(Broker.__new__(Broker))
+    assert protocol.dispatch_check(BROKER, from_clients, CLIENT) == (frozenset(), frozenset())
+    assert protocol.dispatch_check(BROKER, from_hosts, HOST)[1] == frozenset()
+
+
+def test_broker_relays_what_a_client_sends_about_a_running_job():
+    """PASS_THROUGH: what the broker receives from clients, less what it answers itself."""
+    from offloadd import broker
     own = {"hello", "status", "ping", "submit", "cancel"}
     assert broker.PASS_THROUGH == protocol.accepted_by(BROKER, CLIENT) - own
     assert broker.PASS_THROUGH <= protocol.sent_by(BROKER, HOST)
