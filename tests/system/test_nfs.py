@@ -12,7 +12,7 @@ import zmq
 
 from offloadfs import protocol
 
-from .conftest import free_port, test_user, CONVERT, OFFLD, alive, wait_for
+from ..conftest import free_port, test_user, CONVERT, OFFLD, alive, wait_for
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/ganesha.nfsd"),
                                 reason="nfs-ganesha is not installed (make install)")

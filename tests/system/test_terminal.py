@@ -24,7 +24,7 @@ import pytest
 
 from offloadfs import protocol, terminal
 
-from .conftest import BIN, OFFLD, fuse_mounts, wait_for
+from ..conftest import BIN, OFFLD, fuse_mounts, wait_for
 from .test_broker import Broker
 from .test_security import Keys
 

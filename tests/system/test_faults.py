@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DATA, OFFLD, free_port, wait_for
+from ..conftest import DATA, OFFLD, free_port, wait_for
 from .test_broker import Broker
 
 FAKE_COMMANDS = ("q_after_s", "exit_nostart", "overcredit", "unknown_kind", "double_exit",

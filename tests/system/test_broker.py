@@ -14,7 +14,7 @@ import zmq
 
 from offloadfs import protocol
 
-from .conftest import OFFLD, OFFLOADD, wait_for
+from ..conftest import OFFLD, OFFLOADD, wait_for
 
 
 class Broker:
@@ -270,7 +270,7 @@ def test_one_host_serves_two_brokers(start_broker, start_daemon, work):
 
 def test_a_vanished_client_has_its_job_killed_on_the_host(cluster, work):
     """kill -9 of offld mid-job through the broker: the host kills the job."""
-    from .conftest import alive
+    from ..conftest import alive
     broker, _ = cluster
     proc = subprocess.Popen([OFFLD, "-L", f"127.0.0.1:{broker.client_port}", "--", "sh", "-c",
                              "echo $$ > pid; exec sleep 60"], cwd=work)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from .conftest import free_port, test_user, CONVERT, DATA, OFFLOADFS, alive, fuse_mounts, wait_for
+from ..conftest import free_port, test_user, CONVERT, DATA, OFFLOADFS, alive, fuse_mounts, wait_for
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from offloadfs import staging
 
-from .conftest import CONVERT, OFFLD
+from ..conftest import CONVERT, OFFLD
 
 
 @pytest.fixture
