@@ -14,7 +14,7 @@ import zmq
 
 from offloadfs import protocol
 
-from ..conftest import free_port, CONVERT, DATA, OFFLD, alive, offld, offld_argv, wait_for
+from ..harness import free_port, CONVERT, DATA, OFFLD, alive, offld, offld_argv, wait_for
 
 
 def local(*command: str, cwd, **kw) -> subprocess.CompletedProcess:

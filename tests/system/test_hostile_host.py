@@ -56,7 +56,7 @@ from offloadfs.jobrun import FROM_HOST, JobRun, JobSpec, Timing
 from offloadfs.protocol import CHUNK, MAX_HEADER, MAX_PAYLOAD, WINDOW, ProtocolError
 from offloadfs.registry import Stats
 
-from ..conftest import OFFLD, wait_for
+from ..harness import OFFLD, wait_for
 from ..unit.test_protocol import EXAMPLES, VALUES
 
 JOB = "\x00JOB"           # stands for the job's id (random, the client's) until a message is sent
