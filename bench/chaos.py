@@ -63,15 +63,13 @@ import threading
 import time
 from pathlib import Path
 
+from tests.harness import BROKER_UP, START_DEADLINE, descendants, mounted
+
 from .common import (
-    BROKER_UP,
-    START_DEADLINE,
     XATTR_POLICY,
     BenchError,
-    descendants,
     machine_info,
     md_table,
-    mounted,
     percentile,
     print_table,
     publish,
@@ -261,13 +259,13 @@ class Chaos:
                 raise BenchError(f"the broker did not start again on ports {self.cport}, "
                                  f"{self.wport}:\n{tail(self.broker_log)}")
             time.sleep(0.2)
-        self.cport, self.wport = (int(found.group(i).decode().rsplit(":", 1)[1]) for i in (1, 2))
+        self.cport, self.wport = (int(found.group(i).rsplit(":", 1)[1]) for i in (1, 2))
 
     def _wait_broker(self) -> re.Match | None:
         """The broker's "clients on" line, or None if it exited (a port still taken)."""
         end = time.monotonic() + START_DEADLINE
         while time.monotonic() < end:
-            if found := BROKER_UP.search(self.broker_log.read_bytes()):
+            if found := BROKER_UP.search(self.broker_log.read_text(errors="replace")):
                 return found
             if self.broker.poll() is not None:
                 return None

@@ -42,18 +42,19 @@ import multiprocessing.connection
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
 import zmq
 
 from offloadfs import environ, protocol
+from tests.harness import Broker
 
 from .common import (
     PROJECT,
     RESULTS,
     BenchError,
-    BrokerProc,
     broker,
     cpu_seconds,
     host,
@@ -69,7 +70,6 @@ from .common import (
     summarize_profile,
     summary,
     system_cpu,
-    wait_hosts,
 )
 
 NAME = "cluster"
@@ -171,6 +171,15 @@ def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     return sock
 
 
+def inbox(sock: zmq.Socket) -> Iterator[list[bytes]]:
+    """The messages ``sock`` holds now, each as its frames, without blocking."""
+    while True:
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
 def hello_all(socks: list[zmq.Socket], deadline: float) -> None:
     """Say hello on every socket and wait for every welcome."""
     poller = zmq.Poller()
@@ -181,11 +190,7 @@ def hello_all(socks: list[zmq.Socket], deadline: float) -> None:
     end = time.monotonic() + deadline
     while waiting and time.monotonic() < end:
         for sock, _ in poller.poll(100):
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            for frames in inbox(sock):
                 if unpack(frames[0]).get("t") == "welcome":
                     waiting.discard(sock)
     if waiting:
@@ -317,11 +322,7 @@ def serve_fakes(socks: list[zmq.Socket], router, names: dict, ready: dict, conn)
         for sock in events:
             if not isinstance(sock, zmq.Socket):
                 continue
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            for frames in inbox(sock):
                 route, frame = (frames[:1], frames[1]) if sock is router else ([], frames[0])
                 header = unpack(frame)
                 kind = header.get("t")
@@ -387,13 +388,13 @@ def cluster(kind: str, hosts: int, slots: int, wide_slots: int):
             farm_pid, _ = stack.enter_context(fake_farm(
                 b.workers, hosts, wide_slots if kind == "fake-wide" else slots))
             pids["hosts"] = [farm_pid]
-        wait_hosts(b, hosts)
+        b.wait_hosts(hosts)
         yield b, pids
 
 
 # --- 1. throughput --------------------------------------------------------------------------
 
-def throughput_case(b: BrokerProc, pids: dict, clients: int, procs: int, fields: dict,
+def throughput_case(b: Broker, pids: dict, clients: int, procs: int, fields: dict,
                     window: float, warmup: float, profile_to: Path | None) -> dict:
     """One case: ``clients`` closed-loop clients over ``procs`` load processes for ``window``
     seconds after ``warmup``; jobs/s, latency, CPU of each role and of the machine."""
@@ -523,7 +524,7 @@ def keep_best(best: dict, row: dict) -> None:
     best[key] = {**winner, **profile, "rounds_jobs_per_s": seen}
 
 
-def one_case(b: BrokerProc, pids: dict, kind: str, hosts: int, clients: int, opts,
+def one_case(b: Broker, pids: dict, kind: str, hosts: int, clients: int, opts,
              fields: dict, window: float, warmup: float, profile_to: Path | None) -> dict:
     """One measured case as a row of the table."""
     procs = max(1, min(opts.load_procs, clients))
@@ -550,7 +551,7 @@ def broker_hop(runs: int, fields: dict, fake_fields: dict) -> dict:
                                         "--name", "hop", listen=True))
         _, fake_direct = stack.enter_context(fake_farm(b.workers, 1, 1, FAKE_COMMAND,
                                                        direct=True))
-        wait_hosts(b, 2)
+        b.wait_hosts(2)
         ctx = zmq.Context()
         stack.callback(ctx.term)
         paths = {"direct": (f"tcp://{real.host}", fields),
@@ -581,11 +582,7 @@ def one_job(sock: zmq.Socket, job: str, fields: dict) -> float:
     while time.monotonic() < end:
         if not poller.poll(100):
             continue
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for frames in inbox(sock):
             header = unpack(frames[0])
             if header.get("t") == "error":
                 raise BenchError(f"job {job}: {header.get('kind')}: {header.get('text')}")
@@ -605,7 +602,7 @@ def gpu_queue(clients: int, seconds: float) -> list[dict]:
         b = stack.enter_context(broker())
         stack.enter_context(host(GPU_COMMANDS, b.workers, "--slots", "1", "--tag", "gpu",
                                  "--name", "gpu1"))
-        wait_hosts(b, 1)
+        b.wait_hosts(1)
         ctx = zmq.Context()
         stack.callback(ctx.term)
         socks, records = [], []
@@ -634,11 +631,7 @@ def drive_gpu_clients(socks: list, records: list[dict], fields: dict, t0: float,
     while open_jobs and time.monotonic() < end:
         for sock, _ in poller.poll(50):
             r = records[index[sock]]
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            for frames in inbox(sock):
                 now = time.monotonic() - t0
                 header = unpack(frames[0])
                 kind = header.get("t")

@@ -9,7 +9,9 @@ shims (``offloadfs mount -f``) on a temporary mount point; ``broker`` starts a t
 ``system_cpu`` read what processes and the machine spent. What offloadfs is compared with runs
 from here too: ``sshd`` (Debian's openssh-server on an ephemeral loopback port, its own config
 and keys), ``distccd`` (likewise), and ``cpu_quota`` (a cgroup capping a "VM" to a share of one
-CPU). Every one of them is stopped, unmounted or removed on the way out, even on error.
+CPU). Every one of them is stopped, unmounted or removed on the way out, even on error. The
+processes are tests/harness.py's (the tests start theirs the same way); its HarnessError is
+our BenchError.
 """
 from __future__ import annotations
 
@@ -24,31 +26,24 @@ import platform
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from offloadfs import mountinfo
+from tests import harness
+from tests.harness import START_DEADLINE, HarnessError, accepts, end_tree, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROJECT = RESULTS.parent.parent
-LISTENING = re.compile(rb"listening on tcp://[^\s:]+:(\d+)")
-BROKER_UP = re.compile(rb"clients on (tcp://\S+), hosts on (tcp://\S+)")
-HOST_READY = b" ready: "   # the broker's log line for each host that announced itself
 PROFILE = re.compile(r"offld: profile on \S+: (.*)$", re.MULTILINE)
 STAGE = re.compile(r"(\w+) ([0-9.]+) ms")
-START_DEADLINE = 20.0
 STOP_DEADLINE = 5.0
-UNMOUNT_DEADLINE = 20.0   # the mount's agent may take up to 10 s to close its connections
 XATTR_POLICY, XATTR_STATS = "user.offload.policy", "user.offload.stats"
 
-
-class BenchError(Exception):
-    """A benchmark cannot go on; the text is one line (or a line and a log tail) for the user."""
+BenchError = HarnessError   # a benchmark cannot go on: one line (and maybe a log tail) to say
 
 
 # --- tools ----------------------------------------------------------------------------------
@@ -61,124 +56,57 @@ def tool(name: str) -> str:
     return str(path)
 
 
-# --- the daemon -----------------------------------------------------------------------------
+def warn(text: str) -> None:
+    """A problem stopping something, said on stderr (the benchmark goes on)."""
+    print(f"bench: {text}", file=sys.stderr)
 
-@dataclasses.dataclass
-class Daemon:
-    """A running ``offloadd serve``: where clients reach it and where it logs."""
 
-    host: str
-    log: Path
-    tmp: Path
-    proc: subprocess.Popen
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A temp dir for throw-away processes (removed on the way out), once this venv is known
+    to have offloadd and offloadfs."""
+    tool("offloadd")
+    tool("offloadfs")
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp).resolve()
+
+
+# --- the daemon, a broker and its hosts -----------------------------------------------------
+
+class Daemon(harness.Daemon):
+    """A throw-away ``offloadd serve`` of :func:`daemon` or :func:`host`: benchmarks reach it
+    at ``host`` ("" if it does not listen) with :meth:`client_env`."""
+
+    @property
+    def host(self) -> str:
+        """127.0.0.1:PORT, or "" for a host that only connects to a broker."""
+        return self.hostport
 
     def client_env(self) -> dict[str, str]:
         """The environment for clients: the job log goes to the daemon's temp dir, not ~."""
-        return {**os.environ, "XDG_STATE_HOME": str(self.tmp / "state")}
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of the daemon's log, for error messages."""
-        text = self.log.read_text(errors="replace").splitlines()[-lines:]
-        return "\n".join("  " + line for line in text)
+        return {**os.environ, "XDG_STATE_HOME": str(self.workdir / "state")}
 
 
 @contextlib.contextmanager
 def daemon(commands: dict[str, str], *flags: str) -> Iterator[Daemon]:
     """``offloadd serve`` on an ephemeral loopback port allowing ``commands``; always stopped."""
-    with tempfile.TemporaryDirectory(prefix="offloadfs-bench-") as tmp:
-        log = Path(tmp) / "offloadd.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(serve_argv(commands, flags), stdout=out, stderr=out,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+    with scratch("offloadfs-bench-") as tmp:
+        d = Daemon(tmp, *flags, commands=commands, allow_root=os.geteuid() == 0)
         try:
-            port = wait_listening(proc, log, START_DEADLINE)
-            yield Daemon(f"127.0.0.1:{port}", log, Path(tmp), proc)
+            yield d
         finally:
-            stop(proc)
-
-
-def serve_argv(commands: dict[str, str], flags: Sequence[str]) -> list[str]:
-    """The command line of a loopback daemon (``--allow-root`` when we are root)."""
-    argv = [tool("offloadd"), "serve", "--listen", "tcp://127.0.0.1:0", *flags]
-    if os.geteuid() == 0:
-        argv.append("--allow-root")
-    for name, path in commands.items():
-        argv += ["--command", f"{name}={path}"]
-    return argv
-
-
-def wait_listening(proc: subprocess.Popen, log: Path, deadline: float) -> int:
-    """The port from the daemon's "listening on" log line, waiting at most ``deadline`` s."""
-    found = wait_for(lambda: LISTENING.search(log.read_bytes()), proc, log, deadline,
-                     "offloadd", "log 'listening on'")
-    return int(found.group(1))
-
-
-def wait_for(check: Callable[[], object], proc: subprocess.Popen, log: Path, deadline: float,
-             what: str, waiting_for: str):
-    """What ``check()`` returns once it is true, polling while ``proc`` (called ``what`` in
-    errors, which end with its ``log``) runs, at most ``deadline`` s."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if found := check():
-            return found
-        if proc.poll() is not None:
-            raise BenchError(f"{what} exited with status {proc.returncode}:\n"
-                             + log.read_text(errors="replace"))
-        time.sleep(0.02)
-    raise BenchError(f"{what} did not {waiting_for} within {deadline:.0f} s:\n"
-                     + log.read_text(errors="replace"))
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the daemon and wait; SIGKILL its process group if it does not stop in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(STOP_DEADLINE)
-    except subprocess.TimeoutExpired:
-        print(f"bench: offloadd ignored SIGTERM for {STOP_DEADLINE:.0f} s, killing it",
-              file=sys.stderr)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-# --- a broker and its hosts -----------------------------------------------------------------
-
-@dataclasses.dataclass
-class BrokerProc:
-    """A running ``offloadd broker``: its client and worker endpoints, log and process."""
-
-    clients: str
-    workers: str
-    log: Path
-    proc: subprocess.Popen
-
-    def hosts_ready(self) -> int:
-        """How many times a host announced itself (the broker logs one line each)."""
-        return self.log.read_bytes().count(HOST_READY)
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of the broker's log, for error messages."""
-        text = self.log.read_text(errors="replace").splitlines()[-lines:]
-        return "\n".join("  " + line for line in text)
+            d.stop(deadline=STOP_DEADLINE, warn=warn)
 
 
 @contextlib.contextmanager
-def broker(*flags: str) -> Iterator[BrokerProc]:
+def broker(*flags: str) -> Iterator[harness.Broker]:
     """``offloadd broker`` on two ephemeral loopback ports; always stopped."""
-    with tempfile.TemporaryDirectory(prefix="offloadfs-bench-broker-") as tmp:
-        log = Path(tmp) / "broker.log"
-        argv = [tool("offloadd"), "broker", "--clients", "tcp://127.0.0.1:0",
-                "--workers", "tcp://127.0.0.1:0", *flags]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+    with scratch("offloadfs-bench-broker-") as tmp:
+        b = harness.Broker(tmp, args=flags)
         try:
-            found = wait_log(proc, log, BROKER_UP, START_DEADLINE, "offloadd broker")
-            yield BrokerProc(found.group(1).decode(), found.group(2).decode(), log, proc)
+            yield b
         finally:
-            stop(proc)
+            b.stop(deadline=STOP_DEADLINE, warn=warn)
 
 
 @contextlib.contextmanager
@@ -186,62 +114,25 @@ def host(commands: dict[str, str], connect: str, *flags: str,
          listen: bool = False) -> Iterator[Daemon]:
     """``offloadd serve --connect connect`` allowing ``commands``; with ``listen`` also on an
     ephemeral loopback port for direct clients (``Daemon.host``, else ""). Always stopped;
-    wait for the broker to log it ready with :func:`wait_hosts`."""
-    with tempfile.TemporaryDirectory(prefix="offloadfs-bench-host-") as tmp:
-        log = Path(tmp) / "offloadd.log"
-        argv = serve_argv(commands, ["--connect", connect, *flags])
-        if not listen:
-            at = argv.index("--listen")
-            del argv[at:at + 2]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+    wait for the broker to log it ready with ``Broker.wait_hosts``."""
+    with scratch("offloadfs-bench-host-") as tmp:
+        d = Daemon(tmp, "--connect", connect, *flags, commands=commands,
+                   allow_root=os.geteuid() == 0, listen=listen)
         try:
-            where = f"127.0.0.1:{wait_listening(proc, log, START_DEADLINE)}" if listen else ""
-            yield Daemon(where, log, Path(tmp), proc)
+            yield d
         finally:
-            stop(proc)
-
-
-def wait_hosts(b: BrokerProc, n: int, deadline: float = START_DEADLINE) -> None:
-    """Wait until ``n`` hosts have announced themselves to ``b``, at most ``deadline`` s."""
-    end = time.monotonic() + deadline
-    while b.hosts_ready() < n:
-        if b.proc.poll() is not None:
-            raise BenchError(f"offloadd broker exited with status {b.proc.returncode}:\n"
-                             + b.log_tail())
-        if time.monotonic() > end:
-            raise BenchError(f"only {b.hosts_ready()} of {n} hosts announced themselves to the "
-                             f"broker within {deadline:.0f} s:\n" + b.log_tail())
-        time.sleep(0.02)
-
-
-def wait_log(proc: subprocess.Popen, log: Path, pattern: re.Pattern, deadline: float,
-             what: str) -> re.Match:
-    """The first match of ``pattern`` in ``log``, waiting at most ``deadline`` s while ``proc``
-    (called ``what`` in errors) runs."""
-    return wait_for(lambda: pattern.search(log.read_bytes()), proc, log, deadline, what,
-                    f"log {pattern.pattern!r}")
+            d.stop(deadline=STOP_DEADLINE, warn=warn)
 
 
 # --- the shims -----------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Shims:
-    """A running ``offloadfs mount -f``: the mount point, its log, its process."""
-
-    path: Path
-    log: Path
-    proc: subprocess.Popen
+class Shims(harness.Mount):
+    """A throw-away ``offloadfs mount -f`` of :func:`shims`: its shims, their policies and
+    counts."""
 
     def shim(self, name: str) -> str:
         """The path of shim ``name`` (what a PATH lookup with the mount first finds)."""
         return str(self.path / name)
-
-    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """``base`` (default: ours) with the mount first on PATH."""
-        base = dict(os.environ if base is None else base)
-        return {**base, "PATH": f"{self.path}:{base.get('PATH', os.defpath)}"}
 
     def stats(self, name: str) -> dict:
         """The mount's counts for shim ``name``: {"jobs", "failures", "fallbacks", "mean_ms"}."""
@@ -260,11 +151,6 @@ class Shims:
         """Set shim ``name``'s policy (auto, always, never); kept in this mount's temp state."""
         os.setxattr(self.shim(name), XATTR_POLICY, policy.encode())
 
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of the mount's log, for error messages."""
-        text = self.log.read_text(errors="replace").splitlines()[-lines:]
-        return "\n".join("  " + line for line in text)
-
 
 @contextlib.contextmanager
 def shims(d: Daemon, names: Sequence[str], *flags: str) -> Iterator[Shims]:
@@ -272,127 +158,22 @@ def shims(d: Daemon, names: Sequence[str], *flags: str) -> Iterator[Shims]:
     ``names`` is listed; always unmounted (and the mount process ended) on the way out.
 
     The mount keeps its policy state under its own temporary ``XDG_STATE_HOME``."""
-    with tempfile.TemporaryDirectory(prefix="offloadfs-bench-mount-") as tmp:
-        top = Path(tmp).resolve()
-        mnt, log = top / "mnt", top / "mount.log"
-        mnt.mkdir()
+    with scratch("offloadfs-bench-mount-") as top:
         env = {**os.environ, "XDG_STATE_HOME": str(top / "state")}
-        argv = [tool("offloadfs"), "mount", str(mnt), "-H", d.host, "-f", *flags]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                    cwd=top, env=env, start_new_session=True)
-        m = Shims(mnt, log, proc)
+        m = Shims(top, *flags, hosts=[d.host], wait_for_shim=names, env=env)
         try:
-            wait_mounted(m, names, START_DEADLINE)
             yield m
         finally:
-            unmount(m)
+            m.unmount(warn=warn)
 
 
-def mounted(path: Path) -> bool:
-    """True if an offloadfs filesystem is mounted at ``path`` (per /proc/self/mountinfo)."""
-    return str(path) in mountinfo.offloadfs_mounts()
+# --- processes and memory -------------------------------------------------------------------
 
-
-def wait_mounted(m: Shims, names: Sequence[str], deadline: float) -> None:
-    """Wait until ``m`` is mounted and lists every shim in ``names``, at most ``deadline`` s."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if m.proc.poll() is not None:
-            raise BenchError(f"offloadfs mount exited with status {m.proc.returncode}:\n"
-                             + m.log_tail())
-        if mounted(m.path) and all((m.path / name).exists() for name in names):
-            return
-        time.sleep(0.02)
-    missing = " ".join(n for n in names if not (m.path / n).exists()) if mounted(m.path) else ""
-    raise BenchError(f"{m.path} was not mounted" + (f" with shims {missing}" if missing else "")
-                     + f" within {deadline:.0f} s:\n" + m.log_tail())
-
-
-def unmount(m: Shims) -> None:
-    """``offloadfs umount`` and wait for the mount process; SIGTERM it if it never mounted,
-    SIGKILL its group if it does not exit in time, and lazily detach a mount left behind."""
-    if m.proc.poll() is None:
-        if mounted(m.path):
-            try:
-                done = subprocess.run([tool("offloadfs"), "umount", str(m.path)],
-                                      capture_output=True, text=True, timeout=UNMOUNT_DEADLINE,
-                                      check=False)
-                if done.returncode != 0:
-                    print(f"bench: offloadfs umount {m.path}: {done.stderr.strip()}",
-                          file=sys.stderr)
-            except subprocess.TimeoutExpired:
-                print(f"bench: offloadfs umount {m.path} hung", file=sys.stderr)
-        else:
-            m.proc.send_signal(signal.SIGTERM)
-    try:
-        m.proc.wait(UNMOUNT_DEADLINE)
-    except subprocess.TimeoutExpired:
-        print(f"bench: offloadfs mount did not exit within {UNMOUNT_DEADLINE:.0f} s of umount, "
-              "killing it", file=sys.stderr)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(m.proc.pid, signal.SIGKILL)
-        m.proc.wait()
-    end = time.monotonic() + STOP_DEADLINE   # after a kill, auto_unmount detaches it soon
-    while mounted(m.path) and time.monotonic() < end:
-        time.sleep(0.05)
-    if mounted(m.path):
-        print(f"bench: {m.path} still mounted, detaching it lazily", file=sys.stderr)
-        for fusermount in ("fusermount3", "fusermount"):
-            with contextlib.suppress(FileNotFoundError):
-                subprocess.run([fusermount, "-u", "-z", str(m.path)], capture_output=True,
-                               timeout=UNMOUNT_DEADLINE, check=False)
-                break
-
-
-# --- processes, ports and memory ------------------------------------------------------------
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, log: Path, deadline: float, what: str) -> None:
-    """Wait until 127.0.0.1:``port`` accepts connections while ``proc`` (``what``) runs."""
-    def accepts() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-    wait_for(accepts, proc, log, deadline, what, f"listen on 127.0.0.1:{port}")
-
-
-def descendants(pid: int) -> list[int]:
-    """The live processes below ``pid`` (children, their children...), from /proc."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def end_tree(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop ``proc`` (started in its own session) and every process below it, each by its pid:
-    ``sig`` first, SIGKILL for what is left after :data:`STOP_DEADLINE`."""
-    pids = [*descendants(proc.pid), proc.pid] if proc.poll() is None else []
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-    try:
-        proc.wait(STOP_DEADLINE)
-    except subprocess.TimeoutExpired:
-        pass
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
+def started(argv: Sequence[str], log: Path, port: int, what: str) -> subprocess.Popen:
+    """``argv`` (``what`` in errors) started, once 127.0.0.1:``port`` takes connections."""
+    server = harness.Proc(argv, log, what=what)
+    server.ready(lambda: accepts(port), f"listen on 127.0.0.1:{port}")
+    return server.proc
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -490,12 +271,8 @@ def sshd() -> Iterator[Sshd]:
             SSHD_PRIVSEP.mkdir(mode=0o755)
         log = tmp / "sshd.log"
         try:
-            with open(log, "wb") as out:
-                proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(tmp / "sshd_config")],
-                                        stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+            proc = started([SSHD, "-D", "-e", "-f", str(tmp / "sshd_config")], log, port, "sshd")
             try:
-                wait_port(port, proc, log, START_DEADLINE, "sshd")
                 yield Sshd(port, tmp, log, proc)
             finally:
                 end_tree(proc)
@@ -575,11 +352,8 @@ def distccd(jobs: int | None = None) -> Iterator[Distccd]:
                 "--jobs", str(jobs)]
         if os.geteuid() == 0:
             argv += ["--user", DISTCC_USER]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+        proc = started(argv, log, port, "distccd")
         try:
-            wait_port(port, proc, log, START_DEADLINE, "distccd")
             yield Distccd(port, tmp, log, proc, jobs)
         finally:
             end_tree(proc)

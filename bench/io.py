@@ -20,14 +20,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tests.harness import descendants, free_port
+
 from .common import (
     BenchError,
     Daemon,
     Shims,
     cpu_seconds,
     daemon,
-    descendants,
-    free_port,
     machine_info,
     md_table,
     print_table,

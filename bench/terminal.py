@@ -36,14 +36,14 @@ import termios
 import time
 from collections.abc import Callable
 
+from tests.harness import START_DEADLINE, end_tree
+
 from .common import (
-    START_DEADLINE,
     BenchError,
     Daemon,
     Shims,
     Sshd,
     daemon,
-    end_tree,
     machine_info,
     md_table,
     percentile,

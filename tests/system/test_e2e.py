@@ -14,7 +14,7 @@ import zmq
 
 from offloadfs import protocol
 
-from .conftest import free_port, CONVERT, DATA, OFFLD, alive, offld, offld_argv, wait_for
+from ..harness import free_port, CONVERT, DATA, OFFLD, alive, offld, offld_argv, wait_for
 
 
 def local(*command: str, cwd, **kw) -> subprocess.CompletedProcess:
@@ -247,7 +247,7 @@ def test_daemon_stop_ends_running_jobs_and_tells_clients(daemon, work):
 
 def test_dead_daemon_is_noticed_by_the_client(start_daemon, tmp_path, work):
     """kill -9 of the daemon mid-job: the client exits 255 within its liveness limit, and the
-    job died with the daemon (tests/test_host_faults.py has the rest)."""
+    job died with the daemon (tests/system/test_host_faults.py has the rest)."""
     daemon = start_daemon()
     cfg = tmp_path / "c.toml"
     cfg.write_text("[client]\nliveness = 2.0\n")

@@ -12,7 +12,7 @@ import zmq
 
 from offloadfs import protocol
 
-from .conftest import free_port, test_user, CONVERT, OFFLD, alive, wait_for
+from ..harness import free_port, test_user, OFFLD, alive, convert_both_ways, wait_for
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/ganesha.nfsd"),
                                 reason="nfs-ganesha is not installed (make install)")
@@ -78,12 +78,7 @@ def run(mount, script: str, cwd, user: str | None = None, **kw):
 def test_convert_reads_and_writes_through_nfs(mount, vm):
     """The host sees only the NFS view, yet convert's output is byte-identical to local."""
     work = vm / "work"
-    subprocess.run([CONVERT, "-size", "600x400", "plasma:fractal", "-seed", "5", "in.png"],
-                   cwd=work, check=True)
-    subprocess.run([CONVERT, "in.png", "-blur", "0x2", "local.ppm"], cwd=work, check=True)
-    got = run(mount, "convert in.png -blur 0x2 remote.ppm", work)
-    assert got.returncode == 0, got.stderr
-    assert (work / "remote.ppm").read_bytes() == (work / "local.ppm").read_bytes()
+    convert_both_ways(work, lambda line: run(mount, line, work), "600x400", "5", "0x2")
     where = run(mount, "sh -c 'cat /proc/self/mountinfo | grep -c offloadnfs'", work)
     assert int(where.stdout) >= 1   # the job's cwd was in the host's NFS mount
 

@@ -32,9 +32,8 @@ from offloadd.config import ServeConfig
 from offloadd.server import Job, Server
 from offloadfs import protocol
 
-from .conftest import OFFLD, alive, wait_for
-from .test_broker import start_broker  # noqa: F401 (a fixture, used below)
-from .test_protocol import EXAMPLES, MSGPACK_INT, VALUES, frames_of, header_of
+from ..harness import OFFLD, alive, wait_for
+from ..unit.test_protocol import EXAMPLES, MSGPACK_INT, VALUES, frames_of, header_of
 
 NOBODY = 65534
 COMMANDS = {"sh": "/bin/sh", "true": "/bin/true", "sleep": "/bin/sleep"}

@@ -8,6 +8,7 @@ locally, the mount's agent goes on serving the other host, and a client that giv
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -17,56 +18,33 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DATA, OFFLD, free_port, wait_for
-from .test_broker import Broker
+from ..harness import DATA, OFFLD, Broker, Proc, accepts, free_port, started, wait_for
 
 FAKE_COMMANDS = ("q_after_s", "exit_nostart", "overcredit", "unknown_kind", "double_exit",
                  "garbage", "silent", "oversize")
 JOB = '#!/bin/sh\necho "$1 {where}" >> "$2"; sleep "${{3:-0}}"; echo "out $1"; exit 7\n'
 
 
-class FakeHost:
-    """tests/data/fakehost.py on an ephemeral loopback port."""
+class FakeHost(Proc):
+    """tests/data/fakehost.py on an ephemeral loopback port (or another script of tests/data
+    with its ``args``); start_fake makes them."""
+
+    what = "the fake host"
 
     def __init__(self, workdir: Path, script: str = "fakehost.py", *args: str):
         """Start it and wait until it listens."""
         self.port = free_port()
-        self.log_path = workdir / f"{script}-{time.monotonic_ns()}.log"
-        self.log_file = open(self.log_path, "wb")
         argv = [sys.executable, str(DATA / script), *(args or (str(self.port),))]
-        self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     cwd=workdir, start_new_session=True)
+        super().__init__(argv, workdir / f"{script}-{time.monotonic_ns()}.log", cwd=workdir)
         if script == "fakehost.py":
-            wait_for(self._listening, 20, "the fake host to listen")
+            self.ready(lambda: accepts(self.port), "listen")
         self.hostport = f"127.0.0.1:{self.port}"
-
-    def _listening(self) -> bool:
-        """True once the port takes connections."""
-        import socket
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def stop(self) -> None:
-        """Kill it (it never ends by itself) and wait."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.log_file.close()
 
 
 @pytest.fixture
 def start_fake(tmp_path):
-    """Factory of fake hosts and workers, killed at teardown."""
-    started: list[FakeHost] = []
-
-    def start(*args) -> FakeHost:
-        fake = FakeHost(tmp_path, *args)
-        started.append(fake)
-        return fake
-
-    yield start
-    for fake in started:
-        fake.stop()
+    """Factory of fake hosts and workers, killed at teardown (they never end by themselves)."""
+    yield from started(functools.partial(FakeHost, tmp_path), lambda f: f.stop(signal.SIGKILL, 10))
 
 
 @pytest.fixture

@@ -12,16 +12,14 @@ import time
 
 import pytest
 
-from .conftest import free_port, test_user, CONVERT, DATA, OFFLOADFS, alive, fuse_mounts, wait_for
+from ..harness import (free_port, test_user, DATA, OFFLOADFS, alive, convert_both_ways,
+                       fuse_mounts, marker_dir, wait_for)
 
 
 @pytest.fixture
 def marker(tmp_path):
     """A directory whose ``where`` file says "vm" here and "host" to the marker daemon."""
-    path = tmp_path / "mark"
-    path.mkdir()
-    (path / "where").write_text("vm\n")
-    return path
+    return marker_dir(tmp_path / "mark")
 
 
 @pytest.fixture
@@ -121,12 +119,7 @@ def test_a_host_that_comes_up_adds_its_commands(start_daemon, start_mount, confi
 
 def test_unchanged_convert_command_line_is_byte_identical(mount, work):
     """convert via PATH through the shim writes the same bytes as /usr/bin/convert."""
-    subprocess.run([CONVERT, "-size", "400x300", "plasma:fractal", "-seed", "3", "in.png"],
-                   cwd=work, check=True)
-    subprocess.run([CONVERT, "in.png", "-blur", "0x3", "local.ppm"], cwd=work, check=True)
-    got = sh(mount, "convert in.png -blur 0x3 remote.ppm", work)
-    assert got.returncode == 0, got.stderr
-    assert (work / "remote.ppm").read_bytes() == (work / "local.ppm").read_bytes()
+    convert_both_ways(work, lambda line: sh(mount, line, work), "400x300", "3", "0x3")
 
 
 def test_pipes_exit_codes_and_stderr_through_the_shim(mount, work):

@@ -15,8 +15,8 @@ import zmq
 from offloadd.worker import BrokerLink
 from offloadfs import protocol
 
-from .conftest import OFFLD, alive, wait_for
-from .test_broker import _submit, offld, start_broker, wire  # noqa: F401 (fixtures)
+from ..harness import OFFLD, alive, wait_for
+from .test_broker import _submit, offld, wire  # noqa: F401 (fixtures)
 
 MAY_HAVE_RUN = "the job may have run, its outcome is unknown"
 

@@ -19,8 +19,7 @@ from offloadfs import protocol
 from offloadfs.channel import Channel
 from offloadfs.config import ClientConfig
 
-from .conftest import DATA, OFFLD, OFFLOADD, OFFLOADFS, test_user, wait_for
-from .test_broker import Broker
+from ..harness import DATA, OFFLD, OFFLOADD, OFFLOADFS, Broker, test_user, wait_for
 
 
 class Keys:

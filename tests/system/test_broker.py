@@ -2,64 +2,17 @@
 from __future__ import annotations
 
 import os
-import re
 import select
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import zmq
 
 from offloadfs import protocol
 
-from .conftest import OFFLD, OFFLOADD, wait_for
-
-
-class Broker:
-    """An ``offloadd broker`` process on two ephemeral loopback ports."""
-
-    def __init__(self, workdir: Path, clients: str = "tcp://127.0.0.1:0",
-                 workers: str = "tcp://127.0.0.1:0", args=()):
-        """Start it (with extra ``args``) and read both endpoints from its log."""
-        self.log_path = workdir / f"broker-{time.monotonic_ns()}.log"
-        self.log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([OFFLOADD, "broker", "--clients", clients, "--workers",
-                                      workers, *args], stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, cwd=workdir,
-                                     start_new_session=True)
-        found = wait_for(lambda: re.search(r"clients on (tcp://\S+), hosts on (tcp://\S+)",
-                                           self.log_path.read_text()), 20, "the broker")
-        self.clients, self.workers = found.group(1), found.group(2)
-        self.client_port = self.clients.rsplit(":", 1)[1]
-
-    def log(self) -> str:
-        """The broker's log so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        """SIGTERM and wait (bounded)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(15)
-        self.log_file.close()
-        return self.proc.returncode
-
-
-@pytest.fixture
-def start_broker(tmp_path):
-    """Factory of brokers, stopped at teardown."""
-    started = []
-
-    def start(**kw) -> Broker:
-        broker = Broker(tmp_path, **kw)
-        started.append(broker)
-        return broker
-
-    yield start
-    for broker in started:
-        broker.stop()
+from ..harness import OFFLD, OFFLOADD, wait_for
 
 
 @pytest.fixture
@@ -72,7 +25,7 @@ def cluster(start_broker, start_daemon):
         commands = {"sh": "/bin/sh", "cat": "/bin/cat"} | ({"gpujob": "/bin/echo"} if n == 3 else {})
         hosts.append(start_daemon("--connect", broker.workers, "--slots", "1", "--name", f"h{n}",
                                   *extra, commands=commands))
-    wait_for(lambda: broker.log().count(" ready: ") == 3, 20, "three hosts to be ready")
+    broker.wait_hosts(3)
     return broker, hosts
 
 
@@ -270,7 +223,7 @@ def test_one_host_serves_two_brokers(start_broker, start_daemon, work):
 
 def test_a_vanished_client_has_its_job_killed_on_the_host(cluster, work):
     """kill -9 of offld mid-job through the broker: the host kills the job."""
-    from .conftest import alive
+    from ..harness import alive
     broker, _ = cluster
     proc = subprocess.Popen([OFFLD, "-L", f"127.0.0.1:{broker.client_port}", "--", "sh", "-c",
                              "echo $$ > pid; exec sleep 60"], cwd=work)

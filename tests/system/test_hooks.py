@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import OFFLD, OFFLOADFS, ROOT, fuse_mounts, wait_for
+from ..harness import OFFLD, OFFLOADFS, ROOT, fuse_mounts, wait_for
 
 HOOKS = ROOT / "hooks"
 PROFILE = HOOKS / "profile.d" / "offloadfs.sh"

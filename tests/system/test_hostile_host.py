@@ -1,5 +1,5 @@
 """Hostile hosts: whatever a host sends about a job, the VM side ends the job within a bound, at
-a bounded cost, and never says that a job which may have run never did (tests/test_hostile.py
+a bounded cost, and never says that a job which may have run never did (tests/system/test_hostile.py
 is the same for the host side).
 
 A fake host, a ROUTER socket bound to an ephemeral loopback port of this process, plays
@@ -56,8 +56,8 @@ from offloadfs.jobrun import FROM_HOST, JobRun, JobSpec, Timing
 from offloadfs.protocol import CHUNK, MAX_HEADER, MAX_PAYLOAD, WINDOW, ProtocolError
 from offloadfs.registry import Stats
 
-from .conftest import OFFLD, wait_for
-from .test_protocol import EXAMPLES, VALUES
+from ..harness import OFFLD, wait_for
+from ..unit.test_protocol import EXAMPLES, VALUES
 
 JOB = "\x00JOB"           # stands for the job's id (random, the client's) until a message is sent
 OTHER = "other-job"       # a valid id of no job of the client

@@ -18,7 +18,7 @@ import zmq
 from offloadd import warden
 from offloadfs import protocol
 
-from .conftest import OFFLD, alive, offld, wait_for
+from ..harness import OFFLD, alive, offld, wait_for
 
 TTY = {"fds": 7, "rows": 24, "cols": 80, "xpixel": 0, "ypixel": 0, "iflag": 0x500,
        "oflag": 5, "cflag": 0xbf, "lflag": 0x8a3b, "ispeed": 15, "ospeed": 15,

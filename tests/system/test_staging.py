@@ -9,7 +9,7 @@ import pytest
 
 from offloadfs import staging
 
-from .conftest import CONVERT, OFFLD
+from ..harness import CONVERT, OFFLD, marker_dir
 
 
 @pytest.fixture
@@ -23,10 +23,7 @@ def stage_host(start_daemon, tmp_path, marker_tree):
 @pytest.fixture
 def marker_tree(tmp_path):
     """The caller's tree; the host sees an empty tmpfs in its place."""
-    path = tmp_path / "vm"
-    path.mkdir()
-    (path / "where").write_text("vm\n")
-    return path
+    return marker_dir(tmp_path / "vm")
 
 
 def offld_n(host, *command, cwd, **kw) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import pytest
 from offloadd.runner import Process
 from offloadfs import protocol
 
-from .conftest import COMMANDS, OFFLD, OFFLOADD, offld, test_user, wait_for
+from ..harness import COMMANDS, OFFLD, OFFLOADD, offld, test_user, wait_for
 from .test_e2e import _raw_job
 
 

@@ -24,8 +24,7 @@ import pytest
 
 from offloadfs import protocol, terminal
 
-from .conftest import BIN, OFFLD, fuse_mounts, wait_for
-from .test_broker import Broker
+from ..harness import BIN, OFFLD, Broker, fuse_mounts, wait_for
 from .test_security import Keys
 
 COMMANDS = {"sh": "/bin/sh", "cat": "/bin/cat", "sleep": "/bin/sleep",
