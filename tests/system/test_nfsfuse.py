@@ -28,7 +28,7 @@ from offloadd.nfs.binding import NfsError
 from offloadd.nfs.retry import once_more_if_broken
 from offloadfs.export import ExportConfig, GaneshaExport
 
-from .conftest import CONVERT, wait_for
+from ..harness import CONVERT, wait_for
 
 NOBODY = pwd.getpwnam("nobody")
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable

@@ -17,7 +17,7 @@ from offloadfs.fs import ShimFS
 from offloadfs.registry import Registry
 from offloadfs.request import ShimRequest
 
-from .fakes import FakeCaller, FakeChannel, FakeLink, Stdio, stdio  # noqa: F401 (a fixture)
+from ..fakes import FakeCaller, FakeChannel, FakeLink, Stdio, stdio  # noqa: F401 (a fixture)
 
 EXIT = {"signal": None, "rusage": {}, "timings": {"run": 0.25}}
 

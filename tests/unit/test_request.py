@@ -10,7 +10,7 @@ from offloadfs.channel import OffloadError
 from offloadfs.jobrun import Outcome
 from offloadfs.request import FAIL, LOCAL, REMOTE, Decision, Ending, ShimRequest, decide, ending
 
-from .fakes import FakeCaller, stdio  # noqa: F401 (a fixture)
+from ..fakes import FakeCaller, stdio  # noqa: F401 (a fixture)
 
 E = Ending
 ALWAYS_NEVER_RAN = "{} (policy always)"

@@ -13,7 +13,7 @@ from offloadfs.client import ClientLoop
 from offloadfs.jobrun import JobRun, JobSpec, Timing
 from offloadfs.request import Ending, ending
 
-from .fakes import FakeChannel, stdio  # noqa: F401 (a fixture)
+from ..fakes import FakeChannel, stdio  # noqa: F401 (a fixture)
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 from offloadfs import protocol
 from offloadfs.protocol import BROKER, CLIENT, HOST
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCES = sorted([*ROOT.glob("daemon/*.py"), *ROOT.glob("offloadfs/*.py")])
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SOURCES = sorted([*ROOT.glob("daemon/**/*.py"), *ROOT.glob("offloadfs/*.py")])
 
 # A docstring direction -> (who may send, who may receive, the pair that must exist).
 DIRECTIONS = {
