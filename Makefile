@@ -12,7 +12,7 @@ APT_PKGS := python3-venv fuse3 libfuse2 imagemagick attr shellcheck systemd nfs-
 # through the shim), util-linux (findmnt: where a job's cwd lives).
 BENCH_APT_PKGS := fio openssh-server openssh-client distcc gcc libc6-dev util-linux
 
-.PHONY: install apt venv demo test unit bench clean
+.PHONY: install apt venv demo test unit lint bench clean
 
 install: apt venv
 
@@ -36,6 +36,10 @@ test: install
 # The fast unit tests alone (no processes, mounts or sockets): no Debian packages needed.
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
+
+# ruff (configured in pyproject.toml) over the package, the daemon, the tests and bench.
+lint: venv
+	$(VENV)/bin/ruff check .
 
 # Every benchmark, then bench/results/RESULTS.md (tables, machine, date, command) and the PNGs.
 # py-spy profiles the streaming path (where the time goes when a target is missed).

@@ -19,7 +19,6 @@ from . import limits, policy
 from .config import ServeConfig
 
 
-
 def check(config: ServeConfig, msg: Message, allow: policy.Allowlist, ring: keys.Keyring | None,
           vm_key: str | None, hostname: str) -> str:
     """Apply the host's policy to a submit; the command's path, or Refused. With keys

@@ -27,7 +27,8 @@ Rules:
   nobody offering it has all its tags) waits at most ``grace`` seconds for such a host to
   appear, then fails with ``NoHost(job, reason)``: one line the client prints before exiting
   with 255. The job never left the broker, so the loop says it never ran (``started`` false:
-  the client may run it locally). The default ``grace`` is 0: a submit no live host could run fails at once, and
+  the client may run it locally). The default ``grace`` is 0: a submit no live host could run
+  fails at once, and
   queued jobs whose last possible host died fail in the same call that declared it dead.
   A broker loop may pass a ``grace`` of a few heartbeats so that hosts can re-announce
   themselves after a broker restart or a quick daemon restart.

@@ -39,7 +39,7 @@ class Security:
         return bool(self.secret_key)
 
     @classmethod
-    def from_toml(cls, data: dict) -> "Security":
+    def from_toml(cls, data: dict) -> Security:
         """Read and check the [security] table."""
         table, sec = section(data, "security"), cls()
         for name in ("secret_key", "authorized_keys", "authorized_hosts", "broker_key"):
@@ -49,7 +49,7 @@ class Security:
                    section(table, "vms").items()}
         return sec.check()
 
-    def check(self) -> "Security":
+    def check(self) -> Security:
         """Keys come as a whole: a secret key and the keys it authorizes."""
         if bool(self.secret_key) != bool(self.authorized_keys):
             raise ConfigError("[security] needs both secret_key and authorized_keys (or neither)")
@@ -106,7 +106,7 @@ class ServeConfig:
     security: Security = dataclasses.field(default_factory=Security)
 
     @classmethod
-    def from_file(cls, path: str | None) -> "ServeConfig":
+    def from_file(cls, path: str | None) -> ServeConfig:
         """Read the [serve], [commands], [env] and [limits] tables of ``path`` (or the system
         file)."""
         data = load_toml(path, DAEMON_CONFIG)
@@ -136,7 +136,7 @@ class ServeConfig:
         cfg.allow_root = cfg.allow_root or cfg.security.allow_root
         return cfg
 
-    def apply_flags(self, args) -> "ServeConfig":
+    def apply_flags(self, args) -> ServeConfig:
         """Override with the command-line flags that were given."""
         for name in ("listen", "slots", "name", "client_timeout", "metrics", "state_dir"):
             value = getattr(args, name, None)
@@ -151,7 +151,7 @@ class ServeConfig:
         self.limits.update(_pairs("--limit", "NAME=VALUE", getattr(args, "limit", None) or []))
         return self.check()
 
-    def check(self) -> "ServeConfig":
+    def check(self) -> ServeConfig:
         """Refuse settings that cannot work, with one clear line."""
         if self.slots < 1:
             raise ConfigError(f"slots = {self.slots}: must be at least 1")
@@ -191,7 +191,7 @@ class BrokerConfig:
     security: Security = dataclasses.field(default_factory=Security)
 
     @classmethod
-    def from_file(cls, path: str | None) -> "BrokerConfig":
+    def from_file(cls, path: str | None) -> BrokerConfig:
         """Read the [broker] and [security] tables of ``path`` (or the system file)."""
         data = load_toml(path, DAEMON_CONFIG)
         table = section(data, "broker")
@@ -204,7 +204,7 @@ class BrokerConfig:
         cfg.suspend_limit = float(typed(table, "suspend_limit", (int, float), cfg.suspend_limit))
         return cfg
 
-    def apply_flags(self, args) -> "BrokerConfig":
+    def apply_flags(self, args) -> BrokerConfig:
         """Override with the command-line flags that were given (and not empty)."""
         for name in ("clients", "workers", "name", "metrics"):
             value = getattr(args, name, None)
@@ -223,7 +223,7 @@ class BrokerConfig:
             raise ConfigError("[security] of a broker needs authorized_hosts (the hosts' "
                               "public keys) besides authorized_keys (the VMs')")
 
-    def check(self) -> "BrokerConfig":
+    def check(self) -> BrokerConfig:
         """Refuse settings that cannot work, with one clear line."""
         if self.suspend_limit < 0:
             raise ConfigError(f"suspend_limit = {self.suspend_limit}: expected seconds >= 0")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 from offloadfs import protocol
 
@@ -105,7 +106,7 @@ def warnings() -> PeerLimiter:
     return PeerLimiter(WARN_RATE, 1, WARN_TOTAL_RATE, WARN_TOTAL_BURST)
 
 
-def budget() -> "Budget":
+def budget() -> Budget:
     """The budget of live jobs per client and in all."""
     return Budget(PEER_JOBS, PEER_BYTES, TOTAL_JOBS, TOTAL_BYTES)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import zmq
 
@@ -71,7 +72,8 @@ def recv_routed(sock: zmq.Socket, keyed: bool) -> tuple[list, str | None]:
 
 def wildcard_port(endpoint: str) -> str:
     """tcp://ADDR:0 means any free port, which ZeroMQ spells tcp://ADDR:*."""
-    return endpoint[:-2] + ":*" if endpoint.startswith("tcp://") and endpoint.endswith(":0") else endpoint
+    wild = endpoint.startswith("tcp://") and endpoint.endswith(":0")
+    return endpoint[:-2] + ":*" if wild else endpoint
 
 
 def drain_pipe(fd: int) -> None:

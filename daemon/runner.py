@@ -32,7 +32,6 @@ from offloadfs import protocol
 
 from .warden import start_time
 
-
 PIPE_SIZE = 1024 * 1024
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Hashable
+from collections.abc import Hashable
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,11 +31,11 @@ from .config import ServeConfig, show_size
 from .hoststage import UNANNOUNCED, HostStage
 from .metrics import Metrics
 from .mounts import MountTable
-from .worker import BrokerLink
 from .runner import Process, SpawnError, rlimits, user_of
 from .scheduler import Dispatch, Queued, Scheduler
 from .signals import stopping_on_signals
 from .streams import JobStreams
+from .worker import BrokerLink
 
 log = logging.getLogger("offloadd")
 
@@ -752,7 +752,7 @@ class Server:
         for peer, ids in by_peer.items():
             if now - self.peers.get(peer, now) > self.config.client_timeout:
                 self.metrics.missed.labels(peer="client").inc()
-                self._peer_gone(peer, "client silent for %.0fs" % self.config.client_timeout,
+                self._peer_gone(peer, f"client silent for {self.config.client_timeout:.0f}s",
                                 now)
                 ids = [i for i in ids if (peer, i) in self.jobs]   # suspended ones
             if ids:   # a stopped client is pinged too: a send that fails means it is gone
@@ -780,7 +780,7 @@ class Server:
                     and now - job.suspended < self.config.suspend_limit:
                 continue
             self._drop(job, why if job.suspended is None else
-                       "its client stayed stopped for %.0fs" % self.config.suspend_limit)
+                       f"its client stayed stopped for {self.config.suspend_limit:.0f}s")
 
     def _shutdown(self) -> None:
         """Kill every job, tell each client (whether it had run), close the socket."""

@@ -7,7 +7,8 @@ grants us ``credit`` bytes of output (``credit`` messages add to it), and we gra
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import zmq
 

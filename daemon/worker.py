@@ -33,7 +33,7 @@ BACKOFF_MAX = 32.0
 class _LinkSocket(zmq.Socket):
     """A link's DEALER: it shows its link every message it receives."""
 
-    link: "BrokerLink | None" = None
+    link: BrokerLink | None = None
 
     def recv_multipart(self, *args, **kwargs):
         """Receive one message, as zmq.Socket does, and let the link look at it."""

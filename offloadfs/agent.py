@@ -20,7 +20,8 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import environ, export, protocol, request as rules, shim, staging, terminal
+from . import environ, export, protocol, shim, staging, terminal
+from . import request as rules
 from .caller import filesystem_ids, pending_signals
 from .channel import Channel, OffloadError
 from .client import ClientLoop

@@ -15,7 +15,6 @@ from zmq.utils.monitor import recv_monitor_message
 from . import protocol
 from .protocol import Message, ProtocolError
 
-
 # The connection events hello() watches: each one means no welcome will ever come.
 FAILURES = (zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)

@@ -49,7 +49,7 @@ class ClientConfig:
         return Timing(self.heartbeat, self.liveness, self.connect_timeout)
 
     @classmethod
-    def load(cls, path: str | None) -> "ClientConfig":
+    def load(cls, path: str | None) -> ClientConfig:
         """Read ``path`` (else $OFFLOADFS_CONFIG, else the system file if it exists)."""
         data = load_toml(path or os.environ.get("OFFLOADFS_CONFIG") or None, CLIENT_CONFIG)
         client = section(data, "client")

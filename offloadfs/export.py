@@ -39,7 +39,7 @@ class ExportConfig:
     clients: list[str] = dataclasses.field(default_factory=lambda: ["127.0.0.1"])
 
     @classmethod
-    def from_toml(cls, data: dict) -> "ExportConfig":
+    def from_toml(cls, data: dict) -> ExportConfig:
         """Read and check [export]."""
         table, cfg = section(data, "export"), cls()
         cfg.backend = typed(table, "backend", str, cfg.backend)

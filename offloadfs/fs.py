@@ -339,6 +339,7 @@ def _loop_ended_probe():
     agent, so the agent must see it first and answer the shims still waiting. Only from a
     FUSE callback (it takes the filesystem's handle from the request's context)."""
     import ctypes
+
     import fuse as fusepy
     handle = ctypes.c_void_p(fusepy._libfuse.fuse_get_context().contents.fuse)
     return lambda: bool(fusepy._libfuse.fuse_exited(handle))

@@ -9,7 +9,7 @@ import os
 def entry(command: list[str], outcome) -> dict:
     """The log record of one finished job."""
     return {
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
         "host": outcome.host,
         "command": command,
         "cwd": os.getcwd(),

@@ -400,7 +400,7 @@ class JobRun:
             return
         self._consumed(len(msg.payload))
 
-    def tick(self, now: float, timing: "Timing") -> None:
+    def tick(self, now: float, timing: Timing) -> None:
         """Heartbeat the daemon; fail the job when the daemon has been silent too long, or
         never acknowledged it (then nothing ran, and the caller may safely run it elsewhere)."""
         if self.state.final:

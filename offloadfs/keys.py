@@ -77,7 +77,8 @@ def _load(path: str) -> tuple[bytes, bytes | None]:
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror or 'cannot read the key file'}") from None
     found = {k.strip(): v.strip(b' \t\'"') for k, _, v in
-             (line.partition(b"=") for line in lines) if k.strip() in (b"public-key", b"secret-key")}
+             (line.partition(b"=") for line in lines)
+             if k.strip() in (b"public-key", b"secret-key")}
     public, secret = found.get(b"public-key"), found.get(b"secret-key")
     if public is None:
         raise ConfigError(f"{path}: not a ZeroMQ key file (no public-key)")
@@ -95,12 +96,12 @@ class ClientKeys:
     server: bytes
 
     @classmethod
-    def load(cls, secret_path: str, server_path: str) -> "ClientKeys":
+    def load(cls, secret_path: str, server_path: str) -> ClientKeys:
         """Read the pair and the server's public key."""
         public, secret = load_pair(secret_path)
         return cls(public, secret, load_public(server_path))
 
-    def for_endpoint(self, endpoint: str) -> "ClientKeys":
+    def for_endpoint(self, endpoint: str) -> ClientKeys:
         """These keys, whatever the endpoint (as :meth:`Keychain.for_endpoint`)."""
         return self
 
@@ -146,7 +147,7 @@ class ServerKeys:
     secret: bytes
 
     @classmethod
-    def load(cls, secret_path: str) -> "ServerKeys":
+    def load(cls, secret_path: str) -> ServerKeys:
         """Read the pair."""
         return cls(*load_pair(secret_path))
 

@@ -15,7 +15,8 @@ def _unescape(field: str) -> str:
     """Undo mountinfo's octal escapes (\\040 for a space, and so on)."""
     if "\\" not in field:
         return field
-    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
+    raw = field.encode().decode("unicode_escape").encode("latin-1")
+    return raw.decode(errors="surrogateescape")
 
 
 def parse(text: str) -> list[tuple[str, str]]:

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None, prog: str = "offld") -> int:
         return OFFLOAD_ERROR
 
 
-def fall_back(command: list[str], opts, error: OffloadError, say: "Reporter") -> None:
+def fall_back(command: list[str], opts, error: OffloadError, say: Reporter) -> None:
     """With --fallback, replace this process by the local command when nothing ran remotely
     (and the caller did not give up on it: a Ctrl-C before the start is no reason to run it)."""
     if not opts.fallback or request.ending(error) is not request.Ending.NEVER_RAN:
@@ -198,7 +198,7 @@ def _stop_here(job: JobRun, signum: int, say: Reporter) -> None:
 
 
 @contextlib.contextmanager
-def exported(cfg: ClientConfig, say: "Reporter"):
+def exported(cfg: ClientConfig, say: Reporter):
     """The VM's export for this job: the mount's (if an offloadfs mount runs, its export is
     up) or, with none, one started for this job alone (the thesis's slow path)."""
     exp = export.make(cfg.export)

@@ -7,7 +7,7 @@ preceded by the peer's routing identity frame, which this module never sees.
 Frame layout of one message (ZeroMQ multipart)::
 
     frame 0   header   msgpack map  {"v": VERSION, "t": KIND, "job": JOB-ID?, ...fields}
-    frame 1   payload  raw bytes    only for KIND in {stdin, stdout, stderr, tty, file}; never msgpack
+    frame 1   payload  raw bytes    only for KIND in PAYLOAD_KINDS; never msgpack
 
 Strings are msgpack str (UTF-8); argv, cwd and environment values are msgpack bin, because
 Unix paths and arguments are bytes, and bytes stay bytes. Every header carries the protocol

@@ -37,7 +37,8 @@ import os
 import shlex
 import signal
 
-from .protocol import FORWARDED_SIGNALS as FORWARDED   # what the traps catch, by name
+from .protocol import FORWARDED_SIGNALS as FORWARDED  # what the traps catch, by name
+
 CONTINUED = b"c"   # what a shim writes when it runs again after a ``z`` reply
 # Signals the shim re-raises on itself when the job died of them; the rest (those that dump
 # core, or are not fatal) end it with 128+N instead.

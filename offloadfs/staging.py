@@ -133,7 +133,7 @@ class Inbox:
 def snapshot(directory: str) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of every regular file below ``directory``, by relative name."""
     found = {}
-    for top, dirs, names in os.walk(directory):
+    for top, _dirs, names in os.walk(directory):
         for name in names:
             path = os.path.join(top, name)
             st = os.lstat(path)
@@ -146,7 +146,7 @@ def changed(directory: str, before: dict[str, tuple[int, int]], uid: int) -> lis
     """Regular files below ``directory`` that are new or changed since ``before``, and owned by
     ``uid`` (a job cannot make us send back a file it merely linked in)."""
     out = []
-    for top, dirs, names in os.walk(directory):
+    for top, _dirs, names in os.walk(directory):
         for name in names:
             path = os.path.join(top, name)
             st = os.lstat(path)

@@ -1,14 +1,15 @@
 """The caller's terminal on the client side: what the host's pty copies, raw mode, foreground.
 
 A job gets a pty on the host when its caller has a terminal on stdout or stderr (``offld`` and
-a shim's caller alike; ``offld -t`` forces one, ``-T`` refuses it); see :func:`choose` for stdin. A :class:`Terminal` belongs to
-one job run and is used on the client loop's thread only (``offld``'s main thread, the mount's
-agent thread). While the job runs in the foreground, the caller's terminal is in raw mode, as
-under ``ssh -t``: keys go to the host's pty as typed, and its line discipline echoes them and
-turns ^C, ^Z and ^\\ into signals there. :meth:`Terminal.restore` puts the settings back; the
-job run calls it on every way out. Foreground is judged from ``/proc/PID/stat`` (the caller's
-group against its terminal's foreground group): the mount's agent is not in the caller's
-session, so it cannot ask the terminal itself.
+a shim's caller alike; ``offld -t`` forces one, ``-T`` refuses it); see :func:`choose` for
+stdin. A :class:`Terminal` belongs to one job run and is used on the client loop's thread only
+(``offld``'s main thread, the mount's agent thread). While the job runs in the foreground, the
+caller's terminal is in raw mode, as under ``ssh -t``: keys go to the host's pty as typed, and
+its line discipline echoes them and turns ^C, ^Z and ^\\ into signals there.
+:meth:`Terminal.restore` puts the settings back; the job run calls it on every way out.
+Foreground is judged from ``/proc/PID/stat`` (the caller's group against its terminal's
+foreground group): the mount's agent is not in the caller's session, so it cannot ask the
+terminal itself.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ DEFAULT_SIZE = (24, 80, 0, 0)   # a forced pty (offld -t) without a local termin
 JOB_CONTROL = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)   # stops a caller mirrors
 
 
-def choose(stdio: tuple[int, int, int], pid: int, mode: str = "auto") -> "Terminal | None":
+def choose(stdio: tuple[int, int, int], pid: int, mode: str = "auto") -> Terminal | None:
     """The caller's terminal if the job should have a pty: ``mode`` auto, force (-t) or never
     (-T). Under auto, the fds among stdout and stderr that are a terminal become the pty, and
     stdin too when stdout is that terminal: the job then owns the screen and the keys, and the

@@ -21,7 +21,7 @@ import time
 
 import fuse
 
-from .binding import NfsError, NfsStat64, NfsStatvfs64, OPEN_FLAGS, READ_MAX, Timeval, libc
+from .binding import OPEN_FLAGS, READ_MAX, NfsError, NfsStat64, NfsStatvfs64, Timeval, libc
 from .context import Context
 from .creds import ROOT, caller
 from .logs import log, show_args, show_path, show_result, warn

@@ -2,7 +2,9 @@
 connection, a timeout, lost NFSv4 state) is tried once more after a recovery step."""
 from __future__ import annotations
 
-from typing import Callable, ContextManager, TypeVar
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from typing import TypeVar
 
 from .binding import NfsError
 

@@ -22,7 +22,8 @@ def cluster(start_broker, start_daemon):
     hosts = []
     for n in (1, 2, 3):
         extra = ["--tag", "gpu"] if n == 3 else []
-        commands = {"sh": "/bin/sh", "cat": "/bin/cat"} | ({"gpujob": "/bin/echo"} if n == 3 else {})
+        gpu = {"gpujob": "/bin/echo"} if n == 3 else {}
+        commands = {"sh": "/bin/sh", "cat": "/bin/cat"} | gpu
         hosts.append(start_daemon("--connect", broker.workers, "--slots", "1", "--name", f"h{n}",
                                   *extra, commands=commands))
     broker.wait_hosts(3)
@@ -122,7 +123,8 @@ def test_metrics_of_a_host(start_broker, start_daemon, tmp_path, work):
     text = wait_for(lambda: (t := _scrape(f"127.0.0.1:{ports[0]}")) and
                     'offload_daemon_jobs_total{command="sh",outcome="done"} 1.0' in t and t,
                     10, "the host's job metric")
-    assert "offload_daemon_slots 2.0" in text and 'offload_daemon_stage_seconds_count{stage="run"} 1.0' in text
+    assert "offload_daemon_slots 2.0" in text
+    assert 'offload_daemon_stage_seconds_count{stage="run"} 1.0' in text
     assert host.proc.poll() is None
 
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 import zmq
-
 from offloadd.worker import BrokerLink
+
 from offloadfs import protocol
 
 from ..harness import OFFLD, alive, wait_for

@@ -9,9 +9,7 @@ import shutil
 import subprocess
 
 import pytest
-
 from offloadd.runner import Process
-from offloadfs import protocol
 
 from ..harness import COMMANDS, OFFLD, OFFLOADD, offld, test_user, wait_for
 from .test_e2e import _raw_job

@@ -14,7 +14,7 @@ import zmq
 
 from offloadfs import protocol
 
-from ..harness import free_port, CONVERT, DATA, OFFLD, alive, offld, offld_argv, wait_for
+from ..harness import CONVERT, DATA, OFFLD, alive, free_port, offld, offld_argv, wait_for
 
 
 def local(*command: str, cwd, **kw) -> subprocess.CompletedProcess:
@@ -217,9 +217,8 @@ def test_daemon_survives_2000_malformed_messages(daemon, work):
 def test_queue_reports_position_and_runs_in_order(start_daemon, work):
     """With one slot, a second job is told it is queued and runs when the first ends."""
     daemon = start_daemon("--slots", "1")
-    first = subprocess.Popen(offld_argv(daemon, "sh", "-c",
-                                        "echo go > started; while [ ! -e release ]; do sleep 0.02; done"),
-                             cwd=work)
+    script = "echo go > started; while [ ! -e release ]; do sleep 0.02; done"
+    first = subprocess.Popen(offld_argv(daemon, "sh", "-c", script), cwd=work)
     wait_for(lambda: (work / "started").exists(), 20, "the first job to start")
     second = subprocess.Popen(offld_argv(daemon, "sh", "-c", "echo second", opts=["-d"]),
                               cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

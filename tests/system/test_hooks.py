@@ -10,9 +10,9 @@ import os
 import re
 import select
 import shlex
-import socket
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -424,7 +424,8 @@ def test_auto_offload_falls_back_to_the_next_command_on_path(tmp_path, work):
     assert (done.returncode, done.stdout, done.stderr) == (0, "local\n", "")
     debug = run(["sh", "-c", SLOT], env=dict(env, OFFLOADFS_DEBUG="1"), cwd=work)
     assert debug.stdout == "local\n"
-    assert f"offld: debug: tcp://{NO_HOST}: connection refused; the job never ran; running " in debug.stderr
+    refused = f"offld: debug: tcp://{NO_HOST}: connection refused; the job never ran"
+    assert f"{refused}; running " in debug.stderr
 
 
 def test_auto_offload_always_policy_never_runs_locally(tmp_path, work):
@@ -469,7 +470,8 @@ def test_auto_offload_never_loops_into_itself(tmp_path, work):
     env = wrapper_env(tmp_path, NO_HOST, [a, b, a, tmp_path / "a/."])
     done = run([name], env=env, cwd=work, timeout=30)
     assert done.returncode == 255
-    assert done.stderr.splitlines() == [f"offld: tcp://{NO_HOST}: connection refused; the job never ran"]
+    refused = f"offld: tcp://{NO_HOST}: connection refused; the job never ran"
+    assert done.stderr.splitlines() == [refused]
     c, d = tmp_path / "c", tmp_path / "d"   # copies: the same script under other inodes
     for directory in (c, d):
         directory.mkdir()

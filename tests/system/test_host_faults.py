@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import zmq
-
 from offloadd import warden
+
 from offloadfs import protocol
 
 from ..harness import OFFLD, alive, offld, wait_for

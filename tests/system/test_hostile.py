@@ -23,13 +23,13 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-
 from offloadd import limits
 from offloadd import server as daemon_server
 from offloadd.broker import Broker as InProcessBroker
 from offloadd.broker import BrokerConfig
 from offloadd.config import ServeConfig
 from offloadd.server import Job, Server
+
 from offloadfs import protocol
 
 from ..harness import OFFLD, alive, wait_for
@@ -460,7 +460,7 @@ def test_tiny_stdin_chunks_count_their_overhead(server, sent):
     for _ in range(15):
         server._received([b"c1", *protocol.encode("stdin", "j", b"x" * protocol.CHUNK)])
     tiny = protocol.encode("stdin", "j", b"x")
-    for n in range(1, 2**21):
+    for n in range(1, 2**21):  # noqa: B007 (n is how many it took)
         server._received([b"c1", *tiny])
         if not server.jobs:
             break

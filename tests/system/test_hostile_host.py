@@ -135,8 +135,8 @@ class Send:
         rest = {k: v for k, v in h.items() if k not in ("v", "t", "job")}
         text = repr(rest)
         return (f"Send({h.get('t')!r}, job={job}, {text[:80]}"
-                f"{', payload=%d' % self.size if self.size is not None else ''}"
-                f"{', +%d frames' % len(self.extra) if self.extra else ''})")
+                f"{f', payload={self.size}' if self.size is not None else ''}"
+                f"{f', +{len(self.extra)} frames' if self.extra else ''})")
 
 
 @dataclasses.dataclass(frozen=True)

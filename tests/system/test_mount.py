@@ -12,8 +12,17 @@ import time
 
 import pytest
 
-from ..harness import (free_port, test_user, DATA, OFFLOADFS, alive, convert_both_ways,
-                       fuse_mounts, marker_dir, wait_for)
+from ..harness import (
+    DATA,
+    OFFLOADFS,
+    alive,
+    convert_both_ways,
+    free_port,
+    fuse_mounts,
+    marker_dir,
+    test_user,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -32,7 +41,8 @@ def host(start_daemon, marker):
 def config(tmp_path):
     """A VM config with a short acknowledgement timeout and a private state file."""
     path = tmp_path / "vm.toml"
-    path.write_text(f'[client]\nconnect_timeout = 2.0\n[mount]\nstate_file = "{tmp_path}/state.json"\n')
+    path.write_text(f'[client]\nconnect_timeout = 2.0\n'
+                    f'[mount]\nstate_file = "{tmp_path}/state.json"\n')
     return str(path)
 
 
@@ -87,7 +97,8 @@ def test_shims_are_executable_read_only_files(mount):
     st = os.stat(mount.path / "cat")
     assert oct(st.st_mode & 0o7777) == "0o555" and st.st_uid == 0
     for attempt in (lambda: open(mount.path / "new", "w"), lambda: os.mkdir(mount.path / "d"),
-                    lambda: os.unlink(mount.path / "cat"), lambda: os.chmod(mount.path / "cat", 0o777),
+                    lambda: os.unlink(mount.path / "cat"),
+                    lambda: os.chmod(mount.path / "cat", 0o777),
                     lambda: os.truncate(mount.path / "cat", 0)):
         with pytest.raises(OSError):
             attempt()
@@ -347,8 +358,8 @@ def test_mounting_over_a_stale_mount_works(start_mount, host, config, tmp_path, 
     proc = subprocess.Popen([OFFLOADFS, "mount", str(stale), "-f", "-H", host.hostport,
                              "-c", config], stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: _listdir(stale) == ["cat", "convert", "env", "head", "sh", "sleep", "true"],
-                 20, "the new mount's shims")
+        shims = ["cat", "convert", "env", "head", "sh", "sleep", "true"]
+        wait_for(lambda: _listdir(stale) == shims, 20, "the new mount's shims")
     finally:
         subprocess.run([OFFLOADFS, "umount", str(stale)], timeout=30)
         proc.wait(20)

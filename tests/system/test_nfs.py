@@ -12,7 +12,7 @@ import zmq
 
 from offloadfs import protocol
 
-from ..harness import free_port, test_user, OFFLD, alive, convert_both_ways, wait_for
+from ..harness import OFFLD, alive, convert_both_ways, free_port, test_user, wait_for
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/ganesha.nfsd"),
                                 reason="nfs-ganesha is not installed (make install)")

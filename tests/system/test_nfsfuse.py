@@ -23,9 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from offloadd.nfs.binding import NfsError
 from offloadd.nfs.retry import once_more_if_broken
+
 from offloadfs.export import ExportConfig, GaneshaExport
 
 from ..harness import CONVERT, wait_for

@@ -3,10 +3,10 @@ import logging
 import select
 
 import zmq
+from offloadd import limits, router
 
 from offloadfs import protocol
 from offloadfs.protocol import ProtocolError
-from offloadd import limits, router
 
 
 def test_bind_takes_a_free_port_with_each_sides_options():

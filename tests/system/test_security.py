@@ -39,7 +39,8 @@ class Keys:
 
     def host_toml(self, extra: str = "", name: str = "host") -> str:
         """A daemon's config with its keys, and ``extra`` lines."""
-        return self._write(f"{name}.toml", f'[security]\nsecret_key = "{self.dir}/{name}.key_secret"'
+        return self._write(f"{name}.toml",
+                           f'[security]\nsecret_key = "{self.dir}/{name}.key_secret"'
                            f'\nauthorized_keys = "{self.authorized}"\n{extra}')
 
     def vm_toml(self, name: str = "vm", server: str = "host") -> str:
@@ -239,7 +240,8 @@ def test_root_needs_a_rule_as_well_as_allow_root(start_daemon, keys, work):
 def test_uid_outside_the_vms_range_is_refused(start_daemon, keys, user, userwork):
     """[security.vms.vm] uids excludes the caller: refused; a range with it: runs."""
     uid = pwd.getpwnam(user).pw_uid
-    d = keyed_daemon(start_daemon, keys, extra=f'[security.vms.vm]\nuids = "{uid + 1}-{uid + 100}"\n')
+    uids = f'[security.vms.vm]\nuids = "{uid + 1}-{uid + 100}"\n'
+    d = keyed_daemon(start_daemon, keys, extra=uids)
     r = run(d.hostport, "sh", "-c", "touch ran", config=keys.vm_toml(), cwd=userwork, user=user)
     assert r.returncode == 255 and f"may not claim uid {uid}".encode() in r.stderr, r.stderr
     assert not (userwork / "ran").exists()
@@ -362,8 +364,8 @@ def test_without_keys_a_daemon_on_all_interfaces_warns(tmp_path):
 
 def test_without_keys_the_default_is_loopback_only():
     """No keys and no --listen: loopback; with keys: every interface."""
-    from offloadd.config import Security, ServeConfig
     from offloadd.cli import parser
+    from offloadd.config import Security, ServeConfig
     args = parser().parse_args(["serve"])
     assert ServeConfig().apply_flags(args).listen == "tcp://127.0.0.1:7788"
     keyed = ServeConfig(security=Security(secret_key="s", authorized_keys="a"))

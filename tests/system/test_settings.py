@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from offloadd.config import BrokerConfig
+
 from offloadfs import settings
 from offloadfs.settings import ConfigError, host_endpoint, host_port
 

@@ -137,7 +137,8 @@ def test_staged_command_through_the_shim_as_a_user(stage_mount, marker_tree, tmp
 
 
 def test_staging_reads_only_what_the_caller_may(stage_mount, marker_tree, tmp_path, traversable):
-    """A symlink in the caller's tree to a root-only file is not sent (the caller cannot read it)."""
+    """A symlink in the caller's tree to a root-only file is not sent (the caller cannot read
+    it)."""
     user = "offstage1"
     if subprocess.run(["id", user], capture_output=True).returncode != 0:
         subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", user], check=True)

@@ -351,8 +351,8 @@ def test_pipes_stay_pipes_at_a_terminal(direct, shell_of):
 def test_a_pager_downstream_keeps_the_terminal_settings_it_chose(direct, shell_of, work):
     """`cmd | pager`: the pager (here: stty -echo, read, stty -g) sets the terminal; the job
     ending upstream leaves those settings alone, exactly as when cmd runs locally."""
-    (work / "pager").write_text("/bin/stty -echo </dev/tty\ncat >/dev/null\n/bin/stty -g </dev/tty\n"
-                                "/bin/stty echo </dev/tty\n")
+    (work / "pager").write_text("/bin/stty -echo </dev/tty\ncat >/dev/null\n"
+                                "/bin/stty -g </dev/tty\n/bin/stty echo </dev/tty\n")
     sh = shell_of(direct)
     settings = []
     for prefix, offload in ((b"/bin/", False), (b"", True)):

@@ -2,10 +2,10 @@
 import os
 
 import pytest
-
-from offloadfs import protocol
 from offloadd import admission, limits, policy
 from offloadd.config import ServeConfig
+
+from offloadfs import protocol
 
 NOBODY = 65534
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from offloadd.broker_rules import (
     BadHost,
     Cancel,
@@ -18,6 +17,7 @@ from offloadd.broker_rules import (
     Reannounce,
     Rules,
 )
+
 from offloadfs.states import HostState
 
 

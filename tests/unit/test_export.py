@@ -1,8 +1,8 @@
 """The VM's export settings and descriptors, and the host's path rules, without servers."""
 
 import pytest
-
 from offloadd import policy
+
 from offloadfs import export
 from offloadfs.settings import ConfigError
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
-
 from offloadd import policy
 from offloadd.policy import HOST_PATH, Allowlist, Refused, base_env, check_identity, job_env
+
 from offloadfs import environ
 from offloadfs.environ import DEFAULT_PASS, matches, passing
 

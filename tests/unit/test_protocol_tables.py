@@ -164,7 +164,7 @@ def kinds_in(tree: ast.AST) -> set[str]:
                       and [_name(t) for t in s.targets] == ["kind"] for w in _words([s.value])}
         elif isinstance(node, ast.arguments):
             named = node.args[len(node.args) - len(node.defaults):]
-            found |= _words(d for a, d in zip(named, node.defaults) if a.arg == "kind")
+            found |= _words(d for a, d in zip(named, node.defaults, strict=True) if a.arg == "kind")
         elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Tuple) and \
                 _name(node.targets[0].elts[0]) in ("why", "kind") and \
                 isinstance(node.value, ast.Tuple):

@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from offloadd.scheduler import Queued, Scheduler, Dispatch
+from offloadd.scheduler import Dispatch, Queued, Scheduler
 
 
 def test_starts_immediately_when_a_slot_is_free():

@@ -2,10 +2,10 @@
 import collections
 
 import zmq
-
-from offloadfs import protocol
 from offloadd import limits
 from offloadd.streams import MAX_CREDIT, JobStreams
+
+from offloadfs import protocol
 
 
 class FakeProcess:
