@@ -70,6 +70,8 @@ from collections.abc import Hashable, Iterable
 
 from offloadfs.states import HostState, JobState, advance, advance_host
 
+from .scheduler import Queued  # the same action as the host's scheduler: tell a client its place
+
 # --- actions: what the loop carries out, in the order they are returned ----------------------
 
 
@@ -80,14 +82,6 @@ class Dispatch:
     job: Hashable
     host_id: Hashable
     slot: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Queued:
-    """Action: tell the job's client its queue position (1 = oldest); sent when it changes."""
-
-    job: Hashable
-    position: int
 
 
 @dataclasses.dataclass(frozen=True)

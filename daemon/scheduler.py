@@ -26,7 +26,8 @@ class Dispatch:
 
 @dataclasses.dataclass(frozen=True)
 class Queued:
-    """Action: tell this job's client its queue position (1 = next to start)."""
+    """Action: tell this job's client its queue position (1 = next to start); sent when it
+    changes (the broker's rules use it too)."""
 
     job: Hashable
     position: int

@@ -163,7 +163,8 @@ def kinds_in(tree: ast.AST) -> set[str]:
             found |= {w for s in node.body if isinstance(s, ast.Assign)
                       and [_name(t) for t in s.targets] == ["kind"] for w in _words([s.value])}
         elif isinstance(node, ast.arguments):
-            named = node.args[len(node.args) - len(node.defaults):]
+            positional = node.posonlyargs + node.args   # defaults are for the last of these
+            named = positional[len(positional) - len(node.defaults):]
             found |= _words(d for a, d in zip(named, node.defaults, strict=True) if a.arg == "kind")
         elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Tuple) and \
                 _name(node.targets[0].elts[0]) in ("why", "kind") and \
