@@ -43,7 +43,7 @@ def check_vm(config: ServeConfig, msg: Message, ring: keys.Keyring, vm_key: str 
         raise policy.Refused("unauthorized", f"this VM's key is not (or no longer) "
                                              f"authorized on {hostname}")
     data = msg.get("data") or {}
-    export = f"{data.get('server')}:{data.get('export')}" if data.get("mode") == "nfs" \
+    export = f"{data.get('server')}:{data.get('export')}" if data.get("mode") == protocol.DATA_NFS \
         else None
     policy.check_claim(vm, config.security.vms.get(vm), msg["uid"], msg["gid"],
                        msg["groups"], export)

@@ -441,7 +441,7 @@ class Server:
         self.jobs[key] = job
         data = msg.get("data") or {}
         try:
-            if data.get("mode") == "stage":
+            if data.get("mode") == protocol.DATA_STAGE:
                 self._begin_staging(job, data)
             else:
                 self._act(self.sched.submit(key))
@@ -585,7 +585,7 @@ class Server:
         job.attaching = time.monotonic()
         job.timings["queue"] = job.attaching - job.received
         data = job.spec.get("data") or {}
-        if data.get("mode") == "nfs":
+        if data.get("mode") == protocol.DATA_NFS:
             self.mounts.attach(data["server"], data["export"],
                                lambda result: self._attached(job, data, result))
         elif job.stage is not None:

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 
+from . import protocol
 from .settings import ConfigError, host_port, section, typed
 
 BACKENDS = ("ganesha", "exportfs", "none")
@@ -105,7 +106,7 @@ class NfsExport(Export):
         os.makedirs(directory, mode=0o755, exist_ok=True)
         with open(os.path.join(directory, nonce), "x"):
             pass
-        return {"mode": "nfs", "server": f"{host}:{port}", "export": self.cfg.root,
+        return {"mode": protocol.DATA_NFS, "server": f"{host}:{port}", "export": self.cfg.root,
                 "path": "" if rel == "." else rel, "nonce": nonce}
 
     def finish(self, data: dict | None) -> None:
