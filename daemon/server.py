@@ -41,8 +41,9 @@ log = logging.getLogger("offloadd")
 
 
 @dataclasses.dataclass
-class Job:
-    """A client's job as the server keeps it."""
+class HostJob:
+    """A client's job as the host's daemon keeps it (the client's side of it is
+    ``offloadfs.jobrun.JobRun``; a broker's record of it, ``broker.BrokerJob``)."""
 
     peer: bytes
     id: str
@@ -83,9 +84,9 @@ class Server:
         self.sched = Scheduler(config.slots)
         self.rlimits = rlimits(config.limits)
         self.hostname = config.name or socket.gethostname()
-        self.jobs: dict[tuple[bytes, str], Job] = {}
+        self.jobs: dict[tuple[bytes, str], HostJob] = {}
         self.peers: dict[bytes, float] = {}
-        self.fdmap: dict[int, tuple[Job, str]] = {}
+        self.fdmap: dict[int, tuple[HostJob, str]] = {}
         self.done = self.failed = 0
         self.recent: list[dict] = []
         self.metrics = Metrics("daemon")
@@ -239,7 +240,7 @@ class Server:
             self._want(poller, job)
         return poller
 
-    def _want(self, poller: zmq.Poller, job: Job) -> None:
+    def _want(self, poller: zmq.Poller, job: HostJob) -> None:
         """Register the fds of ``job`` that can make progress now."""
         proc = job.process
         if proc is None:
@@ -251,7 +252,7 @@ class Server:
         job.streams.want(proc, lambda role, fd, flags: self._register(poller, job, role, fd,
                                                                       flags))
 
-    def _register(self, poller, job: Job, role: str, fd: int, flags: int) -> None:
+    def _register(self, poller, job: HostJob, role: str, fd: int, flags: int) -> None:
         """Register one fd and remember whose it is."""
         poller.register(fd, flags)
         self.fdmap[fd] = (job, role)
@@ -273,7 +274,7 @@ class Server:
             if job.key in self.jobs:
                 self._job_polled_safely(job, role)
 
-    def _job_polled_safely(self, job: Job, role: str) -> None:
+    def _job_polled_safely(self, job: HostJob, role: str) -> None:
         """A bug in handling one job fails that job, never the daemon."""
         try:
             self._job_polled(job, role)
@@ -369,7 +370,7 @@ class Server:
             "daemon restarted"
 
     @staticmethod
-    def _may_have_run(job: Job | None, new: bool = False) -> bool:
+    def _may_have_run(job: HostJob | None, new: bool = False) -> bool:
         """Whether a job may have run, for an error about it: a job we know, if a process was
         ever spawned for it; one we do not know, unless it is a submit we refused (``new``),
         yes: it may have run and ended here, or before a restart."""
@@ -435,7 +436,7 @@ class Server:
             self.failed += 1
             self._refuse(peer, msg.job, exc.kind, str(exc), False)
             return
-        job = Job(peer, msg.job, msg, path=path, cost=cost, streams=JobStreams(
+        job = HostJob(peer, msg.job, msg, path=path, cost=cost, streams=JobStreams(
             msg.job, msg["window"], lambda frames: self.send(peer, frames),
             self.config.limits.get("output")))
         self.jobs[key] = job
@@ -449,7 +450,7 @@ class Server:
             log.exception("internal error starting %s", job.describe())
             self._fail(job, "internal", f"internal error on {self.hostname} starting the job")
 
-    def _begin_staging(self, job: Job, data: dict) -> None:
+    def _begin_staging(self, job: HostJob, data: dict) -> None:
         """-n: a scratch directory of the caller's; the input files come first."""
         spec = job.spec
         try:
@@ -474,7 +475,7 @@ class Server:
         job.streams.staged(len(msg.payload))
         self._staged_maybe(job)
 
-    def _staged_maybe(self, job: Job) -> None:
+    def _staged_maybe(self, job: HostJob) -> None:
         """Once every input byte is in, note what is there and queue the job."""
         if job.stage.complete():
             job.streams.forgive()
@@ -545,7 +546,7 @@ class Server:
         if job:
             self._drop(job, "cancelled by client")
 
-    def _job(self, peer: bytes, msg: Message) -> Job | None:
+    def _job(self, peer: bytes, msg: Message) -> HostJob | None:
         """The job a message names, or None after telling the client it is unknown."""
         job = self.jobs.get((peer, msg.job))
         if job is None:
@@ -561,12 +562,12 @@ class Server:
             if job is not None:
                 self.actions[type(action)](job, action)
 
-    def _do_dispatch(self, job: Job, action: Dispatch) -> None:
+    def _do_dispatch(self, job: HostJob, action: Dispatch) -> None:
         """Start the job in the slot the scheduler gave it."""
         job.slot = action.slot
         self._start(job)
 
-    def _do_queued(self, job: Job, action: Queued) -> None:
+    def _do_queued(self, job: HostJob, action: Queued) -> None:
         """Tell the client its job's queue position: at once the first time, else at the next
         heartbeat."""
         if job.state == JobState.QUEUED:
@@ -580,7 +581,7 @@ class Server:
         self.positions.flush(self.send, lambda key: key in self.jobs
                              and self.jobs[key].state == JobState.QUEUED)
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: HostJob) -> None:
         """Attach the job's data (maybe later, when its mount is made), then spawn it."""
         job.attaching = time.monotonic()
         job.timings["queue"] = job.attaching - job.received
@@ -594,7 +595,7 @@ class Server:
             self._spawn(job, lambda: (admission.shared_cwd(self.config, job.spec,
                                                            self.hostname), None))
 
-    def _attached(self, job: Job, data: dict, result) -> None:
+    def _attached(self, job: HostJob, data: dict, result) -> None:
         """The job's export is mounted (``result`` is its path) or could not be."""
         if job.key not in self.jobs:
             if not isinstance(result, Exception):
@@ -606,7 +607,7 @@ class Server:
         job.mounted = (data["server"], data["export"])
         self._spawn(job, lambda: (admission.nfs_cwd(result, data, self.hostname), result))
 
-    def _spawn(self, job: Job, where) -> None:
+    def _spawn(self, job: HostJob, where) -> None:
         """Spawn the job's process in its slot in the directory ``where()`` gives, confined
         to the tree it also gives (None: shared mode), or fail the job with a clear error."""
         spec = job.spec
@@ -639,7 +640,7 @@ class Server:
             return None
         return spec["uid"], spec["gid"], spec["groups"]
 
-    def _job_polled(self, job: Job, role: str) -> None:
+    def _job_polled(self, job: HostJob, role: str) -> None:
         """One of the job's fds is ready."""
         proc = job.process
         if role in protocol.STREAMS and proc.is_open(role):
@@ -653,7 +654,7 @@ class Server:
             job.state = advance(job.state, "exited")
         self._maybe_exit(job)
 
-    def _changed(self, job: Job) -> None:
+    def _changed(self, job: HostJob) -> None:
         """Tell the client that its job stopped (it then stops itself, as at a terminal)."""
         for event, signum in job.process.changes():
             if event == "stopped":   # its client stops too, and may be silent a while
@@ -661,14 +662,14 @@ class Server:
                 log.info("%s stopped by signal %d", job.describe(), signum)
                 self.send(job.peer, protocol.encode("stopped", job.id, signal=signum))
 
-    def _pump_output(self, job: Job, name: str) -> None:
+    def _pump_output(self, job: HostJob, name: str) -> None:
         """Send what the job wrote on ``name`` (``JobStreams.pump``); a job whose output
         passes the host's limit is killed."""
         if not job.streams.pump(job.process, name):
             self._fail(job, "limit", f"the job's output passed the host's limit of "
                                      f"{show_size(self.config.limits['output'])}; it was killed")
 
-    def _maybe_exit(self, job: Job) -> None:
+    def _maybe_exit(self, job: HostJob) -> None:
         """When the process is reaped and its output drained (and, staging, its files sent
         back), send the exit status."""
         proc = job.process
@@ -683,19 +684,19 @@ class Server:
         log.info("%s exited %d in %.3fs", job.describe(), proc.status, job.timings["run"])
         self._retire(job, proc.status)
 
-    def _fail(self, job: Job, kind: str, text: str) -> None:
+    def _fail(self, job: HostJob, kind: str, text: str) -> None:
         """End a job with an error the client reports as exit 255 (saying whether it may have
         run: then it must never be run again, anywhere)."""
         log.info("%s failed: %s", job.describe(), text)
         self._job_error(job.peer, job.id, kind, text, job.spawned)
         self._retire(job, None)
 
-    def _drop(self, job: Job, why: str) -> None:
+    def _drop(self, job: HostJob, why: str) -> None:
         """Kill a job whose client is gone or gave up."""
         log.info("%s killed: %s", job.describe(), why)
         self._retire(job, None)
 
-    def _retire(self, job: Job, status: int | None) -> None:
+    def _retire(self, job: HostJob, status: int | None) -> None:
         """Remove a job (once), kill what is left of it, free its slot and mount, count it."""
         if self.jobs.pop(job.key, None) is None:
             return
@@ -816,7 +817,7 @@ SIGNALS = frozenset(signal.valid_signals())   # a signal a client may send its j
 
 def _child_changed(signum, frame) -> None:
     """SIGCHLD: nothing to do here; the wake-up fd makes the loop look at its jobs."""
-def _summary(job: Job, status: int | None) -> dict:
+def _summary(job: HostJob, status: int | None) -> dict:
     """A job as ``status`` reports it."""
     return {"job": job.id, "command": os.fsdecode(job.spec["argv"][0])[:255],
             "status": -1 if status is None else status, "uid": job.spec["uid"],

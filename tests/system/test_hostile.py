@@ -28,7 +28,7 @@ from offloadd import server as daemon_server
 from offloadd.broker import Broker as InProcessBroker
 from offloadd.broker import BrokerConfig
 from offloadd.config import ServeConfig
-from offloadd.server import Job, Server
+from offloadd.server import HostJob, Server
 
 from offloadfs import protocol
 
@@ -336,8 +336,8 @@ def test_server_refuses_generated_hostile_input(server, tmp_path, caplog, monkey
     assert victim.process is not None
     canary = tmp_path / "canary"
     admitted = []       # an admitted job goes at once (its client is not there): spy
-    monkeypatch.setattr(daemon_server, "Job",
-                        lambda *args, **kw: admitted.append(args) or Job(*args, **kw))
+    monkeypatch.setattr(daemon_server, "HostJob",
+                        lambda *args, **kw: admitted.append(args) or HostJob(*args, **kw))
 
     @IN_PROCESS
     @given(st.binary(min_size=1, max_size=12) | st.just(link),
@@ -637,6 +637,7 @@ class Outcome:
     victim_ran: bool
     news: list
     kinds: dict
+    rounds_kb: list = dataclasses.field(default_factory=list)   # RSS after each round
 
 
 def flood(endpoint: str, pid: int, messages: list, total: int) -> Outcome:
@@ -647,6 +648,7 @@ def flood(endpoint: str, pid: int, messages: list, total: int) -> Outcome:
     senders = Flood(ctx, endpoint)
     victim = dealer(ctx, endpoint, b"victim-peer")
     news: list[protocol.Message] = []
+    rounds: list[int] = []
     try:
         victim.send_multipart(submit_frames(VICTIM, b"sleep", b"60"))
         started = wait_for(lambda: [m for m in received(victim) if m.kind == "started"], 20,
@@ -662,8 +664,9 @@ def flood(endpoint: str, pid: int, messages: list, total: int) -> Outcome:
                     news += received(victim)
                     senders.read()
             senders.sync()
+            rounds.append(rss_kb(pid))
             if start == 0:
-                warm_kb = rss_kb(pid)
+                warm_kb = rounds[0]
         assert senders.sent == total
         after_kb = rss_kb(pid)
         senders.sync()              # a quiet round: a buffer still held just now is not kept
@@ -672,7 +675,7 @@ def flood(endpoint: str, pid: int, messages: list, total: int) -> Outcome:
         news += received(victim)
         pid = started[0]["pid"]
         return Outcome(warm_kb, after_kb, alive(pid) and not stopped_or_gone(pid), news,
-                       senders.kinds)
+                       senders.kinds, rounds)
     finally:
         victim.send_multipart(protocol.encode("cancel", VICTIM))
         victim.close(linger=1000)
@@ -695,7 +698,8 @@ def check_outcome(outcome: Outcome, log: str, canary: Path, what: str, total: in
         print(f"\n    {what} RSS after the warm-up {outcome.warm_kb / 1024:.1f} MB, at the end "
               f"{outcome.after_kb / 1024:.1f} MB; {warnings} warnings; errors read "
               f"{outcome.kinds}")
-    assert (outcome.after_kb - outcome.warm_kb) * 1024 < SLACK * (total - WARMUP)
+    assert (outcome.after_kb - outcome.warm_kb) * 1024 < SLACK * (total - WARMUP), \
+        f"{what} RSS after each round of {WARMUP}: {outcome.rounds_kb} KB"
 
 
 def test_daemon_survives_10000_hostile_messages_with_flat_memory(start_daemon, nobody_dirs,
