@@ -500,8 +500,8 @@ TOTAL, WARMUP = 10_000, 1_000
 # further message: 7.2 MB over the last 9,000. A leak of 1 KB a message is 9 MB, past it (a
 # planted one measured +15 MB). What legitimately stays measured 0.3 to 1.9 MB (daemon) and
 # 0.3 to 3.2 MB (broker) with the test alone, and 4.1 to 5.5 MB (daemon) inside the whole
-# suite on 2 busy CPUs (the slower the flood, the more rate-limit tokens refill, so the more
-# replies wait for the deaf senders; one CI run failed at 5.4 MB): the limiters' tables filling
+# suite on 2 busy CPUs (probably: the slower the flood, the more rate-limit tokens refill, the more
+# replies wait for the deaf senders; not verified; one CI run failed at 5.5 MB): the limiters' tables filling
 # with the fresh routing ids (bounded at limits.MAX_PEERS), the replies the deaf senders never
 # read (a few hundred, rate limited), allocator fragmentation. The processes run with glibc's
 # mmap threshold fixed at its default (MALLOC_MMAP_THRESHOLD_): left dynamic, it rises to the
