@@ -498,15 +498,15 @@ def test_a_ping_naming_many_jobs_gets_a_bounded_number_of_replies(server, sent):
 TOTAL, WARMUP = 10_000, 1_000
 # Flat memory: after a warm-up of 1,000 messages, the RSS may grow by at most SLACK bytes per
 # further message: 7.2 MB over the last 9,000. A leak of 1 KB a message is 9 MB, past it (a
-# planted one measured +15 MB). What legitimately stays measured 0.3 to 1.9 MB (daemon) and
-# 0.3 to 3.2 MB (broker) with the test alone, and 4.1 to 5.5 MB (daemon) inside the whole
-# suite on 2 busy CPUs (probably: the slower the flood, the more rate-limit tokens refill, the more
-# replies wait for the deaf senders; not verified; one CI run failed at 5.5 MB): the limiters' tables filling
+# planted one measured +15 MB). What legitimately stays measured 0.3 to 1.9 MB (daemon) and 0.3 to
+# 3.2 MB (broker) with the test alone, and 4.1 to 5.5 MB (daemon) inside the whole suite on 2 busy
+# CPUs (probably: the slower the flood, the more rate-limit tokens refill, the more replies wait
+# for the deaf senders; not verified; one CI run failed at 5.5 MB): the limiters' tables filling
 # with the fresh routing ids (bounded at limits.MAX_PEERS), the replies the deaf senders never
-# read (a few hundred, rate limited), allocator fragmentation. The processes run with glibc's
-# mmap threshold fixed at its default (MALLOC_MMAP_THRESHOLD_): left dynamic, it rises to the
-# size of the first 4 MiB buffer freed, and from then on such buffers come from the heap and
-# stay resident, a 2 to 8 MB step at a random point.
+# read (a few hundred, rate limited), allocator fragmentation. The processes run with glibc's mmap
+# threshold fixed at its default (MALLOC_MMAP_THRESHOLD_): left dynamic, it rises to the size of
+# the first 4 MiB buffer freed, and from then on such buffers come from the heap and stay
+# resident, a 2 to 8 MB step at a random point.
 SLACK = 800
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
