@@ -28,7 +28,7 @@ from offloadd.nfs.retry import once_more_if_broken
 
 from offloadfs.export import ExportConfig, GaneshaExport
 
-from ..harness import CONVERT, wait_for
+from ..harness import CONVERT, Proc, wait_for
 
 NOBODY = pwd.getpwnam("nobody")
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -67,47 +67,32 @@ class Server:
         self.export.stop()
 
 
-class Fuse:
-    """A ``python -m offloadd.nfs`` process and its mount point."""
+class Fuse(Proc):
+    """A ``python -m offloadd.nfs`` process (the harness's :class:`Proc`) and its mount point."""
+
+    what = "nfsfuse"
 
     def __init__(self, server: Server, logdir: Path, *args: str):
         """Start it and wait (bounded) until the mount point is in mountinfo."""
         self.server = server
         self.mnt = Path(tempfile.mkdtemp(prefix="nfsfuse-mnt-", dir="/tmp"))
         self.mnt.chmod(0o755)
-        self.log_path = logdir / f"nfsfuse-{time.monotonic_ns()}.log"
-        self.log_file = open(self.log_path, "wb")
         argv = [sys.executable, "-m", "offloadd.nfs", f"127.0.0.1:{server.port}",
                 str(server.root), str(self.mnt), "--foreground", "--timeout", str(TIMEOUT), *args]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, cwd="/")
-        wait_for(self._up, 20, f"{self.mnt} to be mounted")
-
-    def _up(self) -> bool:
-        """Mounted yet? Fails at once if the process died."""
-        if self.proc.poll() is not None:
-            pytest.fail(f"nfsfuse exited {self.proc.returncode}: {self.log()}")
-        return mounted(self.mnt)
-
-    def log(self) -> str:
-        """What the process logged so far."""
-        return self.log_path.read_text(errors="replace")
+        super().__init__(argv, logdir / f"nfsfuse-{time.monotonic_ns()}.log", cwd="/")
+        self.ready(lambda: mounted(self.mnt), f"mount {self.mnt}")
 
     def unmount(self) -> int:
-        """fusermount -u (if still mounted), wait (bounded) for the process; its exit code
-        (again if called twice)."""
-        if self.log_file.closed:
-            return self.proc.returncode
+        """fusermount -u (if still mounted), then its exit code once it ends by itself within
+        20 s (killed and a failure otherwise); again if called twice."""
         if mounted(self.mnt):
             subprocess.run(["fusermount", "-u", str(self.mnt)], check=True, timeout=30)
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.stop(signal.SIGKILL, warn=lambda _: None)
             pytest.fail("nfsfuse did not exit within 20s of being unmounted")
-        self.log_file.close()
-        if not mounted(self.mnt):
+        if self.mnt.exists() and not mounted(self.mnt):
             self.mnt.rmdir()
         return self.proc.returncode
 
