@@ -7,6 +7,9 @@ VENV   := .venv
 # attr (getfattr/setfattr), shellcheck and systemd-analyze for the hooks, nfs-ganesha (the
 # VM's userspace NFS server) and libnfs (the host's userspace NFS client, through ctypes).
 APT_PKGS := python3-venv fuse3 libfuse2 imagemagick attr shellcheck systemd nfs-ganesha nfs-ganesha-vfs libnfs13 libnfs-utils
+# What the guest scenarios of `make test` also need (tests/system/test_guest.py, scripts/vm):
+# QEMU, qemu-img, mmdebstrap (the guest image from Debian's packages), socat (guestfwd relays).
+GUEST_APT_PKGS := qemu-system-x86 qemu-utils mmdebstrap socat
 # What `make bench` also needs (not `make test`): fio (the I/O benchmark), openssh-server and
 # openssh-client (ssh on loopback, compared with the shim), distcc with gcc (compared with gcc
 # through the shim), util-linux (findmnt: where a job's cwd lives).
@@ -31,6 +34,7 @@ demo: install
 	scripts/demo
 
 test: install
+	@scripts/apt-install $(GUEST_APT_PKGS)
 	$(VENV)/bin/pytest -q
 
 # The fast unit tests alone (no processes, mounts or sockets): no Debian packages needed.

@@ -12,6 +12,7 @@ import re
 from offloadfs.settings import ConfigError, load_toml, section, typed
 
 from . import policy
+from .mounts import DEFAULT_MOUNT_OPTIONS
 
 DAEMON_CONFIG = "/etc/offloadfs/offloadd.toml"
 LIMITS = ("cpu", "memory", "open_files", "file_size", "processes", "output")   # [limits] keys
@@ -99,6 +100,7 @@ class ServeConfig:
     mounts_client: str = "kernel"
     mounts_dir: str = "/var/lib/offloadd/mnt"
     idle_unmount: float = 300.0
+    mount_options: str = DEFAULT_MOUNT_OPTIONS
     path_map: dict[str, str] = dataclasses.field(default_factory=dict)
     slot_env: dict[str, str] = dataclasses.field(default_factory=dict)
     metrics: str = ""
@@ -129,6 +131,7 @@ class ServeConfig:
         cfg.mounts_client = typed(mounts, "client", str, cfg.mounts_client)
         cfg.mounts_dir = typed(mounts, "dir", str, cfg.mounts_dir)
         cfg.idle_unmount = float(typed(mounts, "idle_unmount", (int, float), cfg.idle_unmount))
+        cfg.mount_options = typed(mounts, "options", str, cfg.mount_options)
         cfg.path_map = {str(k): str(v) for k, v in typed(mounts, "path_map", dict, {}).items()}
         cfg.env_pass += [str(x) for x in typed(section(data, "env"), "pass", list, [])]
         cfg.limits = dict(section(data, "limits"))
@@ -170,6 +173,7 @@ class ServeConfig:
         if self.mounts_client not in ("kernel", "userspace"):
             raise ConfigError(f"[mounts] client = {self.mounts_client!r}: expected kernel or "
                               f"userspace")
+        _mount_options(self.mount_options)
         if any(not (k.startswith("/") and v.startswith("/")) for k, v in self.path_map.items()):
             raise ConfigError("[mounts] path_map: both sides must be absolute paths")
         self.limits = {name: _limit(name, value) for name, value in self.limits.items()}
@@ -269,3 +273,15 @@ def show_size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
+
+
+def _mount_options(text: str) -> None:
+    """Refuse ``[mounts] options`` that mount(8) would misread or that we set per export."""
+    items = text.split(",")
+    if not text or any(not item or item != item.strip() or " " in item for item in items):
+        raise ConfigError(f"[mounts] options = {text!r}: expected a comma-separated list such "
+                          f"as {DEFAULT_MOUNT_OPTIONS!r}")
+    fixed = [item for item in items if item.partition("=")[0] in ("vers", "nfsvers", "port")]
+    if fixed:
+        raise ConfigError(f"[mounts] options: {fixed[0]!r} is set per export (NFSv4, the port "
+                          "the VM's descriptor names)")

@@ -24,6 +24,10 @@ from offloadfs import mountinfo
 log = logging.getLogger("offloadd")
 
 CLIENTS = ("kernel", "userspace")
+# The kernel client's options after vers=4,port=N: hard (a job's I/O waits out a slow or
+# restarting VM rather than failing), timeo in tenths of a second before a retransmission.
+# A slow link wants more (``[mounts] options``, docs/deployment.md).
+DEFAULT_MOUNT_OPTIONS = "hard,timeo=50"
 
 
 class MountError(Exception):
@@ -46,11 +50,14 @@ class Mount:
 class MountTable:
     """Mounts of (server, export) pairs under ``root``, made with the ``client`` chosen."""
 
-    def __init__(self, root: str, client: str, idle_unmount: float, wake: Callable[[], None]):
-        """Nothing is mounted yet; ``wake`` pokes the loop when a mount is done."""
+    def __init__(self, root: str, client: str, idle_unmount: float, wake: Callable[[], None],
+                 options: str = DEFAULT_MOUNT_OPTIONS):
+        """Nothing is mounted yet; ``wake`` pokes the loop when a mount is done; ``options``
+        go to the kernel client."""
         if client not in CLIENTS:
             raise ValueError(f"mounts client {client!r}: expected kernel or userspace")
         self.root, self.client, self.idle_unmount, self.wake = root, client, idle_unmount, wake
+        self.options = options
         self.mounts: dict[tuple[str, str], Mount] = {}
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
@@ -143,9 +150,7 @@ class MountTable:
         """Make the mount with the configured client; the userspace client's process."""
         server, export = mount.key
         if self.client == "kernel":
-            host, _, port = server.rpartition(":")
-            _run(["mount", "-t", "nfs4", "-o", f"vers=4,port={port},hard,timeo=50",
-                  f"{host}:{export}", mount.path])
+            _run(kernel_mount_command(server, export, mount.path, self.options))
             return None
         logfile = mount.path + ".log"
         with open(logfile, "ab") as log_out:
@@ -171,6 +176,13 @@ class MountTable:
         if mount.proc is not None:
             _stop(mount.proc)
             mount.proc = None
+
+
+def kernel_mount_command(server: str, export: str, path: str, options: str) -> list[str]:
+    """mount(8)'s command line for an export ``server`` (HOST:PORT) names."""
+    host, _, port = server.rpartition(":")
+    return ["mount", "-t", "nfs4", "-o", f"vers=4,port={port},{options}", f"{host}:{export}",
+            path]
 
 
 def _is_mounted(path: str) -> bool:

@@ -112,7 +112,7 @@ class Server:
             self.ctx, e, 3 * config.heartbeat, link_keys) for e in config.connect)}
         self.wakeup = router.Wakeup()
         self.mounts = MountTable(config.mounts_dir, config.mounts_client, config.idle_unmount,
-                                 self.wakeup.poke)
+                                 self.wakeup.poke, config.mount_options)
         if config.metrics:
             self.metrics.serve(config.metrics)
 

@@ -37,6 +37,7 @@ class ExportConfig:
     backend: str = "none"
     root: str = "/home"
     listen: str = ""
+    advertise: str = ""
     clients: list[str] = dataclasses.field(default_factory=lambda: ["127.0.0.1"])
 
     @classmethod
@@ -49,17 +50,32 @@ class ExportConfig:
                               f"{', '.join(BACKENDS)}")
         cfg.root = os.path.realpath(typed(table, "root", str, cfg.root))
         cfg.listen = typed(table, "listen", str, cfg.listen)
+        cfg.advertise = typed(table, "advertise", str, cfg.advertise)
+        if cfg.advertise:
+            cfg.reach()
         cfg.clients = [str(c) for c in typed(table, "clients", list, cfg.clients)]
         return cfg
 
     def address(self) -> tuple[str, int]:
-        """(address, port) where the NFS server is reached: ``listen``, this host's name where
+        """(address, port) where the NFS server listens: ``listen``, this host's name where
         it names no address."""
         try:
             host, port = host_port(self.listen, DEFAULT_NFS_PORT, bind=True)
         except ConfigError:
             raise ConfigError(f"export listen = {self.listen!r}: expected ADDR[:PORT]") from None
         return host or socket.gethostname(), port
+
+    def reach(self) -> tuple[str, int]:
+        """(host, port) the compute hosts are told to mount: ``advertise`` where the server is
+        reached at another address than it listens on (NAT, a port forward), else
+        :meth:`address`."""
+        if not self.advertise:
+            return self.address()
+        try:
+            return host_port(self.advertise, DEFAULT_NFS_PORT)
+        except ConfigError:
+            raise ConfigError(f"export advertise = {self.advertise!r}: expected "
+                              "HOST[:PORT]") from None
 
 
 class Export:
@@ -99,7 +115,7 @@ class NfsExport(Export):
         KeyError if ``cwd`` is outside the root. :meth:`finish` removes the nonce file."""
         if not self.inside(cwd):
             raise KeyError(cwd)
-        host, port = self.cfg.address()
+        host, port = self.cfg.reach()
         rel = os.path.relpath(cwd, self.cfg.root)
         nonce = os.urandom(12).hex()
         directory = os.path.join(self.cfg.root, self.NONCES)

@@ -86,3 +86,20 @@ def test_paths_that_escape_the_export_are_refused(rel):
 def test_paths_below_the_export_are_joined():
     """A plain relative path stays below the mount."""
     assert policy.below("/mnt/x", "a/b") == "/mnt/x/a/b" and policy.below("/mnt/x", "") == "/mnt/x"
+
+
+def test_advertise_is_what_hosts_are_told_while_ganesha_binds_listen(tmp_path):
+    """Behind NAT or a port forward the descriptor names ``advertise``; ganesha still binds
+    ``listen``."""
+    c = cfg(backend="ganesha", root=str(tmp_path), listen="127.0.0.1:20490",
+            advertise="10.0.2.100")
+    assert export.make(c).descriptor(str(tmp_path))["server"] == "10.0.2.100:2049"
+    assert "Bind_addr = 127.0.0.1;" in export.ganesha_config(c)
+    assert "NFS_Port = 20490;" in export.ganesha_config(c)
+
+
+@pytest.mark.parametrize("bad", [":", ":2049", "h:x", "h:70000"])
+def test_a_bad_advertise_is_a_one_line_error(bad):
+    """An advertised address must name a host; a port must be a port."""
+    with pytest.raises(ConfigError, match="advertise"):
+        cfg(backend="ganesha", listen="127.0.0.1:1", advertise=bad).reach()
