@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -86,22 +87,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accel() -> str:
-    """``tcg``, or ``kvm`` where OFFLOADFS_VM_ACCEL says so (QEMU's KVM aborts or spins on
-    these machines: see docs/deployment.md)."""
-    choice = os.environ.get("OFFLOADFS_VM_ACCEL", "tcg")
-    if choice not in ("tcg", "kvm"):
-        raise GuestError(f"OFFLOADFS_VM_ACCEL={choice!r}: expected tcg or kvm")
-    return choice
+KVM_PROBE_S = 20   # a KVM guest answers in a few seconds; one that spins never does
+
+
+def accel(image: Image) -> str:
+    """``kvm`` if a probe boot under KVM answered on this machine, else ``tcg``;
+    OFFLOADFS_VM_ACCEL=tcg|kvm decides instead. (QEMU's KVM aborts or spins without output on
+    some hosts: docs/deployment.md.) The probe's answer is cached per QEMU, kernel and CPU."""
+    choice = os.environ.get("OFFLOADFS_VM_ACCEL", "auto")
+    if choice not in ("tcg", "kvm", "auto"):
+        raise GuestError(f"OFFLOADFS_VM_ACCEL={choice!r}: expected tcg, kvm or auto")
+    if choice != "auto":
+        return choice
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
+    key = "\0".join([qemu.stdout.splitlines()[0] if qemu.stdout else "", os.uname().release,
+                     _cpu_model(), str(image.kernel)])
+    cached = CACHE / f"accel-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not cached.exists():
+        probe = Guest(image, accel="kvm")
+        try:
+            probe.boot(timeout=KVM_PROBE_S)
+            found = "kvm"
+        except GuestError:
+            found = "tcg"
+        finally:
+            probe.stop(graceful=False)
+        cached.write_text(found + "\n")
+    return cached.read_text().strip()
+
+
+def _cpu_model() -> str:
+    """This machine's CPU model name."""
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")), "")
 
 
 class Guest:
     """A guest booted from ``image`` with the given forwards (see the module docstring)."""
 
     def __init__(self, image: Image, hostfwd: list[HostForward] = (),
-                 guestfwd: list[GuestForward] = (), memory_mb: int = MEMORY_MB):
-        """Nothing runs until :meth:`boot`."""
+                 guestfwd: list[GuestForward] = (), memory_mb: int = MEMORY_MB,
+                 accel: str | None = None):
+        """Nothing runs until :meth:`boot` (which picks the accelerator unless given)."""
         self.image, self.hostfwd, self.guestfwd = image, list(hostfwd), list(guestfwd)
+        self.accel = accel
         self.memory_mb = memory_mb
         self.dir = Path(tempfile.mkdtemp(prefix="offloadfs-vm-", dir=CACHE))
         self.proc: subprocess.Popen | None = None
@@ -128,8 +160,8 @@ class Guest:
         """QEMU's command line."""
         net = ",".join(["user", "id=net0", "restrict=on", "net=10.0.2.0/24",
                         *(f.rule() for f in self.hostfwd + self.guestfwd)])
-        return ["qemu-system-x86_64", "-name", "offloadfs-guest", "-accel", accel(),
-                *(["-cpu", "host"] if accel() == "kvm" else []),
+        return ["qemu-system-x86_64", "-name", "offloadfs-guest", "-accel", self.accel,
+                *(["-cpu", "host"] if self.accel == "kvm" else []),
                 "-nodefaults", "-m", str(self.memory_mb), "-smp", "1", "-display", "none",
                 "-no-reboot",
                 "-monitor", "none", "-serial", f"file:{self.console}",
@@ -144,6 +176,7 @@ class Guest:
 
     def boot(self, timeout: float = 120) -> None:
         """Start QEMU and wait until the control agent answers."""
+        self.accel = self.accel or accel(self.image)
         started = time.monotonic()
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
                         str(self.image.disk), str(self.dir / "overlay.qcow2")], check=True)
@@ -247,8 +280,12 @@ class Guest:
         """Write a file in the guest (as ``uid``)."""
         self.run(["dd", f"of={path}", "status=none"], input=data, uid=uid)
 
-    def stop(self) -> None:
-        """Power off (or kill QEMU), close the channel, remove the run directory."""
+    def stop(self, graceful: bool = True) -> None:
+        """Power off (or kill QEMU: at once unless ``graceful``), close the channel, remove
+        the run directory."""
+        if self.proc is not None and self.proc.poll() is None and not graceful:
+            self.proc.kill()
+            self.proc.wait()
         if self.proc is not None and self.proc.poll() is None:
             try:
                 if self.sock is not None:

@@ -389,7 +389,8 @@ def check(image, names=tuple(SCENARIOS), out=print) -> bool:
             ports.guest(image) as g:
         tmp = Path(name)
         tmp.chmod(0o755)
-        out(f"vm: guest up in {g.boot_s:.1f} s ({g.run(['uname', '-r']).text.strip()})")
+        kernel = g.run(["uname", "-r"]).text.strip()
+        out(f"vm: guest up in {g.boot_s:.1f} s ({kernel}, {g.accel})")
         start_nfsd(g)
         for scenario in names:
             started = time.monotonic()
