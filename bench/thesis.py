@@ -28,8 +28,8 @@ one generated JPEG (3000x3000 by default, ``--size 10000`` the thesis's, ``--qui
 per environment: *VM alone* (``/usr/bin/convert`` in the capped VM; it does not touch the
 network, so it is measured once per CPU setting and shared by the two networks), *offloaded*
 (the same command line through the shim, from the capped VM, in the exported directory) and,
-for reference, *native* (``convert`` here, uncapped). The rounds interleave the ways (per
-round and job: VM alone, then the offloaded run on each network). Offloaded = execution +
+for reference, *native* (``convert`` here, uncapped). Each round has every way (per CPU
+setting and job: VM alone, then offloaded on each network; then native). Offloaded = execution +
 overhead: **execution** is the host's own ``run`` time of the job (the daemon times the
 command from spawn to reap and sends it in the exit message; the mount keeps it per job in
 ``user.offload.status``, read after each run), which includes the command's NFS reads and
@@ -562,36 +562,43 @@ def offloaded(bed: Bed, argv: Sequence[str], work: Path, env: dict) -> dict:
 
 def measure(bed: Bed, work: Path, source: Path, envs: Sequence[Env], runs: int,
             quotas: dict[int, float]) -> dict:
-    """All rounds: per CPU setting, round and job the VM alone, then offloaded on each of its
-    networks; native once per round and job."""
-    env = bed.daemon.client_env()
+    """All rounds, each: per CPU setting and job the VM alone, then offloaded on each of its
+    networks; then native per job (a drift in the machine's load hits every way alike)."""
     samples: dict = {"vm": {}, "offloaded": {}, "native": {}}
-    for mhz in mhzs_of(envs):
-        bed.vm.set(quotas[mhz])
-        for n in range(runs):
+    for n in range(runs):
+        for mhz in mhzs_of(envs):
+            bed.vm.set(quotas[mhz])
             for job in JOBS:
-                argv = [source.name, *job.op]
-                ms, _ = timed_run(bed.vm_argv([CONVERT, *argv, f"{vm_way(mhz)}-{job.slug}.jpg"]),
-                                  env, cwd=work)
-                samples["vm"].setdefault(str(mhz), {}).setdefault(job.name, []).append(ms / 1000)
-                line = f"VM alone {ms / 1000:.2f} s"
-                # The VM alone ends throttled, its quota spent until the period's end: without
-                # this pause the next job's shim and agent would wait out the rest of the
-                # period (up to 76 ms at 500 MHz), an overhead of the last job, not theirs.
-                time.sleep(CFS_PERIOD_US / 1e6)
-                for e in (e for e in envs if e.mhz == mhz):
-                    bed.link.shape(e.mbit)
-                    rec = offloaded(bed, ["convert", *argv, f"{offloaded_way(e)}-{job.slug}.jpg"],
-                                    work, env)
-                    samples["offloaded"].setdefault(e.name, {}).setdefault(job.name, []).append(rec)
-                    line += (f"; {e.name} {rec['total_s']:.2f} s (execution "
-                             f"{rec['execution_s']:.2f})")
-                print(f"thesis: {mhz} MHz round {n + 1}/{runs} {job.name}: {line}", flush=True)
-    for _ in range(runs):
+                line = one_job(bed, work, source, job, mhz, [e for e in envs if e.mhz == mhz],
+                               samples)
+                print(f"thesis: round {n + 1}/{runs} {mhz} MHz {job.name}: {line}", flush=True)
         for job in JOBS:
             ms, _ = timed_run([CONVERT, source.name, *job.op, f"native-{job.slug}.jpg"], cwd=work)
             samples["native"].setdefault(job.name, []).append(ms / 1000)
     return samples
+
+
+def one_job(bed: Bed, work: Path, source: Path, job, mhz: int, envs: Sequence[Env],
+            samples: dict) -> str:
+    """``job`` by the VM alone at ``mhz`` (now set), then offloaded in each of ``envs``, into
+    ``samples``; a line saying the times."""
+    env = bed.daemon.client_env()
+    argv = [source.name, *job.op]
+    ms, _ = timed_run(bed.vm_argv([CONVERT, *argv, f"{vm_way(mhz)}-{job.slug}.jpg"]), env,
+                      cwd=work)
+    samples["vm"].setdefault(str(mhz), {}).setdefault(job.name, []).append(ms / 1000)
+    line = f"VM alone {ms / 1000:.2f} s"
+    # The VM alone ends throttled, its quota spent until the period's end: without this
+    # pause the next job's shim and agent would wait out the rest of the period (up to 76 ms
+    # at 500 MHz), an overhead of the last job, not theirs.
+    time.sleep(CFS_PERIOD_US / 1e6)
+    for e in envs:
+        bed.link.shape(e.mbit)
+        rec = offloaded(bed, ["convert", *argv, f"{offloaded_way(e)}-{job.slug}.jpg"], work,
+                        env)
+        samples["offloaded"].setdefault(e.name, {}).setdefault(job.name, []).append(rec)
+        line += f"; {e.name} {rec['total_s']:.2f} s (execution {rec['execution_s']:.2f})"
+    return line
 
 
 def fio_env(bed: Bed, work: Path, e: Env, pct: float, size: str, runtime: int,
