@@ -16,11 +16,12 @@ makes a mount namespace: the FUSE and NFS mounts would be invisible to the other
 
 **Calibration.** A clock probe (a chain of dependent 64-bit multiplies, 3 cycles each on any
 x86-64 core of the last decade, built here with ``cc``) reads this core's clock as cycles per
-second of wall time, the best of five short uncapped runs (/proc/cpuinfo's "cpu MHz" is
-recorded beside it: in a VM it is the TSC's nominal rate, not the clock the core runs at). The
-quota is target MHz / core MHz of one CPU (cgroup v1 ``cpu.cfs_quota_us`` or v2 ``cpu.max``,
-period 100 ms); then the same probe runs inside the capped cgroup for about 2 s (20 periods)
-and its reading, the VM's effective clock, must come within 15% of the target (else a
+second of the probe's own CPU time (preemption by other work on the machine does not count),
+the best of five short uncapped runs (/proc/cpuinfo's "cpu MHz" is recorded beside it: in a
+VM it is the TSC's nominal rate, not the clock the core runs at). The quota is target MHz /
+core MHz of one CPU (cgroup v1 ``cpu.cfs_quota_us`` or v2 ``cpu.max``, period 100 ms); then
+the same probe runs inside the capped cgroup for about 2 s (20 periods) and its cycles per
+second of wall time, the VM's effective clock, must come within 15% of the target (else a
 warning).
 
 **Table 5.4 / Figs 5.3.1-5.3.2.** The thesis's six ImageMagick jobs (bench/imagemagick.py) on
@@ -129,27 +130,31 @@ LINK_DEADLINE = 30.0
 
 # --- the CPU cap -----------------------------------------------------------------------------
 PROBE_C = r"""/* offloadfs bench thesis: cycles of a chain of dependent 64-bit multiplies (3 cycles
-   each on x86-64 cores since Core 2 and K10), and the wall time they took. */
+   each on x86-64 cores since Core 2 and K10), and the wall and CPU time they took. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 #define M "imul %0, %0\n\t"
+static double now(clockid_t clock) {
+    struct timespec t;
+    clock_gettime(clock, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
 int main(int argc, char **argv) {
     unsigned long n = argc > 1 ? strtoul(argv[1], 0, 10) : 1000000, x = 3;
-    struct timespec a, b;
-    clock_gettime(CLOCK_MONOTONIC, &a);
+    double wall = now(CLOCK_MONOTONIC), cpu = now(CLOCK_THREAD_CPUTIME_ID);
     for (unsigned long i = 0; i < n; i++)
         __asm__ volatile(M M M M M M M M M M M M M M M M M M M M : "+r"(x));
-    clock_gettime(CLOCK_MONOTONIC, &b);
-    printf("%lu cycles in %.6f s (%lu)\n", n * 60, (b.tv_sec - a.tv_sec) +
-           (b.tv_nsec - a.tv_nsec) / 1e9, x);
+    wall = now(CLOCK_MONOTONIC) - wall;
+    cpu = now(CLOCK_THREAD_CPUTIME_ID) - cpu;
+    printf("%lu cycles in %.6f s wall, %.6f s cpu (%lu)\n", n * 60, wall, cpu, x);
     return 0;
 }
 """
 PROBE_CYCLES_PER_ITERATION = 60
-PROBE_OUTPUT = re.compile(r"^(\d+) cycles in ([0-9.]+) s")
-PROBE_UNCAPPED_S = 0.15  # each uncapped run, at about 2 GHz: short, so that some run is
-PROBE_UNCAPPED_RUNS = 5  # not disturbed by the rest of the machine (the best one counts)
+PROBE_OUTPUT = re.compile(r"^(\d+) cycles in ([0-9.]+) s wall, ([0-9.]+) s cpu")
+PROBE_UNCAPPED_S = 0.15  # each uncapped run, at about 2 GHz, timed by its CPU time; the best
+PROBE_UNCAPPED_RUNS = 5  # of five counts (a run can only read low: cache misses, interrupts)
 PROBE_CAPPED_S = 2.0     # in the cgroup: 20 periods of 100 ms
 PROBE_TOLERANCE = 0.15
 
@@ -479,12 +484,14 @@ def cpuinfo_mhz(text: str) -> float:
     raise BenchError("/proc/cpuinfo has no 'cpu MHz' line")
 
 
-def probe_mhz(output: str) -> float:
-    """The clock the probe saw, in MHz, from its output line."""
+def probe_mhz(output: str, per: str) -> float:
+    """From the probe's output line, its cycles per second (MHz) of ``per``: "cpu" (while it
+    ran: the core's clock) or "wall" (what a capped process gets)."""
     match = PROBE_OUTPUT.match(output)
-    if not match or float(match.group(2)) <= 0:
+    seconds = float(match.group(2 if per == "wall" else 3)) if match else 0.0
+    if seconds <= 0:
         raise BenchError(f"the clock probe printed {output.strip()!r}")
-    return int(match.group(1)) / float(match.group(2)) / 1e6
+    return int(match.group(1)) / seconds / 1e6
 
 
 def probe_iterations(mhz: float, seconds: float) -> int:
@@ -504,12 +511,13 @@ def calibrate(vm: CpuCgroup, probe: Path, mhzs: Sequence[int]) -> dict:
     """This core's clock (the best of short uncapped probes), and per target MHz the quota and
     the probe's reading inside the capped cgroup."""
     n = probe_iterations(2000, PROBE_UNCAPPED_S)
-    core = max(probe_mhz(sh([str(probe), str(n)])) for _ in range(PROBE_UNCAPPED_RUNS))
+    core = max(probe_mhz(sh([str(probe), str(n)]), "cpu") for _ in range(PROBE_UNCAPPED_RUNS))
     settings = {}
     for mhz in mhzs:
         pct = quota_pct(mhz, core)
         vm.set(pct)
-        got = probe_mhz(sh(vm.wrap([str(probe), str(probe_iterations(mhz, PROBE_CAPPED_S))])))
+        got = probe_mhz(sh(vm.wrap([str(probe), str(probe_iterations(mhz, PROBE_CAPPED_S))])),
+                        "wall")
         error = got / mhz - 1
         if abs(error) > PROBE_TOLERANCE:
             warn(f"the VM capped for {mhz} MHz ran the clock probe at {got:.0f} MHz "
@@ -846,10 +854,11 @@ def fio_rows(r: dict) -> list[list]:
 def calibration_line(r: dict) -> str:
     """How the CPU cap was calibrated."""
     c = r["calibration"]
-    return (f"The VM's CPU: {c['cgroup']}, quota = target MHz / this core's {c['core_mhz']} MHz "
-            f"(clock probe: dependent 64-bit multiplies, best of 5 short uncapped runs; "
-            f"/proc/cpuinfo says {c['cpuinfo_mhz']:.0f} MHz, {cpu_model()}), checked by the "
-            "same probe run inside the capped cgroup for about 2 s:")
+    return (f"The VM's CPU: {c['cgroup']}, quota = target MHz / this core's {c['core_mhz']} "
+            "MHz (clock probe: dependent 64-bit multiplies per CPU second, best of 5 short "
+            f"uncapped runs; /proc/cpuinfo says {c['cpuinfo_mhz']:.0f} MHz, {cpu_model()}), "
+            "checked by the same probe run inside the capped cgroup for about 2 s (its cycles "
+            "per wall second):")
 
 
 def notes(r: dict) -> str:

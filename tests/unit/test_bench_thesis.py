@@ -79,11 +79,14 @@ def test_the_quota_is_the_target_clock_over_this_core_s():
 
 
 def test_the_probe_s_reading_is_cycles_per_second():
-    """The probe's line gives MHz; its iteration count takes the asked time at that clock."""
-    assert thesis.probe_mhz("1200000000 cycles in 0.500000 s (1)\n") == pytest.approx(2400)
-    for bad in ("", "12 cycles in 0.000000 s (1)", "cycles"):
+    """The probe's line gives MHz per CPU second (the core) or per wall second (a capped
+    process); its iteration count takes the asked time at that clock."""
+    line = "1200000000 cycles in 0.600000 s wall, 0.500000 s cpu (1)\n"
+    assert thesis.probe_mhz(line, "cpu") == pytest.approx(2400)
+    assert thesis.probe_mhz(line, "wall") == pytest.approx(2000)
+    for bad in ("", "12 cycles in 0.000000 s wall, 0.000000 s cpu (1)", "cycles"):
         with pytest.raises(BenchError, match="probe"):
-            thesis.probe_mhz(bad)
+            thesis.probe_mhz(bad, "wall")
     n = thesis.probe_iterations(500, 2.0)
     assert n * thesis.PROBE_CYCLES_PER_ITERATION / 500e6 == pytest.approx(2.0, rel=1e-6)
 
