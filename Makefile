@@ -12,8 +12,9 @@ APT_PKGS := python3-venv fuse3 libfuse2 imagemagick attr shellcheck systemd nfs-
 GUEST_APT_PKGS := qemu-system-x86 qemu-utils mmdebstrap socat
 # What `make bench` also needs (not `make test`): fio (the I/O benchmark), openssh-server and
 # openssh-client (ssh on loopback, compared with the shim), distcc with gcc (compared with gcc
-# through the shim), util-linux (findmnt: where a job's cwd lives).
-BENCH_APT_PKGS := fio openssh-server openssh-client distcc gcc libc6-dev util-linux
+# through the shim; bench thesis's clock probe), util-linux (findmnt: where a job's cwd lives;
+# nsenter), iproute2 (ip and tc: bench thesis's namespaces and shaped link).
+BENCH_APT_PKGS := fio openssh-server openssh-client distcc gcc libc6-dev util-linux iproute2
 
 .PHONY: install apt venv demo test unit lint bench clean
 

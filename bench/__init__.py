@@ -3,7 +3,7 @@
 Each benchmark is one module with a docstring (its help line), an optional
 ``add_arguments(parser)`` and ``run(opts) -> dict``; register it in :data:`BENCHMARKS`.
 """
-from . import chaos, cluster, imagemagick, io, overhead, shim_designs, stream, terminal
+from . import chaos, cluster, imagemagick, io, overhead, shim_designs, stream, terminal, thesis
 
 BENCHMARKS = {
     "overhead": overhead,
@@ -14,4 +14,5 @@ BENCHMARKS = {
     "io": io,
     "terminal": terminal,
     "chaos": chaos,
+    "thesis": thesis,
 }

@@ -42,7 +42,7 @@ import multiprocessing.connection
 import os
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import msgpack
@@ -597,25 +597,49 @@ def one_job(sock: zmq.Socket, job: str, fields: dict) -> float:
 
 def gpu_queue(clients: int, seconds: float) -> list[dict]:
     """Ten VMs, one GPU: each client's connect, queue and run, in seconds from the start."""
+    with gpu_cluster() as b:
+        return gpu_clients(b.clients, clients, seconds)
+
+
+@contextlib.contextmanager
+def gpu_cluster(clients: str = "tcp://127.0.0.1:0", prefix: Sequence[str] = ()):
+    """A broker taking clients on ``clients`` and one one-slot host tagged gpu, both started
+    after ``prefix`` (e.g. nsenter into a namespace); yields the broker once the host is in."""
+    with broker(clients=clients, prefix=prefix) as b, \
+            host(GPU_COMMANDS, b.workers, "--slots", "1", "--tag", "gpu", "--name", "gpu1",
+                 prefix=prefix):
+        b.wait_hosts(1)
+        yield b
+
+
+def gpu_clients(endpoint: str, clients: int, seconds: float) -> list[dict]:
+    """``clients`` clients of the broker at ``endpoint`` connecting at once, each submitting
+    one ``gpujob SECONDS`` tagged gpu; their timelines, in seconds from the first connect."""
     fields = job_fields([b"gpujob", f"{seconds:g}".encode()], tags=["gpu"])
     with contextlib.ExitStack() as stack:
-        b = stack.enter_context(broker())
-        stack.enter_context(host(GPU_COMMANDS, b.workers, "--slots", "1", "--tag", "gpu",
-                                 "--name", "gpu1"))
-        b.wait_hosts(1)
         ctx = zmq.Context()
         stack.callback(ctx.term)
         socks, records = [], []
         t0 = time.monotonic()
         for i in range(clients):
             at = time.monotonic()
-            sock = dealer(ctx, b.clients)
+            sock = dealer(ctx, endpoint)
             stack.callback(sock.close, 0)
             sock.send(pack("hello"))
             socks.append(sock)
             records.append({"client": i + 1, "hello": at - t0, "positions": []})
         drive_gpu_clients(socks, records, fields, t0, clients * seconds + 30)
     return records
+
+
+def gpu_record(timelines: list[dict]) -> dict:
+    """The GPU queue's JSON record: what ran, each client's timeline, when the last ended."""
+    return {
+        "clients": len(timelines), "job_s": GPU_JOB_S, "host": "one host, 1 slot, tag gpu",
+        "timelines": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                      for r in timelines],
+        "total_s": round(max(r["exit"] for r in timelines), 3),
+    }
 
 
 def drive_gpu_clients(socks: list, records: list[dict], fields: dict, t0: float,
@@ -740,12 +764,7 @@ def results(rows: list[dict], hop: dict, timelines: list[dict], fields: dict, op
     }
     out["hop_n"] = runs
     out["hop_samples_ms"] = {k: [round(v, 3) for v in s] for k, s in hop.items()}
-    out["gpu_queue"] = {
-        "clients": GPU_CLIENTS, "job_s": GPU_JOB_S, "host": "one host, 1 slot, tag gpu",
-        "timelines": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-                      for r in timelines],
-        "total_s": round(max(r["exit"] for r in timelines), 3),
-    }
+    out["gpu_queue"] = gpu_record(timelines)
     out["settings"] = {"window_s": window, "warmup_s": warmup, "rounds": rounds,
                        "load_procs": opts.load_procs,
                        "slots": opts.slots, "env_vars": len(fields["env"]),
@@ -902,8 +921,9 @@ def plot_gpu(r: dict):
     ax.set_xlim(0, g["total_s"] * 1.45)
     ax.set_xlabel("seconds since the clients started")
     ax.set_ylabel("client (VM)")
+    over = f", over {g['network']}" if "network" in g else ""
     ax.set_title(f"{g['clients']} VMs, one one-slot gpu host, gpujob {g['job_s']:g} s each, "
-                 f"through the broker")
+                 f"through the broker{over}")
     ax.grid(True, axis="x", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     labels = [f"{label} (hello round trip, a few ms: too thin to see here)"

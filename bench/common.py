@@ -42,6 +42,7 @@ PROFILE = re.compile(r"offld: profile on \S+: (.*)$", re.MULTILINE)
 STAGE = re.compile(r"(\w+) ([0-9.]+) ms")
 STOP_DEADLINE = 5.0
 XATTR_POLICY, XATTR_STATS = "user.offload.policy", "user.offload.stats"
+XATTR_STATUS = "user.offload.status"   # on the mount's root: hosts and recent jobs (JSON)
 
 BenchError = HarnessError   # a benchmark cannot go on: one line (and maybe a log tail) to say
 
@@ -79,7 +80,8 @@ class Daemon(harness.Daemon):
 
     @property
     def host(self) -> str:
-        """127.0.0.1:PORT, or "" for a host that only connects to a broker."""
+        """ADDRESS:PORT (127.0.0.1 unless told), or "" for a host that only connects to a
+        broker."""
         return self.hostport
 
     def client_env(self) -> dict[str, str]:
@@ -88,10 +90,13 @@ class Daemon(harness.Daemon):
 
 
 @contextlib.contextmanager
-def daemon(commands: dict[str, str], *flags: str) -> Iterator[Daemon]:
-    """``offloadd serve`` on an ephemeral loopback port allowing ``commands``; always stopped."""
+def daemon(commands: dict[str, str], *flags: str, address: str = "127.0.0.1",
+           prefix: Sequence[str] = ()) -> Iterator[Daemon]:
+    """``offloadd serve`` on an ephemeral port of ``address`` (loopback unless told) allowing
+    ``commands``, started after ``prefix`` (e.g. nsenter into a namespace); always stopped."""
     with scratch("offloadfs-bench-") as tmp:
-        d = Daemon(tmp, *flags, commands=commands, allow_root=os.geteuid() == 0)
+        d = Daemon(tmp, *flags, commands=commands, allow_root=os.geteuid() == 0,
+                   address=address, prefix=prefix)
         try:
             yield d
         finally:
@@ -99,10 +104,12 @@ def daemon(commands: dict[str, str], *flags: str) -> Iterator[Daemon]:
 
 
 @contextlib.contextmanager
-def broker(*flags: str) -> Iterator[harness.Broker]:
-    """``offloadd broker`` on two ephemeral loopback ports; always stopped."""
+def broker(*flags: str, clients: str = "tcp://127.0.0.1:0",
+           prefix: Sequence[str] = ()) -> Iterator[harness.Broker]:
+    """``offloadd broker`` taking clients on ``clients`` (an ephemeral loopback port unless
+    told) and hosts on an ephemeral loopback port, started after ``prefix``; always stopped."""
     with scratch("offloadfs-bench-broker-") as tmp:
-        b = harness.Broker(tmp, args=flags)
+        b = harness.Broker(tmp, clients=clients, args=flags, prefix=prefix)
         try:
             yield b
         finally:
@@ -110,14 +117,15 @@ def broker(*flags: str) -> Iterator[harness.Broker]:
 
 
 @contextlib.contextmanager
-def host(commands: dict[str, str], connect: str, *flags: str,
-         listen: bool = False) -> Iterator[Daemon]:
-    """``offloadd serve --connect connect`` allowing ``commands``; with ``listen`` also on an
-    ephemeral loopback port for direct clients (``Daemon.host``, else ""). Always stopped;
-    wait for the broker to log it ready with ``Broker.wait_hosts``."""
+def host(commands: dict[str, str], connect: str, *flags: str, listen: bool = False,
+         prefix: Sequence[str] = ()) -> Iterator[Daemon]:
+    """``offloadd serve --connect connect`` allowing ``commands``, started after ``prefix``;
+    with ``listen`` also on an ephemeral loopback port for direct clients (``Daemon.host``,
+    else ""). Always stopped; wait for the broker to log it ready with
+    ``Broker.wait_hosts``."""
     with scratch("offloadfs-bench-host-") as tmp:
         d = Daemon(tmp, "--connect", connect, *flags, commands=commands,
-                   allow_root=os.geteuid() == 0, listen=listen)
+                   allow_root=os.geteuid() == 0, listen=listen, prefix=prefix)
         try:
             yield d
         finally:
@@ -147,20 +155,30 @@ class Shims(harness.Mount):
                              f"counted {stats}:\n{self.log_tail()}")
         return stats
 
+    def last_job(self) -> dict:
+        """The mount's record of its latest job (``offloadfs status``): where it ran, its
+        exit status and the host's stage times in seconds (queue, attach, run, drain)."""
+        jobs = json.loads(os.getxattr(str(self.path), XATTR_STATUS))["jobs"]
+        if not jobs:
+            raise BenchError(f"the mount at {self.path} has run no job")
+        return jobs[-1]
+
     def set_policy(self, name: str, policy: str) -> None:
         """Set shim ``name``'s policy (auto, always, never); kept in this mount's temp state."""
         os.setxattr(self.shim(name), XATTR_POLICY, policy.encode())
 
 
 @contextlib.contextmanager
-def shims(d: Daemon, names: Sequence[str], *flags: str) -> Iterator[Shims]:
-    """The shims of daemon ``d`` mounted on a temporary mount point, ready once every shim in
-    ``names`` is listed; always unmounted (and the mount process ended) on the way out.
+def shims(d: Daemon, names: Sequence[str], *flags: str,
+          prefix: Sequence[str] = ()) -> Iterator[Shims]:
+    """The shims of daemon ``d`` mounted on a temporary mount point (the mount process started
+    after ``prefix``: e.g. into a cgroup and a namespace), ready once every shim in ``names``
+    is listed; always unmounted (and the mount process ended) on the way out.
 
     The mount keeps its policy state under its own temporary ``XDG_STATE_HOME``."""
     with scratch("offloadfs-bench-mount-") as top:
         env = {**os.environ, "XDG_STATE_HOME": str(top / "state")}
-        m = Shims(top, *flags, hosts=[d.host], wait_for_shim=names, env=env)
+        m = Shims(top, *flags, hosts=[d.host], wait_for_shim=names, env=env, prefix=prefix)
         try:
             yield m
         finally:
@@ -373,6 +391,16 @@ class CpuCgroup:
     version: int
     percent: float
 
+    def set(self, percent: float) -> None:
+        """Cap the cgroup at ``percent`` % of one CPU from now on."""
+        quota = int(CFS_PERIOD_US * percent / 100)
+        if self.version == 1:
+            (self.path / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            (self.path / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+        self.percent = percent
+
     def add(self, pid: int) -> None:
         """Move process ``pid`` (all its threads) into the cgroup."""
         (self.path / "cgroup.procs").write_text(str(pid))
@@ -423,18 +451,13 @@ def cpu_quota(percent: float) -> Iterator[CpuCgroup]:
     else:
         raise BenchError("no cgroup cpu controller (v1 cpu or v2 with cpu) to make a slow VM")
     path = parent / f"offloadfs-bench-{os.getpid()}"
-    quota = int(CFS_PERIOD_US * percent / 100)
     try:
         path.mkdir()
     except OSError as exc:
         raise BenchError(f"cannot create cgroup {path}: {exc} (needs root)") from exc
     group = CpuCgroup(path, version, percent)
     try:
-        if version == 1:
-            (path / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-            (path / "cpu.cfs_quota_us").write_text(str(quota))
-        else:
-            (path / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+        group.set(percent)
         yield group
     finally:
         remove_cgroup(group)
@@ -459,11 +482,13 @@ def remove_cgroup(group: CpuCgroup) -> None:
 
 # --- measuring ------------------------------------------------------------------------------
 
-def timed_run(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, str]:
-    """Run ``argv`` to completion; its wall time in ms and its stderr. Fails on non-zero exit."""
+def timed_run(argv: Sequence[str], env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> tuple[float, str]:
+    """Run ``argv`` (in ``cwd``) to completion; its wall time in ms and its stderr. Fails on
+    non-zero exit."""
     started = time.perf_counter()
-    done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, check=False)
+    done = subprocess.run(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
     elapsed = (time.perf_counter() - started) * 1000
     stderr = done.stderr.decode(errors="replace")
     if done.returncode != 0:

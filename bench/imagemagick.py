@@ -162,16 +162,17 @@ def throttling(vm: CpuCgroup) -> dict:
     return stat
 
 
-def check_outputs(work: Path) -> dict:
-    """Per job: the output's geometry and size, and whether the three ways wrote the same
-    bytes (else: the same pixels, by signature); a difference in pixels is an error."""
+def check_outputs(work: Path, ways=WAYS, jobs=JOBS) -> dict:
+    """Per job: the output's geometry and size, and whether all ``ways`` (the three of this
+    benchmark unless told) wrote the same bytes (else: the same pixels, by signature) in
+    ``work/WAY-JOB.jpg``; a difference in pixels is an error."""
     out = {}
-    for job in JOBS:
-        files = [work / f"{way}-{job.slug}.jpg" for way in WAYS]
+    for job in jobs:
+        files = [work / f"{way}-{job.slug}.jpg" for way in ways]
         same_bytes = len({f.read_bytes() for f in files}) == 1
         signatures = {identify(f, "%#") for f in files}
         if len(signatures) != 1:
-            raise BenchError(f"{job.name}: the three ways wrote different pixels")
+            raise BenchError(f"{job.name}: the {len(files)} ways wrote different pixels")
         out[job.name] = {"geometry": identify(files[0], "%wx%h"),
                          "kb": round(files[0].stat().st_size / 1024),
                          "identical": "bytes" if same_bytes else "pixels"}

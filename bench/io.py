@@ -67,12 +67,14 @@ def fio_argv(pattern: str, size: str, runtime: int, direct: int, filename: str) 
             f"--size={size}", f"--runtime={runtime}", "--output-format=json"]
 
 
-def configs(tmp: Path, root: Path) -> tuple[Path, Path]:
-    """The VM's config (export ``root`` with nfs-ganesha on a free loopback port) and the
-    host's (userspace NFS mounts under ``tmp``)."""
+def configs(tmp: Path, root: Path, vm_address: str = "127.0.0.1",
+            host_address: str = "127.0.0.1") -> tuple[Path, Path]:
+    """The VM's config (export ``root`` with nfs-ganesha on a free port of ``vm_address``, to
+    the host at ``host_address``; both loopback unless told) and the host's (userspace NFS
+    mounts under ``tmp``)."""
     vm, host = tmp / "vm.toml", tmp / "host.toml"
     vm.write_text(f'[export]\nbackend = "ganesha"\nroot = "{root}"\n'
-                  f'listen = "127.0.0.1:{free_port()}"\nclients = ["127.0.0.1"]\n')
+                  f'listen = "{vm_address}:{free_port()}"\nclients = ["{host_address}"]\n')
     host.write_text(f'[mounts]\nclient = "userspace"\ndir = "{tmp}/hostmnt"\n'
                     'idle_unmount = 3600\n')
     return vm, host
@@ -132,8 +134,11 @@ def nfs_processes(d: Daemon, m: Shims) -> dict[str, int]:
     return found
 
 
-def measure(d: Daemon, m: Shims, work: Path, size: str, runtime: int, rounds: int) -> dict:
-    """fio's figures per place and pattern, the places interleaved per pattern."""
+def measure(d: Daemon, m: Shims, work: Path, size: str, runtime: int, rounds: int,
+            prefixes: dict[str, list[str]] | None = None) -> dict:
+    """fio's figures per place and pattern, the places interleaved per pattern; fio runs
+    after ``prefixes[place]`` (default: ``fio`` here, and its shim)."""
+    prefixes = prefixes or {"local": [FIO], "nfs": [m.shim("fio")]}
     runs = {place: {p: [] for p in PATTERNS} for place in PLACES}
     direct = {place: 1 for place in PLACES}
     nfs = nfs_processes(d, m)
@@ -143,8 +148,7 @@ def measure(d: Daemon, m: Shims, work: Path, size: str, runtime: int, rounds: in
         for pattern in PATTERNS:
             for place in PLACES:
                 cpu0 = {who: cpu_seconds(pid) for who, pid in nfs.items()}
-                prefix = [FIO] if place == "local" else [m.shim("fio")]
-                figures, direct[place] = fio(prefix, pattern, size, runtime, direct[place],
+                figures, direct[place] = fio(prefixes[place], pattern, size, runtime, direct[place],
                                              f"{place}.dat", work, d)
                 figures["nfs_cpu_s"] = {who: round(cpu_seconds(pid) - cpu0[who], 2)
                                         for who, pid in nfs.items()}

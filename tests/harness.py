@@ -34,7 +34,7 @@ COMMANDS = {"sh": "/bin/sh", "cat": "/bin/cat", "true": "/bin/true", "convert": 
 START_DEADLINE = 20.0     # seconds for a process to listen or mount
 STOP_DEADLINE = 15.0      # seconds for a process to exit after SIGTERM
 UNMOUNT_DEADLINE = 20.0   # the mount's agent may take up to 10 s to close its connections
-LISTENING = re.compile(r"listening on (tcp://127\.0\.0\.1:(\d+))")
+LISTENING = re.compile(r"listening on (tcp://([0-9.]+):(\d+))")
 BROKER_UP = re.compile(r"clients on (tcp://\S+), hosts on (tcp://\S+)")
 HOST_READY = " ready: "   # the broker's log line for each host that announced itself
 
@@ -269,26 +269,28 @@ class Daemon(Proc):
 
     def __init__(self, workdir: Path, *args: str, commands: dict | None = None,
                  allow_root: bool = True, marker: Path | None = None, port: int = 0,
-                 listen: bool = True):
-        """Start the daemon and wait for its 'listening on' line (not without ``listen``). With
-        ``marker`` (a directory), the daemon runs in its own mount namespace where a tmpfs
-        hides it and ``marker/where`` reads "host" (the caller's copy says something else)."""
+                 listen: bool = True, address: str = "127.0.0.1", prefix: Sequence[str] = ()):
+        """Start the daemon and wait for its 'listening on' line (not without ``listen``) on
+        ``address``. With ``marker`` (a directory), the daemon runs in its own mount namespace
+        where a tmpfs hides it and ``marker/where`` reads "host" (the caller's copy says
+        something else). ``prefix`` comes before its argv (e.g. nsenter into a namespace)."""
         self.workdir = workdir
         allowed = COMMANDS if commands is None else commands
         cmds = [f"--command={k}={v}" for k, v in allowed.items()]
-        argv = [OFFLOADD, "serve", *(["--listen", f"tcp://127.0.0.1:{port}"] if listen else []),
+        argv = [OFFLOADD, "serve", *(["--listen", f"tcp://{address}:{port}"] if listen else []),
                 *cmds, *(["--allow-root"] if allow_root else []), *args]
         if marker is not None:
             script = 'mount -t tmpfs none "$0" && echo host > "$0/where" && exec "$@"'
             argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script,
                     str(marker), *argv]
-        super().__init__(argv, workdir / f"offloadd-{time.monotonic_ns()}.log", cwd=workdir)
+        super().__init__([*prefix, *argv], workdir / f"offloadd-{time.monotonic_ns()}.log",
+                         cwd=workdir)
         self.endpoint, self.port, self.hostport = "", 0, ""
         if listen:
             match = self.ready_log(LISTENING)
             self.endpoint = match.group(1)
-            self.port = int(match.group(2))
-            self.hostport = f"127.0.0.1:{self.port}"
+            self.port = int(match.group(3))
+            self.hostport = f"{match.group(2)}:{self.port}"
 
     def vmhwm_mb(self) -> float:
         """Peak resident memory of the daemon in MB."""
@@ -303,9 +305,10 @@ class Broker(Proc):
     what = "offloadd broker"
 
     def __init__(self, workdir: Path, clients: str = "tcp://127.0.0.1:0",
-                 workers: str = "tcp://127.0.0.1:0", args=()):
-        """Start it (with extra ``args``) and read both endpoints from its log."""
-        argv = [OFFLOADD, "broker", "--clients", clients, "--workers", workers, *args]
+                 workers: str = "tcp://127.0.0.1:0", args=(), prefix: Sequence[str] = ()):
+        """Start it (with extra ``args``, after ``prefix``) and read both endpoints from its
+        log."""
+        argv = [*prefix, OFFLOADD, "broker", "--clients", clients, "--workers", workers, *args]
         super().__init__(argv, workdir / f"broker-{time.monotonic_ns()}.log", cwd=workdir)
         found = self.ready_log(BROKER_UP)
         self.clients, self.workers = found.group(1), found.group(2)
@@ -329,12 +332,12 @@ class Mount(Proc):
 
     def __init__(self, workdir: Path, *args: str, hosts=(), config: str | None = None,
                  wait_for_shim: str | Sequence[str] | None = None,
-                 env: dict[str, str] | None = None):
-        """Mount, and wait until it is mounted and lists ``wait_for_shim`` (one name or
-        several, if given)."""
+                 env: dict[str, str] | None = None, prefix: Sequence[str] = ()):
+        """Mount (``prefix`` before the argv: e.g. into a cgroup and a namespace), and wait
+        until it is mounted and lists ``wait_for_shim`` (one name or several, if given)."""
         self.path = workdir / f"offload-{time.monotonic_ns()}"
         self.path.mkdir()
-        argv = [OFFLOADFS, "mount", str(self.path), "-f", *args]
+        argv = [*prefix, OFFLOADFS, "mount", str(self.path), "-f", *args]
         for host in hosts:
             argv += ["-H", host]
         if config:
