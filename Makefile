@@ -10,6 +10,9 @@ APT_PKGS := python3-venv fuse3 libfuse2 imagemagick attr shellcheck systemd nfs-
 # What the guest scenarios of `make test` also need (tests/system/test_guest.py, scripts/vm):
 # QEMU, qemu-img, mmdebstrap (the guest image from Debian's packages), socat (guestfwd relays).
 GUEST_APT_PKGS := qemu-system-x86 qemu-utils mmdebstrap socat
+# ... and the shaped-network rig of bench thesis (tests/system/test_thesis.py): ip, tc, nsenter,
+# and cc for its clock probe.
+TEST_APT_PKGS := $(GUEST_APT_PKGS) iproute2 util-linux gcc libc6-dev
 # What `make bench` also needs (not `make test`): fio (the I/O benchmark), openssh-server and
 # openssh-client (ssh on loopback, compared with the shim), distcc with gcc (compared with gcc
 # through the shim; bench thesis's clock probe), util-linux (findmnt: where a job's cwd lives;
@@ -35,7 +38,7 @@ demo: install
 	scripts/demo
 
 test: install
-	@scripts/apt-install $(GUEST_APT_PKGS)
+	@scripts/apt-install $(TEST_APT_PKGS)
 	$(VENV)/bin/pytest -q
 
 # The fast unit tests alone (no processes, mounts or sockets): no Debian packages needed.

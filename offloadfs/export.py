@@ -156,7 +156,7 @@ class GaneshaExport(NfsExport):
         self.proc = subprocess.Popen(
             [binary, "-F", "-L", self.log, "-f", conf, "-p", os.path.join(self.dir, "pid"),
              "-N", "NIV_EVENT"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+            stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         self._wait_listening(20)
 
     @property
@@ -283,7 +283,7 @@ def _run(argv: list[str]) -> None:
         raise ExportError(f"{' '.join(argv)}: {done.stderr.strip() or done.returncode}")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGTERM when the thread that started us dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

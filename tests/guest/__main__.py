@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 
 from . import image, scenarios
@@ -33,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; one line and exit 1 on any failure of the rig itself."""
     opts = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop the guest
     try:
         if opts.command == "clean":
             shutil.rmtree(image.CACHE, ignore_errors=True)

@@ -74,7 +74,7 @@ def tree_bytes(paths: list[Path]) -> list[bytes]:
         files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
         for f in files:
             if "__pycache__" not in f.parts:
-                out += [str(f.relative_to(PROJECT)).encode(), f.read_bytes()]
+                out += [str(f.relative_to(top.parent)).encode(), f.read_bytes()]
     return out
 
 

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from offloadfs.export import die_with_parent
+
 from .image import CACHE, Image
 
 GUEST_ADDR = "10.0.2.15"
@@ -135,7 +137,7 @@ class Guest:
         self.image, self.hostfwd, self.guestfwd = image, list(hostfwd), list(guestfwd)
         self.accel = accel
         self.memory_mb = memory_mb
-        self.dir = Path(tempfile.mkdtemp(prefix="offloadfs-vm-", dir=CACHE))
+        self.dir: Path | None = None   # the run directory, made by boot
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.buf = b""
@@ -177,12 +179,15 @@ class Guest:
     def boot(self, timeout: float = 120) -> None:
         """Start QEMU and wait until the control agent answers."""
         self.accel = self.accel or accel(self.image)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="offloadfs-vm-", dir=CACHE))
         started = time.monotonic()
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
                         str(self.image.disk), str(self.dir / "overlay.qcow2")], check=True)
         with open(self.dir / "qemu.log", "wb") as log:
             self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, start_new_session=True)
+                                         stderr=log, start_new_session=True,
+                                         preexec_fn=die_with_parent)   # never outlives us
         deadline = started + timeout
         while self.sock is None:
             self._check_alive()
@@ -300,4 +305,5 @@ class Guest:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
