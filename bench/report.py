@@ -170,7 +170,8 @@ TARGETS: list[Callable[[dict], list | None]] = [target_shim, target_gcc, target_
 def thesis_section(results: dict) -> list[str]:
     """A paragraph per figure the thesis reported (SEED.md), compared with ours."""
     parts = [p for p in (thesis_overhead(results), thesis_imagemagick(results),
-                         thesis_io(results), thesis_queue(results)) if p]
+                         thesis_environments(results), thesis_io(results),
+                         thesis_queue(results)) if p]
     if not parts:
         return []
     return ["## Against the thesis", "",
@@ -214,6 +215,25 @@ def thesis_imagemagick(results: dict) -> str | None:
             f"{im['efficiency_median']:.2f}): offloading costs the job "
             f"{100 * (1 - im['efficiency_median']):.0f}% of its native time at the median."
             + why)
+
+
+def thesis_environments(results: dict) -> str | None:
+    """Environments A-D (bench thesis): speed-up and overhead per job against the thesis's."""
+    t = results.get("thesis")
+    if not t:
+        return None
+    envs = t["environments"]
+    each = "; ".join(f"{n} ({e['label']}) {e['speedup_min']:.1f}x-{e['speedup_max']:.1f}x, "
+                     f"overhead {1000 * e['overhead_min_s']:.0f}-{1000 * e['overhead_max_s']:.0f}"
+                     " ms" for n, e in envs.items())
+    low, high = THESIS_OVERHEAD_MS
+    return (f"**Environments A-D** (`bench thesis`: a cgroup-capped VM and a host in two network "
+            f"namespaces, tbf-shaped links, the job's data over NFS across the link; "
+            f"{t['size']}x{t['size']}): speed-up per job and overhead per job {each}; the "
+            f"thesis's {THESIS_SPEEDUP[0]}x-{THESIS_SPEEDUP[1]}x and {low}-{high} ms. Ours is "
+            "bounded by the CPU ratio of a single-threaded `convert` (this core's clock over "
+            "the VM's), and the host keeps its mount of the VM's export where the thesis "
+            "mounted per job ([thesis](#thesis)).")
 
 
 def thesis_io(results: dict) -> str | None:
