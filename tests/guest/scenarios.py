@@ -98,7 +98,7 @@ def local_blur(work: Path) -> bytes:
     return (work / "local.ppm").read_bytes()
 
 
-NFSD_GRACE_S = 10   # the kernel's default is 90 s, during which every OPEN waits
+NFSD_GRACE_S = 10   # the kernel's default is 90 s, during which new OPENs are refused
 
 
 def start_nfsd(g: Guest) -> None:
