@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from offloadfs.commandline import add_keygen, keygen, run
+from offloadfs.commandline import add_keygen, add_version, keygen, run
 
 from .config import BrokerConfig, ServeConfig
 
@@ -15,6 +15,7 @@ log = logging.getLogger("offloadd")
 def parser() -> argparse.ArgumentParser:
     """The argument parser of ``offloadd``."""
     p = argparse.ArgumentParser(prog="offloadd", description="Run offloaded jobs on this host.")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     s = sub.add_parser("serve", help="serve jobs from clients")
     s.add_argument("-c", "--config", help="TOML file (default /etc/offloadfs/offloadd.toml)")

@@ -6,7 +6,7 @@ import sys
 
 from . import joblog, mount, offld
 from . import status as st
-from .commandline import add_keygen, keygen, run
+from .commandline import add_keygen, add_version, keygen, run
 from .config import ClientConfig
 from .settings import host_endpoint
 
@@ -14,6 +14,7 @@ from .settings import host_endpoint
 def parser() -> argparse.ArgumentParser:
     """The argument parser of ``offloadfs``."""
     p = argparse.ArgumentParser(prog="offloadfs", description="Offload commands to compute hosts.")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run a command on a host (same as offld)", add_help=False)
     m = sub.add_parser("mount", help="mount the shims at MOUNTPOINT")

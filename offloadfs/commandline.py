@@ -1,5 +1,6 @@
-"""What the two command lines, ``offloadfs`` and ``offloadd``, share: the ``keygen`` subcommand
-and running the chosen subcommand, a ConfigError being one line on stderr.
+"""What the command lines, ``offloadfs``, ``offld`` and ``offloadd``, share: ``--version``, the
+``keygen`` subcommand and running the chosen subcommand, a ConfigError being one line on
+stderr.
 
 Light to import: the keys (and zmq) load only when ``keygen`` runs.
 """
@@ -7,9 +8,16 @@ from __future__ import annotations
 
 import sys
 
+from . import __version__
 from .settings import ConfigError
 
 USAGE_ERROR = 2    # the exit status of a configuration file or flag that cannot be used
+
+
+def add_version(parser) -> None:
+    """``--version``: the program's name and the package's one version (offloadfs.__version__,
+    which setup.cfg reads too)."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
 def add_keygen(sub, whose: str) -> None:

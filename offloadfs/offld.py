@@ -19,6 +19,7 @@ import zmq
 from . import environ, export, joblog, mountinfo, protocol, request, staging, terminal
 from .channel import OffloadError
 from .client import ClientLoop, connect
+from .commandline import add_version
 from .config import DEFAULT_PORT, ClientConfig, ConfigError, host_endpoint
 from .jobrun import JobRun, JobSpec, Outcome
 
@@ -50,6 +51,7 @@ def parser(prog: str = "offld") -> argparse.ArgumentParser:
                      help="no terminal on the host (pipes), even at a terminal")
     p.add_argument("--fallback", metavar="PATH", help="if no host took the job (so nothing "
                    "ran), run PATH here instead, with the same arguments")
+    add_version(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
     return p
 
