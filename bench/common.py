@@ -515,10 +515,15 @@ def summary(samples: Sequence[float]) -> dict[str, float]:
     return {"p50": percentile(samples, 50), "p99": percentile(samples, 99)}
 
 
+def median(samples: Sequence[float]) -> float:
+    """The median of ``samples`` (the mean of the middle two of an even number)."""
+    return percentile(samples, 50)
+
+
 def median_by_key(records: Sequence[dict[str, float]]) -> dict[str, float]:
     """The median of each key over ``records`` (each key on its own, so they need not add up)."""
     keys = list(dict.fromkeys(k for r in records for k in r))
-    return {k: percentile([r[k] for r in records if k in r], 50) for k in keys}
+    return {k: median([r[k] for r in records if k in r]) for k in keys}
 
 
 def cpu_seconds(pid: int, thread: int | None = None, children: bool = True) -> float:

@@ -30,6 +30,7 @@ from .common import (
     daemon,
     machine_info,
     md_table,
+    median,
     print_table,
     publish,
     pyplot,
@@ -192,13 +193,6 @@ def fio(prefix: list[str], pattern: str, size: str, runtime: int, direct: int, f
             "runtime_s": round(side["runtime"] / 1000, 2), "direct": direct}, direct
 
 
-def median_of(values: list[float]) -> float:
-    """The median of a short list (the middle value, or the mean of the two middle ones)."""
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def results(runs: dict, where: dict, size: str, runtime: int, rounds: int) -> dict:
     """The JSON record: per place and pattern the median MB/s, IOPS and latencies, and the
     NFS view's ratio to the caller's disk."""
@@ -208,9 +202,9 @@ def results(runs: dict, where: dict, size: str, runtime: int, rounds: int) -> di
         row = {}
         for place in PLACES:
             rs = runs[place][pattern]
-            row[place] = {k: round(median_of([r[k] for r in rs]), 3)
+            row[place] = {k: round(median([r[k] for r in rs]), 3)
                           for k in ("mb_per_s", "clat_p50_ms", "clat_p99_ms")}
-            row[place]["iops"] = round(median_of([r["iops"] for r in rs]))
+            row[place]["iops"] = round(median([r["iops"] for r in rs]))
             row[place]["direct"] = rs[-1]["direct"]
             out[f"{place}_{pattern}_mb_per_s"] = row[place]["mb_per_s"]
         row["nfs_vs_local"] = round(row["nfs"]["mb_per_s"] / row["local"]["mb_per_s"], 3)

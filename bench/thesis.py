@@ -88,7 +88,7 @@ from .common import (
     daemon,
     machine_info,
     md_table,
-    percentile,
+    median,
     publish,
     pyplot,
     save_png,
@@ -732,11 +732,6 @@ def measure_all(link: Link, tmp: Path, root: Path, work: Path, source: Path, pro
                                where) for e in envs}
         return {"calibration": calibration, "first_job": first, "samples": samples,
                 "fio": fio, "fio_where": where, "cgroup": bed.vm.path}
-
-
-def median(values: Sequence[float]) -> float:
-    """The median of ``values``."""
-    return percentile(values, 50)
 
 
 def job_record(job, s: dict, samples: dict, output: dict) -> dict:

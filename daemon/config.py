@@ -12,7 +12,7 @@ import re
 from offloadfs.settings import ConfigError, load_toml, section, typed
 
 from . import policy
-from .mounts import DEFAULT_MOUNT_OPTIONS
+from .mounts import CLIENTS, DEFAULT_MOUNT_OPTIONS
 
 DAEMON_CONFIG = "/etc/offloadfs/offloadd.toml"
 LIMITS = ("cpu", "memory", "open_files", "file_size", "processes", "output")   # [limits] keys
@@ -170,7 +170,7 @@ class ServeConfig:
             raise ConfigError(str(exc)) from None
         if not self.state_dir.startswith("/"):
             raise ConfigError(f"state_dir = {self.state_dir!r}: must be an absolute path")
-        if self.mounts_client not in ("kernel", "userspace"):
+        if self.mounts_client not in CLIENTS:
             raise ConfigError(f"[mounts] client = {self.mounts_client!r}: expected kernel or "
                               f"userspace")
         _mount_options(self.mount_options)

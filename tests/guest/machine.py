@@ -82,13 +82,6 @@ class Done:
         return self.out.decode(errors="replace")
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 KVM_PROBE_S = 20   # a KVM guest answers in a few seconds; one that spins never does
 
 

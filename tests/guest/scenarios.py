@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 
 from tests import harness
+from tests.harness import free_port
 
 from .image import GUEST_UID, GUEST_USER
-from .machine import GATEWAY, GUEST_ADDR, Guest, GuestError, GuestForward, HostForward, free_port
+from .machine import GATEWAY, GUEST_ADDR, Guest, GuestError, GuestForward, HostForward
 
 FORWARDED = "10.0.2.100"   # where the guest reaches this machine's services (guestfwd)
 GUEST_OFFLOADD_PORT = 7788
@@ -180,11 +181,16 @@ def shim_mount(tmp: Path, config: Path, host: str):
         m.unmount(warn=lambda text: None)
 
 
+def caller(uid: int) -> dict:
+    """subprocess's arguments that run a child as ``uid`` alone (none of root's groups)."""
+    return {"user": uid, "group": uid, "extra_groups": []}
+
+
 def as_caller(uid: int, argv: list[str], m: harness.Mount, work: Path,
               **kw) -> subprocess.CompletedProcess:
     """Run ``argv`` through the shims as the caller, in ``work``."""
-    return subprocess.run(argv, cwd=work, env=m.env(), user=uid, group=uid, extra_groups=[],
-                          capture_output=True, timeout=180, **kw)
+    return subprocess.run(argv, cwd=work, env=m.env(), capture_output=True, timeout=180,
+                          **caller(uid), **kw)
 
 
 def blur_through(m: harness.Mount, uid: int, work: Path, out: str, reference: bytes) -> None:
@@ -199,9 +205,8 @@ def blur_through(m: harness.Mount, uid: int, work: Path, out: str, reference: by
 
 def cat_while_mounted(m: harness.Mount, uid: int, work: Path, g: Guest, root: Path) -> str:
     """A ``cat`` job held open until the guest's /proc/mounts shows the export; that line."""
-    proc = subprocess.Popen([str(m.path / "cat")], cwd=work, env=m.env(), user=uid, group=uid,
-                            extra_groups=[], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen([str(m.path / "cat")], cwd=work, env=m.env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **caller(uid))
     try:
         line = wait(lambda: nfs4_lines(g, str(root)), 120,
                     "the guest's kernel NFS mount while the job runs")[0]
@@ -387,18 +392,26 @@ def guest_shims(g: Guest, host: str):
 SCENARIOS = {"kernel-nfs-client": kernel_nfs_client, "kernel-nfsd": kernel_nfsd}
 
 
+@contextlib.contextmanager
+def booted(image):
+    """A guest with the scenarios' forwards and its nfsd running: (guest, ports); stopped at
+    the end (``scripts/vm check`` and tests/system/test_guest.py share it)."""
+    ports = Ports.pick()
+    with ports.guest(image) as g:
+        start_nfsd(g)
+        yield g, ports
+
+
 def check(image, names=tuple(SCENARIOS), out=print) -> bool:
     """Boot one guest, run the scenarios, print ``ok NAME: evidence`` or ``FAIL NAME: why``
     for each; True if all held."""
-    ports = Ports.pick()
     held = True
     with tempfile.TemporaryDirectory(prefix="offloadfs-vm-check-") as name, \
-            ports.guest(image) as g:
+            booted(image) as (g, ports):
         tmp = Path(name)
         tmp.chmod(0o755)
         kernel = g.run(["uname", "-r"]).text.strip()
         out(f"vm: guest up in {g.boot_s:.1f} s ({kernel}, {g.accel})")
-        start_nfsd(g)
         for scenario in names:
             started = time.monotonic()
             scratch = tmp / scenario

@@ -29,15 +29,8 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def guest():
     """One booted guest with the scenarios' forwards and its nfsd; stopped after the module."""
-    built = image.ensure(log=lambda line: None)
-    ports = scenarios.Ports.pick()
-    g = ports.guest(built)
-    try:
-        g.boot()
-        scenarios.start_nfsd(g)
+    with scenarios.booted(image.ensure(log=lambda line: None)) as (g, ports):
         yield g, ports
-    finally:
-        g.stop()
     assert g.proc.poll() is not None, "QEMU outlived the guest's stop"
     assert not g.dir.exists(), f"the guest's run directory {g.dir} is left"
     assert not processes_in(image.CACHE), "processes left in the guest's cache directory"

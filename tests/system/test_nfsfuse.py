@@ -13,7 +13,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -28,20 +27,13 @@ from offloadd.nfs.retry import once_more_if_broken
 
 from offloadfs.export import ExportConfig, GaneshaExport
 
-from ..harness import CONVERT, Proc, wait_for
+from ..harness import CONVERT, Proc, free_port, wait_for
 
 NOBODY = pwd.getpwnam("nobody")
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 TIMEOUT = 2  # --timeout of the mounts: seconds before a call to a hung server fails
 
 pytestmark = pytest.mark.skipif(not shutil.which("ganesha.nfsd"), reason="nfs-ganesha missing")
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mounted(path: Path) -> bool:
