@@ -170,7 +170,9 @@ def guest_daemon(g: Guest):
 @contextlib.contextmanager
 def shim_mount(tmp: Path, config: Path, host: str):
     """``offloadfs mount`` here with ``convert`` and ``cat`` set to ``always`` (never local)."""
-    m = harness.Mount(tmp, hosts=[host], config=str(config), wait_for_shim=["convert", "cat"])
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp / "state")}   # its policies stay its own
+    m = harness.Mount(tmp, hosts=[host], config=str(config), wait_for_shim=["convert", "cat"],
+                      env=env)
     try:   # shims whose policy was set earlier are listed before the host answers
         m.wait_until(lambda: " is up: " in m.log(), "see the guest's offloadd up", 60)
         for name in ("convert", "cat"):
