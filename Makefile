@@ -12,14 +12,17 @@ APT_PKGS := python3-venv fuse3 libfuse2 imagemagick attr shellcheck systemd nfs-
 GUEST_APT_PKGS := qemu-system-x86 qemu-utils mmdebstrap socat
 # ... and the shaped-network rig of bench thesis (tests/system/test_thesis.py): ip, tc, nsenter,
 # and cc for its clock probe.
-TEST_APT_PKGS := $(GUEST_APT_PKGS) iproute2 util-linux gcc libc6-dev
+# ... and the Debian package's build (make deb; tests/system/test_package.py builds it and
+# installs it in a chroot made with mmdebstrap).
+DEB_APT_PKGS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel
+TEST_APT_PKGS := $(GUEST_APT_PKGS) iproute2 util-linux gcc libc6-dev $(DEB_APT_PKGS)
 # What `make bench` also needs (not `make test`): fio (the I/O benchmark), openssh-server and
 # openssh-client (ssh on loopback, compared with the shim), distcc with gcc (compared with gcc
 # through the shim; bench thesis's clock probe), util-linux (findmnt: where a job's cwd lives;
 # nsenter), iproute2 (ip and tc: bench thesis's namespaces and shaped link).
 BENCH_APT_PKGS := fio openssh-server openssh-client distcc gcc libc6-dev util-linux iproute2
 
-.PHONY: install apt venv demo test unit lint bench clean
+.PHONY: install apt venv demo test unit lint bench dist deb docs clean
 
 install: apt venv
 
@@ -56,5 +59,18 @@ bench: install
 	@test -x $(VENV)/bin/py-spy || $(VENV)/bin/pip install -q py-spy
 	$(VENV)/bin/python -m bench all
 
+# The sdist and the wheel (built from the sdist) in dist/.
+dist: venv
+	$(VENV)/bin/python -m build --no-isolation --outdir dist .
+
+# The Debian package in dist/ (debhelper and pybuild, from the sdist; hooks/debian).
+deb: venv
+	@scripts/apt-install $(DEB_APT_PKGS)
+	scripts/build-deb dist
+
+# The man pages and completions (hooks/man, hooks/completion) again from the parsers.
+docs: venv
+	$(VENV)/bin/python scripts/gen_docs.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info demo
+	rm -rf $(VENV) build dist *.egg-info demo
