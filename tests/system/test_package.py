@@ -25,7 +25,7 @@ import pytest
 from offloadfs import __version__
 from tests.guest import image
 
-from ..harness import LISTENING, ROOT, Proc
+from ..harness import LISTENING, ROOT, STOP_DEADLINE, Proc, processes_in, wait_for
 
 PROGRAMS = ("offloadfs", "offld", "offloadd")
 STEP_TIMEOUT = 300    # seconds for one build or install step
@@ -315,6 +315,21 @@ def chroot(deb, tmp_path):
         shutil.rmtree(root)
 
 
+# The demo's shim run, in the chroot as root: mount with mount(8) (the package's mount helper),
+# wait for the host's echo to appear as a shim, run it as the user, see the profile.d snippet
+# put the mount first on a login shell's PATH, and unmount (the test waits for the mount
+# process to go).
+SHIM_SCRIPT = f"""set -eu
+mkdir -p /opt/offload
+mount -t offloadfs none /opt/offload -o host=$1
+n=0
+until [ -e /opt/offload/echo ]; do n=$((n+1)); [ $n -lt 200 ] || exit 9; sleep 0.05; done
+su {USER} -s /bin/sh -c 'cd && /opt/offload/echo via the shim'
+su - {USER} -s /bin/sh -c 'echo "PATH starts with ${{PATH%%:*}}"'
+umount /opt/offload
+"""
+
+
 def unit_command(root: Path, unit: str) -> list[str]:
     """The ExecStart command line of an installed unit."""
     text = (root / "lib/systemd/system" / unit).read_text()
@@ -322,23 +337,34 @@ def unit_command(root: Path, unit: str) -> list[str]:
     return shlex.split(line)
 
 
+@contextlib.contextmanager
+def chroot_daemon(root: Path, tmp_path: Path):
+    """offloadd.service's command line in the chroot, with the example config copied to
+    /etc/offloadfs as an operator would, on an ephemeral port allowing echo and id; yields
+    HOST:PORT. Afterwards it must exit cleanly, and nothing may be left in the chroot."""
+    ok(in_chroot(root, "cp", "/usr/share/doc/offloadfs/examples/offloadd.toml.example",
+                 "/etc/offloadfs/offloadd.toml"))
+    serve = [*unit_command(root, "offloadd.service"), "--listen", "tcp://127.0.0.1:0",
+             "--command=echo=/bin/echo", "--command=id=/usr/bin/id"]
+    daemon = Proc(in_chroot(root, *serve), tmp_path / "offloadd.log", cwd=tmp_path,
+                  what="offloadd in the chroot")
+    try:
+        yield f"127.0.0.1:{daemon.ready_log(LISTENING).group(3)}"
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+        wait_for(lambda: not processes_in(root), STOP_DEADLINE, "the chroot's processes to end")
+
+
 def test_the_deb_installs_in_a_clean_chroot_and_runs_a_job_as_the_caller(chroot, tmp_path):
     """In the chroot: the programs say their version, the mount helper checks an fstab line's
-    options, and offloadd.service's command line, with the example config copied to
-    /etc/offloadfs as an operator would, serves a job that runs as its caller; root is refused."""
+    options, and offloadd.service's command line serves a job that runs as its caller; root
+    is refused."""
     for prog in PROGRAMS:
         assert ok(in_chroot(chroot, prog, "--version")).stdout == f"{prog} {__version__}\n"
     assert "mount" in ok(in_chroot(chroot, "offloadfs", "--help")).stdout
     ok(in_chroot(chroot, "/sbin/mount.offloadfs", "none", "/opt/offload", "-f",
                  "-o", "host=127.0.0.1:7788,_netdev"))
-    ok(in_chroot(chroot, "cp", "/usr/share/doc/offloadfs/examples/offloadd.toml.example",
-                 "/etc/offloadfs/offloadd.toml"))
-    serve = [*unit_command(chroot, "offloadd.service"), "--listen", "tcp://127.0.0.1:0",
-             "--command=echo=/bin/echo", "--command=id=/usr/bin/id"]
-    daemon = Proc(in_chroot(chroot, *serve), tmp_path / "offloadd.log", cwd=tmp_path,
-                  what="offloadd in the chroot")
-    try:
-        host = f"127.0.0.1:{daemon.ready_log(LISTENING).group(3)}"
+    with chroot_daemon(chroot, tmp_path) as host:
         job = ok(in_chroot(chroot, "offld", "-H", host, "--", "echo", "hi", user=USER))
         assert job.stdout == "hi\n"
         assert ok(in_chroot(chroot, "offld", "-H", host, "--", "id", "-u", user=USER)).stdout \
@@ -347,5 +373,24 @@ def test_the_deb_installs_in_a_clean_chroot_and_runs_a_job_as_the_caller(chroot,
         assert as_root.returncode == 255 and as_root.stdout == ""
         assert len(as_root.stderr.splitlines()) == 1 and "root" in as_root.stderr, \
             as_root.stderr
-    finally:
-        assert daemon.stop() == 0, daemon.log()
+
+
+def binding_falls_back_to_debians_module() -> bool:
+    """True if the tree's FUSE binding import also tries ``fusepy``, the name Debian's
+    python3-fusepy gives fusepy's module (upstream's is ``fuse``)."""
+    pattern = re.compile(r"import fusepy\b|[\"']fusepy[\"']")
+    return any(pattern.search(f.read_text()) for top in ("offloadfs", "daemon")
+               for f in (ROOT / top).rglob("*.py"))
+
+
+@pytest.mark.xfail(not binding_falls_back_to_debians_module(), strict=True,
+                   reason="Debian's python3-fusepy installs the module as fusepy, which the "
+                   "binding's import does not try yet")
+def test_the_demos_shim_runs_from_the_deb_in_the_chroot(chroot, tmp_path):
+    """The demo's unchanged command line through the shim mount in the chroot (FUSE, /dev bound
+    in), mounted by mount(8) through the package's helper; the profile.d snippet puts the
+    mount first on a login shell's PATH."""
+    with chroot_daemon(chroot, tmp_path) as host:
+        shim = run(in_chroot(chroot, "sh", "-c", SHIM_SCRIPT, "sh", host), timeout=120)
+        assert shim.returncode == 0, shim.stdout + shim.stderr
+        assert shim.stdout.splitlines() == ["via the shim", "PATH starts with /opt/offload"]
