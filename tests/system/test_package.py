@@ -287,14 +287,13 @@ def in_chroot(root: Path, *argv, user: str | None = None) -> list[str]:
     as ``user`` from their home with a clean environment, if given)."""
     script = ('mount -t proc proc "$0/proc" && mount --rbind /dev "$0/dev" && '
               'exec chroot "$@"')
+    inside = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(root)]
     if user is None:
-        return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(root),
-                str(root), "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
-                *map(str, argv)]
-    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(root),
-            f"--userspec={user}:{user}", str(root), "env", "-i", f"HOME=/home/{user}",
-            f"USER={user}", "PATH=/usr/bin:/bin", "LANG=C.UTF-8", "sh", "-c",
-            'cd && exec "$@"', "sh", *map(str, argv)]
+        return [*inside, str(root), "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG=C.UTF-8", *map(str, argv)]
+    return [*inside, f"--userspec={user}:{user}", str(root), "env", "-i", f"HOME=/home/{user}",
+            f"USER={user}", "PATH=/usr/bin:/bin", "LANG=C.UTF-8", "sh", "-c", 'cd && exec "$@"',
+            "sh", *map(str, argv)]
 
 
 @pytest.fixture
