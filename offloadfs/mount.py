@@ -128,6 +128,8 @@ def _fusermount(*args: str) -> None:
         if done.returncode != 0:
             said = (done.stderr.strip().splitlines() or [f"{tool} failed"])[-1]
             reason = said.removeprefix(f"{tool}: ").removeprefix(f"failed to unmount {args[-1]}: ")
+            if "busy" in reason:
+                reason += " (a process has its cwd or a file open there)"
             raise ConfigError(f"cannot unmount {args[-1]}: {reason}")
         return
     raise ConfigError("fusermount is not installed (Debian: apt-get install fuse3)")
