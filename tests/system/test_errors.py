@@ -44,6 +44,7 @@ def netns(routes: list[list[str]] = (), resolver: dict[str, str] | None = None):
     if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
         pytest.skip("cannot create a network namespace here")
     etc = Path("/etc/netns") / name
+    made_parent = not etc.parent.exists()
     try:
         inside = ["ip", "netns", "exec", name]
         subprocess.run(inside + ["ip", "link", "set", "lo", "up"], check=True)
@@ -55,6 +56,9 @@ def netns(routes: list[list[str]] = (), resolver: dict[str, str] | None = None):
         yield inside
     finally:
         shutil.rmtree(etc, ignore_errors=True)
+        if made_parent:
+            with contextlib.suppress(OSError):
+                etc.parent.rmdir()
         subprocess.run(["ip", "netns", "del", name], check=True)
 
 
