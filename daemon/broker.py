@@ -289,6 +289,8 @@ class Broker:
             return
         self._to_client(job.key[0], protocol.encode(msg.kind, job.key[1], msg.payload,
                                                     **msg.fields))
+        if msg.kind == "stopped":   # its client stops too, maybe before its suspend leaves
+            self._act(self.rules.suspend(key, now))
         if msg.kind in ("exit", "error"):
             if msg.kind == "exit":
                 self.done += 1

@@ -72,14 +72,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def status(args) -> int:
     """``offloadd status``: print what the daemons (or brokers) report."""
+    from offloadfs import reach
     from offloadfs import status as st
     from offloadfs.config import ClientConfig
     from offloadfs.settings import host_endpoint
-    endpoints = [host_endpoint(h) for h in (args.host or ["127.0.0.1"])]
+    endpoints = {host_endpoint(h): "" for h in args.host or []} or \
+        {host_endpoint("127.0.0.1"): reach.origin("default")}
     keys = ClientConfig.load(args.config).keys if args.config else None
-    lines, ok = st.report(endpoints, args.timeout, keys)
-    print("\n".join(lines))
-    return 0 if ok else 1
+    lines, errors = st.report(endpoints, args.timeout, keys)
+    for error in errors:
+        print(f"offloadd status: {error}", file=sys.stderr)
+    if lines:
+        print("\n".join(lines))
+    return 1 if errors else 0
 
 
 def broker(args) -> int:

@@ -10,6 +10,7 @@ import os
 import re
 
 from offloadfs.settings import ConfigError, load_toml, section, typed
+from offloadfs.tomlcheck import ANY
 
 from . import policy
 from .mounts import CLIENTS, DEFAULT_MOUNT_OPTIONS
@@ -20,6 +21,18 @@ SIZES = ("memory", "file_size", "output")   # limits in bytes: a K, M or G suffi
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 DEFAULT_LISTEN = "tcp://0.0.0.0:7788"        # with keys
 LOOPBACK_LISTEN = "tcp://127.0.0.1:7788"     # without keys, unless told otherwise
+SCHEMA = {   # every table and key of offloadd.toml (tomlcheck), which serve and broker share
+    "serve": {"listen", "connect", "slots", "allow_root", "tags", "heartbeat", "client_timeout",
+              "suspend_limit", "name", "scratch", "state_dir", "slot_env", "metrics"},
+    "commands": ANY,
+    "mounts": {"client", "dir", "idle_unmount", "options", "path_map"},
+    "env": {"pass"},
+    "limits": set(LIMITS),
+    "security": {"secret_key", "authorized_keys", "authorized_hosts", "broker_key",
+                 "allow_root"},
+    "security.vms.*": {"uids", "gids", "exports"},
+    "broker": {"clients", "workers", "name", "metrics", "suspend_limit", "client_timeout"},
+}
 
 
 @dataclasses.dataclass
@@ -111,7 +124,7 @@ class ServeConfig:
     def from_file(cls, path: str | None) -> ServeConfig:
         """Read the [serve], [commands], [env] and [limits] tables of ``path`` (or the system
         file)."""
-        data = load_toml(path, DAEMON_CONFIG)
+        data = load_toml(path, DAEMON_CONFIG, SCHEMA)
         serve, cfg = section(data, "serve"), cls()
         cfg.listen = typed(serve, "listen", str, "")
         cfg.connect = [str(c) for c in typed(serve, "connect", list, [])]
@@ -197,7 +210,7 @@ class BrokerConfig:
     @classmethod
     def from_file(cls, path: str | None) -> BrokerConfig:
         """Read the [broker] and [security] tables of ``path`` (or the system file)."""
-        data = load_toml(path, DAEMON_CONFIG)
+        data = load_toml(path, DAEMON_CONFIG, SCHEMA)
         table = section(data, "broker")
         cfg = cls(security=Security.from_toml(data))
         cfg.check_security()
@@ -206,6 +219,8 @@ class BrokerConfig:
         cfg.name = typed(table, "name", str, cfg.name)
         cfg.metrics = typed(table, "metrics", str, cfg.metrics)
         cfg.suspend_limit = float(typed(table, "suspend_limit", (int, float), cfg.suspend_limit))
+        cfg.client_timeout = float(typed(table, "client_timeout", (int, float),
+                                         cfg.client_timeout))
         return cfg
 
     def apply_flags(self, args) -> BrokerConfig:

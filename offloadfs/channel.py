@@ -12,13 +12,15 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import protocol
+from . import protocol, reach
 from .protocol import Message, ProtocolError
 
-# The connection events hello() watches: each one means no welcome will ever come.
+# The connection events hello() watches: each one means no welcome will ever come...
 FAILURES = (zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-MECHANISM_MISMATCH = 0x11000002     # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+PROGRESS = {zmq.EVENT_CONNECTED: "connected",   # ...and these say how far it got
+            zmq.EVENT_HANDSHAKE_SUCCEEDED: "handshake"}
+PROBE_TIMEOUT = 2.0   # seconds for the one plain connection that learns why ZeroMQ's failed
 RCVHWM = 16   # messages ZeroMQ queues for us; then it reads no more and TCP pushes back
 
 
@@ -46,10 +48,13 @@ SAYS_WHETHER = ("never ran", "may have run", "was killed", "had ended", "did not
 class Channel:
     """One DEALER socket to ``endpoint``."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, keys=None):
+    def __init__(self, ctx: zmq.Context, endpoint: str, keys=None, origin: str = ""):
         """Connect, with CURVE if ``keys`` (a keys.Keychain or keys.ClientKeys) are given
-        (ZeroMQ connects in the background; :meth:`hello` proves the peer is there)."""
+        (ZeroMQ connects in the background; :meth:`hello` proves the peer is there);
+        ``origin`` says where the endpoint came from, for errors (``reach.origin``)."""
         self.endpoint = endpoint
+        self.origin = origin
+        self.stage = ""   # how far the connection got while a request waited (PROGRESS)
         self.keys = None if keys is None else keys.for_endpoint(endpoint)
         self.sock = ctx.socket(zmq.DEALER)
         if self.keys is not None:
@@ -100,7 +105,7 @@ class Channel:
         """Send a request and wait up to ``timeout`` s for its ``reply``, or raise
         OffloadError. A refused connection or a failed CURVE handshake fails at once instead
         of waiting out the timeout."""
-        monitor = self.sock.get_monitor_socket(FAILURES)
+        monitor = self.sock.get_monitor_socket(FAILURES | sum(PROGRESS))
         try:
             self.send(frames)
             msg = self.wait(timeout, {reply, "error"}, monitor)
@@ -108,9 +113,11 @@ class Channel:
             self.sock.disable_monitor()
             monitor.close(linger=0)
         if msg is None:
-            raise OffloadError(f"no answer from {self.endpoint} within {timeout:g}s", "no-host")
+            msg = Message("refused", fields={"why": "no-host",
+                                             "text": reach.silent(timeout, self.stage)})
         if msg.kind == "refused":
-            raise OffloadError(f"{self.endpoint}: {msg['text']}", msg["why"])
+            raise OffloadError(f"{reach.named(self.endpoint, self.origin)}: {msg['text']}",
+                               msg["why"])
         if msg.kind == "error":
             raise OffloadError(f"{self.endpoint}: {msg['text']}", msg["kind"])
         return msg
@@ -126,28 +133,31 @@ class Channel:
         while (left := deadline - time.monotonic()) > 0:
             ready = dict(poller.poll(left * 1000))
             if monitor in ready:
-                return self.failure(recv_monitor_message(monitor))
+                event = recv_monitor_message(monitor)
+                self.stage = PROGRESS.get(event["event"], self.stage)
+                refused = None if event["event"] in PROGRESS else self.failure(event, left)
+                if refused is not None:
+                    return refused
             msg = self.recv() if self.sock in ready else None
             if msg is not None and msg.kind in kinds:
                 return msg
         return None
 
-    def failure(self, event: dict) -> Message:
-        """What a connection event means for the user, as a ``refused`` message."""
+    def failure(self, event: dict, left: float = 0.0) -> Message | None:
+        """What a connection event means for the user, as a ``refused`` message. With
+        ``left`` s to spare (a caller that may block: offld, status, not the agent), one plain
+        connection learns why: None if a failed connection works when tried again."""
         kind, value = event["event"], event["value"]
+        probing = min(left, PROBE_TIMEOUT)
         if kind == zmq.EVENT_CONNECT_RETRIED:
-            why, text = "no-host", "connection refused"
-        elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            why, text = "unauthorized", ("this VM's key is not authorized there (its public key "
-                                         "must be in the host's authorized_keys)")
-        elif self.keys is None:
-            why, text = "unauthorized", ("the host requires CURVE keys: set [security] "
-                                         "secret_key and server_key")
-        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == MECHANISM_MISMATCH:
-            why, text = "handshake", "the host uses no keys, but [security] sets keys here"
+            seen = reach.probe(self.endpoint, probing) if probing > 0 else ("connect", None)
+            if seen is None:
+                return None
+            why, text = "no-host", reach.unreachable(self.endpoint, seen)
         else:
-            why, text = "handshake", ("the secure handshake failed: [security] server_key is "
-                                      "not the host's public key, or the host uses no keys")
+            quick = kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and probing > 0
+            peer = reach.greeting(self.endpoint, probing) if quick else None
+            why, text = reach.handshake(kind, value, self.keys is not None, peer)
         return Message("refused", fields={"why": why, "text": text})
 
     def close(self, linger: int | None = None) -> None:

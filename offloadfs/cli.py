@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import joblog, mount, offld
 from . import status as st
 from .commandline import add_keygen, add_version, keygen, run
 from .config import ClientConfig
-from .settings import host_endpoint
+from .settings import ConfigError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,8 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["run"]:
         return offld.main(argv[1:], prog="offloadfs run")
     args = parser().parse_args(argv)
-    return run("offloadfs", {"status": status, "mount": mount.mount, "umount": mount.umount,
+    return run("offloadfs", {"status": status, "mount": mount_shims, "umount": mount.umount,
                              "keygen": keygen}, args)
+
+
+def mount_shims(args) -> int:
+    """``offloadfs mount``, libfuse failing to mount as one line of ours (fusepy raises a bare
+    RuntimeError with its status; libfuse said why on stderr before)."""
+    try:
+        return mount.mount(args)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot mount at {os.path.abspath(args.mountpoint)}: libfuse "
+                          f"failed (status {exc})") from None
 
 
 def status(args) -> int:
@@ -54,17 +65,18 @@ def status(args) -> int:
     this machine's last ``offld`` jobs."""
     cfg = ClientConfig.load(args.config)
     mounts = [] if args.host else st.mounted()
-    lines, ok = [], True
+    lines, errors = [], []
     for mnt in mounts:
         lines += st.mount_lines(mnt)
     if not mounts:
-        endpoints = [host_endpoint(h) for h in args.host or []] or cfg.brokers + cfg.hosts
-        lines, ok = st.report(endpoints, args.timeout, cfg.keys)
+        lines, errors = st.report(offld.endpoints(args, cfg), args.timeout, cfg.keys)
+    for error in errors:
+        print(f"offloadfs status: {error}", file=sys.stderr)
     recent = [dict(e.get("timings", {}), command=" ".join(e.get("command", []))[:40],
                    status=e.get("status"), host=e.get("host")) for e in joblog.read(cfg.job_log)]
     lines += ["last offld jobs from here:"] + (st.job_lines(recent) or ["  (none)"])
     print("\n".join(lines))
-    return 0 if ok else 1
+    return 1 if errors else 0
 
 
 def entry() -> None:

@@ -19,12 +19,12 @@ from .protocol import Message
 
 
 def connect(ctx: zmq.Context, endpoints: list[str], timeout: float, debug,
-            keys=None) -> Channel:
+            keys=None, origins: dict[str, str] | None = None) -> Channel:
     """A channel (with CURVE ``keys`` if given) to the first of ``endpoints`` that answers
-    hello, or OffloadError."""
+    hello, or OffloadError; ``origins`` says where each came from (for the error)."""
     errors = []
     for endpoint in endpoints:
-        channel = Channel(ctx, endpoint, keys)
+        channel = Channel(ctx, endpoint, keys, (origins or {}).get(endpoint, ""))
         try:
             welcome = channel.hello(timeout)
         except OffloadError as exc:
@@ -36,7 +36,7 @@ def connect(ctx: zmq.Context, endpoints: list[str], timeout: float, debug,
         return channel
     if len(errors) == 1:
         raise errors[0]
-    raise OffloadError("no host answered: " + "; ".join(map(str, errors)), "no-host")
+    raise OffloadError("no host answered: " + "; ".join(e.args[0] for e in errors), "no-host")
 
 
 class ClientLoop:

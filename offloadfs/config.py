@@ -13,8 +13,21 @@ import os
 from .export import ExportConfig
 from .keys import Keychain
 from .settings import DEFAULT_PORT, ConfigError, host_endpoint, load_toml, section, typed
+from .tomlcheck import ANY
 
 CLIENT_CONFIG = "/etc/offloadfs/offloadfs.toml"
+SCHEMA = {   # every table and key the VM's file may have (tomlcheck); ANY: names of one's own
+    "client": {"hosts", "brokers", "connect_timeout", "heartbeat", "liveness", "job_log",
+               "forget_after"},
+    "env": {"pass"},
+    "commands": {"allow", "deny"},
+    "mount": {"state_file"},
+    "tags": ANY,
+    "staging": {"commands"},
+    "export": {"backend", "root", "listen", "advertise", "clients"},
+    "security": {"secret_key", "server_key"},
+    "security.server_keys": ANY,
+}
 
 
 def state_dir() -> str:
@@ -42,6 +55,8 @@ class ClientConfig:
     stage_commands: list[str] = dataclasses.field(default_factory=list)
     tags: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     keys: Keychain | None = None   # CURVE on every connection when set
+    path: str = CLIENT_CONFIG      # the file read, or the one looked for
+    configured: bool = False       # the file names hosts or brokers (else: the default host)
 
     def timing(self):
         """Heartbeat, liveness and acknowledgement limits for job runs."""
@@ -51,13 +66,15 @@ class ClientConfig:
     @classmethod
     def load(cls, path: str | None) -> ClientConfig:
         """Read ``path`` (else $OFFLOADFS_CONFIG, else the system file if it exists)."""
-        data = load_toml(path or os.environ.get("OFFLOADFS_CONFIG") or None, CLIENT_CONFIG)
+        path = path or os.environ.get("OFFLOADFS_CONFIG") or None
+        data = load_toml(path, CLIENT_CONFIG, SCHEMA)
         client = section(data, "client")
-        cfg = cls()
+        cfg = cls(path=path or CLIENT_CONFIG)
         hosts = typed(client, "hosts", list, None)
         if hosts is not None:
             cfg.hosts = [host_endpoint(str(h)) for h in hosts]
         cfg.brokers = [host_endpoint(str(b)) for b in typed(client, "brokers", list, [])]
+        cfg.configured = hosts is not None or bool(cfg.brokers)
         cfg.connect_timeout = float(typed(client, "connect_timeout", (int, float), 5.0))
         cfg.heartbeat = float(typed(client, "heartbeat", (int, float), 1.0))
         cfg.liveness = float(typed(client, "liveness", (int, float), 10.0))

@@ -75,7 +75,8 @@ def _load(path: str) -> tuple[bytes, bytes | None]:
         with open(path, "rb") as f:
             lines = [line.strip() for line in f if not line.lstrip().startswith(b"#")]
     except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror or 'cannot read the key file'}") from None
+        raise ConfigError(f"key file {path}: {exc.strerror or 'cannot read it'} (see [security]; "
+                          f"keygen DIR NAME makes a pair)") from None
     found = {k.strip(): v.strip(b' \t\'"') for k, _, v in
              (line.partition(b"=") for line in lines)
              if k.strip() in (b"public-key", b"secret-key")}

@@ -14,19 +14,21 @@ import os
 import subprocess
 import sys
 
-from .config import ClientConfig, ConfigError, host_endpoint
+from .config import ClientConfig, ConfigError
 
 log = logging.getLogger("offloadfs")
+FUSE_DEVICE = "/dev/fuse"
 
 
 def endpoints(args, cfg: ClientConfig) -> list[str]:
     """Hosts from -L and -H (in that order), else the config's brokers and hosts."""
-    given = (args.load_balancer or []) + (args.host or [])
-    return [host_endpoint(e) for e in given] or (cfg.brokers + cfg.hosts)
+    from .offld import endpoints as chosen
+    return list(chosen(args, cfg))
 
 
 def mount(args) -> int:
     """Mount the shims at ``args.mountpoint``; returns when unmounted."""
+    check_device()
     from fuse import FUSE
 
     from .agent import Agent
@@ -40,8 +42,7 @@ def mount(args) -> int:
     cfg = ClientConfig.load(args.config)
     mnt = os.path.abspath(args.mountpoint)
     clear_stale(mnt)
-    if not os.path.isdir(mnt):
-        raise ConfigError(f"{mnt}: not a directory")
+    check_mountable(mnt)
     hosts = endpoints(args, cfg)
     for endpoint in hosts if cfg.keys is not None else ():
         cfg.keys.for_endpoint(endpoint)   # a host without a server key: say so now, not later
@@ -81,9 +82,38 @@ def clear_stale(mnt: str) -> None:
         raise ConfigError(f"{mnt}: an offloadfs filesystem is already mounted there")
 
 
+def check_mountable(mnt: str) -> None:
+    """A mount point libfuse would fail on with no more than "RuntimeError: 1", said first."""
+    if not os.path.isdir(mnt):
+        raise ConfigError(f"{mnt}: " + ("not a directory" if os.path.exists(mnt) else
+                                        "no such directory (create it first)"))
+
+
+def check_device() -> None:
+    """/dev/fuse, which libfuse opens as the caller (root or not), opened first: a one-line
+    error with the likely fix instead of libfuse's "RuntimeError: 1"."""
+    try:
+        os.close(os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        fix = "load the fuse module: modprobe fuse; in a container, pass the device in" \
+            if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO) else \
+            "mount as root, or let this user open it: chmod 0666 /dev/fuse"
+        raise ConfigError(f"cannot open {FUSE_DEVICE}: {exc.strerror} ({fix})") from None
+
+
 def umount(args) -> int:
-    """Unmount ``args.mountpoint`` (the mount process then exits)."""
+    """Unmount ``args.mountpoint`` (the mount process then exits), if it is ours to unmount."""
+    from . import mountinfo
     mnt = os.path.abspath(args.mountpoint)
+    mounts = mountinfo.offloadfs_mounts()
+    if mnt not in mounts:
+        mnt = os.path.realpath(mnt)
+    if mnt not in mounts:
+        raise ConfigError(f"{mnt} is not an offloadfs mount")
+    owner = mountinfo.owner(mnt)
+    if os.getuid() not in (0, owner) and owner is not None:
+        raise ConfigError(f"cannot unmount {mnt}: uid {owner} mounted it; only that user or "
+                          f"root may unmount it")
     _fusermount("-u", mnt)
     return 0
 
@@ -96,7 +126,10 @@ def _fusermount(*args: str) -> None:
         except FileNotFoundError:
             continue
         if done.returncode != 0:
-            raise ConfigError(done.stderr.strip().splitlines()[-1] if done.stderr.strip()
-                              else f"{tool} {' '.join(args)} failed")
+            said = (done.stderr.strip().splitlines() or [f"{tool} failed"])[-1]
+            reason = said.removeprefix(f"{tool}: ").removeprefix(f"failed to unmount {args[-1]}: ")
+            if "busy" in reason:
+                reason += " (a process has its cwd or a file open there)"
+            raise ConfigError(f"cannot unmount {args[-1]}: {reason}")
         return
     raise ConfigError("fusermount is not installed (Debian: apt-get install fuse3)")

@@ -30,19 +30,39 @@ def parse(text: str) -> list[tuple[str, str]]:
     return mounts
 
 
-def device(mount_point: str, path: str = MOUNTINFO) -> int | None:
-    """The device number (st_dev) of the filesystem mounted at ``mount_point``, read from
-    mountinfo's major:minor field (no stat: that could be a request to a FUSE server)."""
+def _last_at(mount_point: str, path: str) -> list[str] | None:
+    """The fields of the last mountinfo line at ``mount_point`` (the visible mount), its
+    filesystem's fields after " - " last; None if nothing is mounted there."""
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except OSError:
         return None
-    for line in reversed(lines):          # the last mount at a point is the visible one
+    for line in reversed(lines):
         fields = line.split()
         if len(fields) > 4 and _unescape(fields[4]) == mount_point:
-            major, _, minor = fields[2].partition(":")
-            return os.makedev(int(major), int(minor))
+            return fields
+    return None
+
+
+def device(mount_point: str, path: str = MOUNTINFO) -> int | None:
+    """The device number (st_dev) of the filesystem mounted at ``mount_point``, read from
+    mountinfo's major:minor field (no stat: that could be a request to a FUSE server)."""
+    fields = _last_at(mount_point, path)
+    if fields is None:
+        return None
+    major, _, minor = fields[2].partition(":")
+    return os.makedev(int(major), int(minor))
+
+
+def owner(mount_point: str, path: str = MOUNTINFO) -> int | None:
+    """The uid that mounted the FUSE filesystem at ``mount_point`` (its ``user_id=``
+    super option), None if unknown."""
+    fields = _last_at(mount_point, path) or []
+    after = fields[fields.index("-") + 1:] if "-" in fields else []
+    for option in (after[2] if len(after) > 2 else "").split(","):
+        if option.startswith("user_id=") and option[8:].isdigit():
+            return int(option[8:])
     return None
 
 

@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from . import environ, export, joblog, mountinfo, protocol, request, staging, terminal
+from . import environ, export, joblog, mountinfo, protocol, reach, request, staging, terminal
 from .channel import OffloadError
 from .client import ClientLoop, connect
 from .commandline import add_version
@@ -109,10 +109,15 @@ class Reporter:
             print(f"{self.prog}: debug: {text}", file=sys.stderr, flush=True)
 
 
-def endpoints(opts, cfg: ClientConfig) -> list[str]:
-    """Where to send the job: -L brokers, then -H hosts, else the config's."""
-    given = (opts.load_balancer or []) + (opts.host or [])
-    return [host_endpoint(e) for e in given] or (cfg.brokers + cfg.hosts)
+def endpoints(opts, cfg: ClientConfig) -> dict[str, str]:
+    """Where to send the job, in order, each with where it came from (``reach.origin``): -L
+    brokers, then -H hosts, else the config's (or the default host)."""
+    given = [(e, "-L") for e in getattr(opts, "load_balancer", None) or []] + \
+        [(e, "-H") for e in opts.host or []]
+    if given:
+        return {host_endpoint(e): reach.origin(flag) for e, flag in given}
+    kind = "file" if cfg.configured else "default"
+    return {e: reach.origin(kind, cfg.path) for e in cfg.brokers + cfg.hosts}
 
 
 def spec_here(command: list[str], cfg: ClientConfig) -> JobSpec:
@@ -132,7 +137,8 @@ def run(command: list[str], opts, say: Reporter) -> int:
     ctx = zmq.Context()
     channel = None
     try:
-        channel = connect(ctx, endpoints(opts, cfg), cfg.connect_timeout, say.debug, cfg.keys)
+        hosts = endpoints(opts, cfg)
+        channel = connect(ctx, list(hosts), cfg.connect_timeout, say.debug, cfg.keys, hosts)
         connected = time.monotonic()
         spec = spec_here(command, cfg)
         if opts.no_mount:

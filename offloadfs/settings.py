@@ -16,8 +16,9 @@ class ConfigError(Exception):
     """A configuration file or flag that cannot be used; the text is one line for the user."""
 
 
-def load_toml(path: str | None, default: str | None = None) -> dict:
-    """The TOML file at ``path`` (must exist), or ``default`` if it exists, or {}."""
+def load_toml(path: str | None, default: str | None = None, schema: dict | None = None) -> dict:
+    """The TOML file at ``path`` (must exist), or ``default`` if it exists, or {}; with a
+    ``schema`` (see ``tomlcheck``), an unknown table or key is an error naming its line."""
     chosen = path or default
     if chosen is None or (path is None and not os.path.exists(chosen)):
         return {}
@@ -25,11 +26,20 @@ def load_toml(path: str | None, default: str | None = None) -> dict:
 
     try:
         with open(chosen, "rb") as f:
-            return tomllib.load(f)
+            text = f.read().decode()
+        data = tomllib.loads(text)
     except OSError as exc:
         raise ConfigError(f"{chosen}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{chosen}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{chosen}: {exc}") from None
+    if schema is not None:
+        from .tomlcheck import first_error
+        error = first_error(data, text, schema, chosen)
+        if error:
+            raise ConfigError(error)
+    return data
 
 
 def section(data: dict, name: str) -> dict:

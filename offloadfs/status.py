@@ -14,10 +14,11 @@ from .channel import Channel, OffloadError
 from .protocol import Message
 
 
-def fetch(endpoint: str, timeout: float, keys=None) -> Message:
-    """The status-reply of the daemon or broker at ``endpoint``, or OffloadError."""
+def fetch(endpoint: str, timeout: float, keys=None, origin: str = "") -> Message:
+    """The status-reply of the daemon or broker at ``endpoint`` (which came from ``origin``,
+    see ``reach.origin``), or OffloadError."""
     ctx = zmq.Context()
-    channel = Channel(ctx, endpoint, keys)
+    channel = Channel(ctx, endpoint, keys, origin)
     try:
         return channel.ask(protocol.encode("status"), "status-reply", timeout)
     finally:
@@ -67,22 +68,21 @@ def mount_lines(mnt: str) -> list[str]:
     return lines + (job_lines(data.get("jobs", [])) or ["    (none)"])
 
 
-def report(endpoints: list[str], timeout: float, keys=None) -> tuple[list[str], bool]:
-    """Status lines for every endpoint (asked with CURVE ``keys`` if given); False if any did
-    not answer."""
-    lines, ok = [], True
-    for endpoint in endpoints:
+def report(endpoints: dict[str, str], timeout: float, keys=None) -> tuple[list[str], list[str]]:
+    """Status lines for every endpoint (each with where it came from; asked with CURVE
+    ``keys`` if given), and one error line for each that did not answer."""
+    lines, errors = [], []
+    for endpoint, origin in endpoints.items():
         try:
-            msg = fetch(endpoint, timeout, keys)
+            msg = fetch(endpoint, timeout, keys, origin)
         except OffloadError as exc:
-            lines.append(f"{endpoint}: {exc}")
-            ok = False
+            errors.append(exc.args[0])   # the line names the host; no job was involved
             continue
         rows = msg.get("jobs", [])
         hosts = [r for r in rows if "slots" in r]   # a broker lists its hosts
         lines += host_lines(endpoint, msg) + broker_host_lines(hosts) + \
             job_lines([r for r in rows if "slots" not in r])
-    return lines, ok
+    return lines, errors
 
 
 def broker_host_lines(hosts: list[dict]) -> list[str]:

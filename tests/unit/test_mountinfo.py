@@ -51,3 +51,13 @@ def test_device_of_a_mount_point(tmp_path):
     info.write_text(SAMPLE + "43 22 0:41 / /opt/offload rw - fuse.offloadfs offloadfs rw\n")
     assert mountinfo.device("/opt/offload", str(info)) == os.makedev(0, 41)
     assert mountinfo.device("/nowhere", str(info)) is None
+
+
+def test_owner_is_the_user_id_of_the_visible_mount(tmp_path):
+    """umount's check: who mounted it (user_id=), None where the options do not say."""
+    info = tmp_path / "mountinfo"
+    info.write_text(SAMPLE + "43 40 0:38 / /opt/offload rw shared:5 - fuse.offloadfs o "
+                    "rw,user_id=1000,group_id=1000\n")
+    assert mountinfo.owner("/opt/offload", str(info)) == 1000
+    assert mountinfo.owner("/mnt/with space", str(info)) is None
+    assert mountinfo.owner("/nowhere", str(info)) is None
