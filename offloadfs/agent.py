@@ -20,7 +20,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import environ, export, protocol, shim, staging, terminal
+from . import environ, export, notice, protocol, shim, staging, terminal
 from . import request as rules
 from .caller import filesystem_ids, pending_signals
 from .channel import Channel, OffloadError
@@ -29,13 +29,17 @@ from .config import ClientConfig
 from .jobrun import FORWARDED, JobRun, JobSpec
 from .registry import Registry
 from .request import Decision, ShimRequest
-from .states import HostState
+from .states import Contact, HostState, first_contact
 
 log = logging.getLogger("offloadfs")
 
 SIGNAL_POLL = 0.05          # seconds between looks at running callers' pending signals
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+# What a host link's monitor reports: up, down, refused (a first attempt that failed ends the
+# start-up wait for that host: states.first_contact), or a failed handshake.
+WATCHED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+           | HANDSHAKE_FAILED)
 HOST_LIVENESS = 3.0         # a host not answering hello this long is dead for new jobs
 REBUILD_AFTER = 3.0         # a connection still away after this long gets a new socket
 FORWARD = frozenset(int(s) for s in FORWARDED)
@@ -48,10 +52,10 @@ class HostLink:
         """Connect (with CURVE ``keys`` if given) and watch the connection."""
         self.endpoint = endpoint
         self.channel = Channel(ctx, endpoint, keys)
-        self.monitor = self.channel.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+        self.monitor = self.channel.sock.get_monitor_socket(WATCHED)
         self.failure = ""
         self.state = HostState.UNKNOWN
+        self.since = time.monotonic()         # its first connection attempt began
         self.hello_sent = 0.0
         self.name = endpoint
         self.commands: list[str] = []
@@ -76,8 +80,7 @@ class HostLink:
         connection (a frame over MAXMSGSIZE), and a send must never wait on one."""
         self.close(linger=0)
         self.channel = Channel(self.ctx, self.endpoint, self.keys)
-        self.monitor = self.channel.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+        self.monitor = self.channel.sock.get_monitor_socket(WATCHED)
         self.down_at = None
 
 
@@ -103,6 +106,8 @@ class Agent(ClientLoop):
         self.inbox: queue.SimpleQueue[ShimRequest] = queue.SimpleQueue()
         self.continues: queue.SimpleQueue[ShimRequest] = queue.SimpleQueue()
         self.requests: dict[str, ShimRequest] = {}
+        self.waiting: list[ShimRequest] = []   # for a host's first answer (states.first_contact)
+        self._told_contact = False             # the start-up's outcome was logged
         self.thread = threading.Thread(target=self._main, name="offloadfs-agent", daemon=True)
         self._stopping = False
         self._failures = 0
@@ -150,7 +155,8 @@ class Agent(ClientLoop):
     def _step_safely(self) -> None:
         """One round; a bug costs that round (logged), never the agent and its jobs."""
         try:
-            self.step(SIGNAL_POLL if self.requests else self.timing.heartbeat / 2)
+            busy = self.requests or self.waiting
+            self.step(SIGNAL_POLL if busy else self.timing.heartbeat / 2)
             self._failures = 0
         except Exception:
             self._failures += 1
@@ -183,8 +189,11 @@ class Agent(ClientLoop):
 
     def _release_waiting(self) -> None:
         """Requests never sent when the mount stops: local under auto, refused under always."""
+        waiting, self.waiting = self.waiting, []
         while not self.inbox.empty():
-            self._cannot(self.inbox.get(), "the offloadfs mount is stopping")
+            waiting.append(self.inbox.get())
+        for request in waiting:
+            self._cannot(request, "the offloadfs mount is stopping")
 
     def channels(self) -> list[Channel]:
         """Every host's channel."""
@@ -222,6 +231,9 @@ class Agent(ClientLoop):
         elif event == zmq.EVENT_DISCONNECTED:
             link.down_at = link.down_at or time.monotonic()
             self._host_down(link, "disconnected")
+        elif event == zmq.EVENT_CONNECT_RETRIED:
+            link.failure = link.channel.failure(message)["text"]
+            self._host_down(link, link.failure)   # a first attempt that failed: no wait
         elif event & HANDSHAKE_FAILED:
             self._refused(link, link.channel.failure(message)["text"])
 
@@ -246,6 +258,9 @@ class Agent(ClientLoop):
         if self.loop_ended():
             self._stopping = True
             return
+        waiting, self.waiting = self.waiting, []
+        for request in waiting:   # a host answered, or the start-up wait is over
+            self._dispatch(request)
         while not self.inbox.empty():
             self._dispatch(self.inbox.get())
         while not self.continues.empty():
@@ -259,6 +274,7 @@ class Agent(ClientLoop):
                 self._host_down(link, f"silent for {HOST_LIVENESS:g}s")
             self._forget(link, now)
             self._maybe_rebuild(link, now)
+        self._tell_contact(now)
         if now - self._last_signal_poll >= SIGNAL_POLL:
             self._last_signal_poll = now
             for request in self.requests.values():
@@ -308,7 +324,10 @@ class Agent(ClientLoop):
         """Send a request to a host, or decide to run it locally or refuse it."""
         link = self._pick(request.name)
         if link is None:
-            self._apply(request, rules.decide(request.policy, host=False))
+            if self._contact(time.monotonic()) == Contact.WAIT:
+                self.waiting.append(request)   # a host may yet answer its first hello
+            else:
+                self._apply(request, rules.decide(request.policy, host=False))
             return
         try:
             data = None if request.name in self.config.stage_commands else \
@@ -387,6 +406,25 @@ class Agent(ClientLoop):
         """The usable host with the fewest of our jobs in flight (configuration order on ties)."""
         usable = [link for link in self.links if link.usable(name)]
         return min(usable, key=lambda link: link.in_flight) if usable else None
+
+    def _contact(self, now: float, usable: bool = False) -> Contact:
+        """The start-up rule (states.first_contact) over the links, bounded by the connect
+        timeout: wait while a host has not answered its first connection attempt."""
+        return first_contact(usable, [(link.state, now - link.since) for link in self.links],
+                             self.config.connect_timeout)
+
+    def _tell_contact(self, now: float) -> None:
+        """Once, when the start-up is over without any host up: a warning naming what each
+        host said (a host that answers later is logged as up)."""
+        if self._told_contact or not self.links:
+            return
+        up = any(link.state == HostState.UP for link in self.links)
+        if up or self._contact(now, up) == Contact.GIVE_UP:
+            self._told_contact = True
+        if not up and self._told_contact:
+            log.warning("%s", notice.unreachable(
+                [(link.endpoint, link.failure) for link in self.links],
+                self.config.connect_timeout))
 
     def _spec(self, request: ShimRequest) -> JobSpec:
         """The job for a shim request, with the caller's kernel-reported identity."""

@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from . import environ, export, joblog, mountinfo, protocol, request, staging, terminal
+from . import environ, export, joblog, mountinfo, notice, protocol, request, staging, terminal
 from .channel import OffloadError
 from .client import ClientLoop, connect
 from .commandline import add_version
@@ -93,6 +93,7 @@ class Reporter:
     def __init__(self, prog: str, quiet: bool, debug: bool):
         """Remember how talkative to be."""
         self.prog, self.quiet, self.debugging = prog, quiet, debug and not quiet
+        self.place = ""   # where the job waits for a slot (notice.place), once connected
 
     def error(self, text: str) -> None:
         """One line for a fatal error of the offload."""
@@ -108,11 +109,21 @@ class Reporter:
         if self.debugging:
             print(f"{self.prog}: debug: {text}", file=sys.stderr, flush=True)
 
+    def notice(self):
+        """The queue notice on stderr: at a terminal only, and never when quiet."""
+        return notice.at_terminal(sys.stderr.fileno(), self.prog, self.place, self.quiet)
+
 
 def endpoints(opts, cfg: ClientConfig) -> list[str]:
     """Where to send the job: -L brokers, then -H hosts, else the config's."""
     given = (opts.load_balancer or []) + (opts.host or [])
     return [host_endpoint(e) for e in given] or (cfg.brokers + cfg.hosts)
+
+
+def brokers(opts, cfg: ClientConfig) -> list[str]:
+    """The endpoints of :func:`endpoints` that are brokers."""
+    given = (opts.load_balancer or []) + (opts.host or [])
+    return [host_endpoint(e) for e in opts.load_balancer or []] if given else cfg.brokers
 
 
 def spec_here(command: list[str], cfg: ClientConfig) -> JobSpec:
@@ -134,6 +145,7 @@ def run(command: list[str], opts, say: Reporter) -> int:
     try:
         channel = connect(ctx, endpoints(opts, cfg), cfg.connect_timeout, say.debug, cfg.keys)
         connected = time.monotonic()
+        say.place = notice.place(channel.endpoint, channel.endpoint in brokers(opts, cfg))
         spec = spec_here(command, cfg)
         if opts.no_mount:
             outcome = _drive(channel, spec, out_fd, cfg, say, opts.tty, stage(spec))
@@ -173,6 +185,7 @@ def _drive(channel, spec: JobSpec, out_fd: int, cfg: ClientConfig, say: Reporter
         job = JobRun(channel, spec, (0, out_fd, 2), loop.wake_w, say.debug, staged=staged,
                      terminal=term)
         job.on_stop = lambda signum: _stop_here(job, signum, say)
+        job.waits = say.notice()
         job.submit()
         loop.add(job)
         (outcome,) = loop.run()
