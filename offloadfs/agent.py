@@ -352,6 +352,8 @@ class Agent(ClientLoop):
                      staged=staged, as_caller=lambda: filesystem_ids(c.uid, c.gid),
                      terminal=term)
         job.on_stop = lambda signum: request.emit(shim.reply_stopped(signum))
+        job.waits = notice.at_terminal(request.stdio[2], "offloadfs", notice.place(
+            link.endpoint, link.endpoint in self.config.brokers), pid=c.pid)
         settings = term.stty() if term is not None and term.reads_keys else ""
         if settings:
             request.emit(shim.reply_settings(settings))

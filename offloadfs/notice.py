@@ -5,12 +5,16 @@ when no host answers. Every text about waiting is composed here.
 returns the bytes to write (a line that updates in place, and its erasure before the job's
 first output byte or its end). :class:`TerminalNotice` writes them to a terminal; the client
 loop's thread (``offld``'s main thread) calls both, through the job run
-(``jobrun.JobRun.waits``). On a pipe, or with ``-q``, there is no notice at all
+(``jobrun.JobRun.waits``), as does the mount's agent thread for a shim's caller whose stderr
+is a terminal. On a pipe, or with ``-q``, there is no notice at all
 (:func:`at_terminal` answers :data:`SILENT`).
 """
 from __future__ import annotations
 
 import os
+import select
+
+from .terminal import foreground
 
 DELAY = 1.0          # seconds a job waits in a queue before the notice shows
 ERASE = b"\r\x1b[K"  # back to the line's start, and clear it
@@ -52,16 +56,19 @@ class WaitNotice:
         self.line = ""                    # what the notice says now
         self.shown = ""                   # what the terminal shows
 
-    def queued(self, now: float, position: int) -> bytes:
+    def queued(self, now: float, position: int, front: bool = True) -> bytes:
         """The host says the job waits at ``position``."""
         if self.since is None:
             self.since = now
         self.line = waiting(self.prog, self.where, position)
-        return self.tick(now)
+        return self.tick(now, front)
 
-    def tick(self, now: float) -> bytes:
-        """Time passes: show the line once the job has waited long enough, or its update."""
-        if self.since is None or now - self.since < self.delay or self.line == self.shown:
+    def tick(self, now: float, front: bool = True) -> bytes:
+        """Time passes: show the line once the job has waited long enough, or its update;
+        never while the caller is not in its terminal's foreground (``front``: the line would
+        land in the shell's own)."""
+        if self.since is None or now - self.since < self.delay or self.line == self.shown \
+                or not front:
             return b""
         self.shown = self.line
         return b"\r" + self.line.encode(errors="replace") + b"\x1b[K"
@@ -77,36 +84,43 @@ class WaitNotice:
 
 
 class TerminalNotice:
-    """A :class:`WaitNotice` written to the terminal ``fd`` (best effort: a write that fails
-    costs only the notice). Called on the client loop's thread."""
+    """A :class:`WaitNotice` written to the terminal ``fd`` of process ``pid`` (best effort: a
+    write that fails costs only the notice). Called on the client loop's thread."""
 
-    def __init__(self, fd: int, rule: WaitNotice):
-        """Write ``rule``'s bytes to ``fd``."""
-        self.fd, self.rule = fd, rule
+    def __init__(self, fd: int, rule: WaitNotice, pid: int):
+        """Write ``rule``'s bytes to ``fd`` while ``pid`` is in its terminal's foreground."""
+        self.fd, self.rule, self.pid = fd, rule, pid
 
     def queued(self, now: float, position: int) -> None:
         """The job waits at ``position``."""
-        self._write(self.rule.queued(now, position))
+        self._write(self.rule.queued(now, position, foreground(self.pid)))
 
     def tick(self, now: float) -> None:
         """Time passes."""
-        self._write(self.rule.tick(now))
+        if self.rule.since is not None:   # (no look at /proc while nothing waits)
+            self._write(self.rule.tick(now, foreground(self.pid)))
 
     def clear(self) -> None:
         """The job starts or ends."""
         self._write(self.rule.clear())
 
     def _write(self, data: bytes) -> None:
-        """Write ``data`` if there is any."""
-        if data:
-            try:
+        """Write ``data`` if there is any and the terminal has room for it now: a short
+        write to a terminal that polls writable does not block, and the loop thread (the
+        mount's agent: every job's) must never wait on a stuck terminal."""
+        if not data:
+            return
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        try:
+            if poller.poll(0):
                 os.write(self.fd, data)
-            except OSError:
-                pass
+        except OSError:
+            pass
 
 
 class Silent:
-    """No notice (a pipe, ``-q``, or the mount's jobs): every call does nothing."""
+    """No notice (a pipe, ``-q``): every call does nothing."""
 
     def queued(self, now: float, position: int) -> None:
         """Nothing."""
@@ -121,8 +135,10 @@ class Silent:
 SILENT = Silent()
 
 
-def at_terminal(fd: int, prog: str, where: str, quiet: bool) -> TerminalNotice | Silent:
-    """The queue notice for stderr ``fd``: written only to a terminal, and never when quiet."""
+def at_terminal(fd: int, prog: str, where: str, quiet: bool = False,
+                pid: int | None = None) -> TerminalNotice | Silent:
+    """The queue notice for the stderr ``fd`` of process ``pid`` (ours by default): written
+    only to a terminal, and never when quiet."""
     if quiet or not os.isatty(fd):
         return SILENT
-    return TerminalNotice(fd, WaitNotice(prog, where))
+    return TerminalNotice(fd, WaitNotice(prog, where), os.getpid() if pid is None else pid)

@@ -63,6 +63,23 @@ def test_at_a_terminal_a_queued_job_shows_a_notice_then_its_own_output(one_slot,
         shell.close()
 
 
+def test_a_shim_at_a_terminal_shows_the_same_notice(one_slot, start_mount, tmp_path, work):
+    """A shim's job queued on the host: the caller's terminal shows the notice (the mount's),
+    erased before the job's output; the status is the job's."""
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[mount]\nstate_file = "{tmp_path}/state.json"\n')
+    mount = start_mount(hosts=[one_slot.hostport], config=str(config), wait_for_shim="sh")
+    shell = Shell(work, str(mount.path))
+    try:
+        shell.line(b"sh -c 'echo hello; exit 3'; echo \"rc=$?\"")
+        assert shell.expect(NOTICE.replace(b"offld", b"offloadfs") % one_slot.port, 15), \
+            shell.buf
+        one_slot.release()
+        assert shell.expect(rb"\x1b\[K\r\x1b\[Khello\r\nrc=3\r\n", 20), shell.buf
+    finally:
+        shell.close()
+
+
 def test_on_a_pipe_a_queued_job_prints_no_notice(one_slot, work):
     """The same wait with stderr on a pipe: not a byte of ours on stderr."""
     job = subprocess.Popen([OFFLD, "-Q", "-H", one_slot.hostport, "--", "sh", "-c",

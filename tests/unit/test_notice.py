@@ -69,3 +69,13 @@ def test_the_mount_names_what_each_host_said():
                               5.0) == (
         "no host reachable yet (tried gpu1:7788: connection refused; gpu2:7788: no answer "
         "within 5s); jobs run locally under auto, exit 255 under always")
+
+
+def test_no_notice_while_the_caller_is_in_the_background():
+    """A caller in its terminal's background (`offld ... &`) gets no notice, and no erasure
+    of the shell's line; once in the foreground it does."""
+    n = rule()
+    assert n.queued(10.0, 3, front=False) == b"" and n.tick(11.5, front=False) == b""
+    assert n.clear() == b""
+    n.queued(20.0, 1)
+    assert n.tick(21.0, front=False) == b"" and n.tick(21.5) == LINE % 1
