@@ -106,7 +106,9 @@ class Agent(ClientLoop):
         self.inbox: queue.SimpleQueue[ShimRequest] = queue.SimpleQueue()
         self.continues: queue.SimpleQueue[ShimRequest] = queue.SimpleQueue()
         self.requests: dict[str, ShimRequest] = {}
-        self.waiting: list[ShimRequest] = []   # for a host's first answer (states.first_contact)
+        # Requests waiting for a host's first answer (states.first_contact), with the notice
+        # shown to each one's caller meanwhile.
+        self.waiting: dict[ShimRequest, notice.TerminalNotice | notice.Silent] = {}
         self._told_contact = False             # the start-up's outcome was logged
         self.thread = threading.Thread(target=self._main, name="offloadfs-agent", daemon=True)
         self._stopping = False
@@ -189,10 +191,11 @@ class Agent(ClientLoop):
 
     def _release_waiting(self) -> None:
         """Requests never sent when the mount stops: local under auto, refused under always."""
-        waiting, self.waiting = self.waiting, []
+        waiting, self.waiting = self.waiting, {}
         while not self.inbox.empty():
-            waiting.append(self.inbox.get())
-        for request in waiting:
+            waiting[self.inbox.get()] = notice.SILENT
+        for request, waits in waiting.items():
+            waits.clear()
             self._cannot(request, "the offloadfs mount is stopping")
 
     def channels(self) -> list[Channel]:
@@ -258,9 +261,9 @@ class Agent(ClientLoop):
         if self.loop_ended():
             self._stopping = True
             return
-        waiting, self.waiting = self.waiting, []
-        for request in waiting:   # a host answered, or the start-up wait is over
-            self._dispatch(request)
+        waiting, self.waiting = self.waiting, {}
+        for request, waits in waiting.items():   # a host answered, or the wait is over
+            self._dispatch(request, waits)
         while not self.inbox.empty():
             self._dispatch(self.inbox.get())
         while not self.continues.empty():
@@ -320,14 +323,21 @@ class Agent(ClientLoop):
 
     # --- decisions ------------------------------------------------------------------------------
 
-    def _dispatch(self, request: ShimRequest) -> None:
-        """Send a request to a host, or decide to run it locally or refuse it."""
+    def _dispatch(self, request: ShimRequest, waits=notice.SILENT) -> None:
+        """Send a request to a host, or decide to run it locally or refuse it; or let it wait
+        for a host's first answer (``waits``: the notice its caller sees meanwhile)."""
         link = self._pick(request.name)
+        now = time.monotonic()
+        if link is None and self._contact(now) == Contact.WAIT:
+            if waits is notice.SILENT:
+                waits = self._notice(request, "")
+            waits.connecting(now, [k.endpoint for k in self.links
+                                   if k.state == HostState.UNKNOWN])
+            self.waiting[request] = waits
+            return
+        waits.clear()   # before any line of ours or the job's on the caller's terminal
         if link is None:
-            if self._contact(time.monotonic()) == Contact.WAIT:
-                self.waiting.append(request)   # a host may yet answer its first hello
-            else:
-                self._apply(request, rules.decide(request.policy, host=False))
+            self._apply(request, rules.decide(request.policy, host=False))
             return
         try:
             data = None if request.name in self.config.stage_commands else \
@@ -352,8 +362,8 @@ class Agent(ClientLoop):
                      staged=staged, as_caller=lambda: filesystem_ids(c.uid, c.gid),
                      terminal=term)
         job.on_stop = lambda signum: request.emit(shim.reply_stopped(signum))
-        job.waits = notice.at_terminal(request.stdio[2], "offloadfs", notice.place(
-            link.endpoint, link.endpoint in self.config.brokers), pid=c.pid)
+        job.waits = self._notice(request, notice.place(link.endpoint,
+                                                       link.endpoint in self.config.brokers))
         settings = term.stty() if term is not None and term.reads_keys else ""
         if settings:
             request.emit(shim.reply_settings(settings))
@@ -408,6 +418,10 @@ class Agent(ClientLoop):
         """The usable host with the fewest of our jobs in flight (configuration order on ties)."""
         usable = [link for link in self.links if link.usable(name)]
         return min(usable, key=lambda link: link.in_flight) if usable else None
+
+    def _notice(self, request: ShimRequest, where: str):
+        """The waiting notice for the caller's stderr, if that is a terminal."""
+        return notice.at_terminal(request.stdio[2], "offloadfs", where, pid=request.caller.pid)
 
     def _contact(self, now: float, usable: bool = False) -> Contact:
         """The start-up rule (states.first_contact) over the links, bounded by the connect

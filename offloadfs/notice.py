@@ -30,9 +30,14 @@ def place(endpoint: str, broker: bool) -> str:
     return f"{'via broker' if broker else 'on'} {address(endpoint)}"
 
 
-def waiting(prog: str, where: str, position: int) -> str:
-    """The notice's text."""
+def queue_line(prog: str, where: str, position: int) -> str:
+    """The notice of a job in a queue."""
     return f"{prog}: waiting for a slot {where} (position {position})"
+
+
+def connect_line(prog: str, endpoints: list[str]) -> str:
+    """The notice of a job waiting for hosts' first answer (right after the mount started)."""
+    return f"{prog}: waiting for {', '.join(map(address, endpoints))} to answer"
 
 
 def unreachable(tried: list[tuple[str, str]], timeout: float) -> str:
@@ -45,22 +50,31 @@ def unreachable(tried: list[tuple[str, str]], timeout: float) -> str:
 
 
 class WaitNotice:
-    """The queue notice's rule: shown once a job has waited ``delay`` s in a queue, rewritten
-    when its position changes, erased when it starts or ends. Each call returns the bytes to
-    write now (often none). One thread (the client loop's) calls it."""
+    """The notice's rule: shown once a job has waited ``delay`` s (in a queue, or for a host's
+    first answer), rewritten when its text changes (a new position), erased when it starts
+    or ends. Each call returns the bytes to write now (often none). One thread (the client
+    loop's) calls it."""
 
     def __init__(self, prog: str, where: str, delay: float = DELAY):
         """Nothing shown; ``where`` is :func:`place`'s answer."""
         self.prog, self.where, self.delay = prog, where, delay
-        self.since: float | None = None   # when the job was first said to be queued
+        self.since: float | None = None   # when the job was first said to wait
         self.line = ""                    # what the notice says now
         self.shown = ""                   # what the terminal shows
 
     def queued(self, now: float, position: int, front: bool = True) -> bytes:
         """The host says the job waits at ``position``."""
+        return self.waits(now, queue_line(self.prog, self.where, position), front)
+
+    def connecting(self, now: float, endpoints: list[str], front: bool = True) -> bytes:
+        """The job waits for these hosts' first answer."""
+        return self.waits(now, connect_line(self.prog, endpoints), front)
+
+    def waits(self, now: float, line: str, front: bool = True) -> bytes:
+        """The job still waits, as ``line`` says."""
         if self.since is None:
             self.since = now
-        self.line = waiting(self.prog, self.where, position)
+        self.line = line
         return self.tick(now, front)
 
     def tick(self, now: float, front: bool = True) -> bytes:
@@ -95,6 +109,10 @@ class TerminalNotice:
         """The job waits at ``position``."""
         self._write(self.rule.queued(now, position, foreground(self.pid)))
 
+    def connecting(self, now: float, endpoints: list[str]) -> None:
+        """The job waits for these hosts' first answer."""
+        self._write(self.rule.connecting(now, endpoints, foreground(self.pid)))
+
     def tick(self, now: float) -> None:
         """Time passes."""
         if self.rule.since is not None:   # (no look at /proc while nothing waits)
@@ -123,6 +141,9 @@ class Silent:
     """No notice (a pipe, ``-q``): every call does nothing."""
 
     def queued(self, now: float, position: int) -> None:
+        """Nothing."""
+
+    def connecting(self, now: float, endpoints: list[str]) -> None:
         """Nothing."""
 
     def tick(self, now: float) -> None:

@@ -17,6 +17,7 @@ from offloadfs.channel import Channel
 from ..harness import DATA, OFFLD, free_port, marker_dir, wait_for
 from .test_terminal import Shell
 
+HOLD = 3.0   # seconds the slow host's relay holds its first answer
 NOTICE = rb"\roffld: waiting for a slot on 127\.0\.0\.1:%d \(position 1\)\x1b\[K"
 
 
@@ -95,12 +96,12 @@ def test_on_a_pipe_a_queued_job_prints_no_notice(one_slot, work):
 
 @pytest.fixture
 def slow_host(start_daemon, tmp_path):
-    """A marker daemon behind a relay that holds what it sends on a new connection for 2 s:
-    a host slow to answer its first hello. (daemon, relay port, marker dir)"""
+    """A marker daemon behind a relay that holds what it sends on a new connection for HOLD
+    seconds: a host slow to answer its first hello. (daemon, relay port, marker dir)"""
     marker = marker_dir(tmp_path / "mark")
     daemon = start_daemon(marker=marker)
     relay = subprocess.Popen([sys.executable, str(DATA / "tcp_tap.py"), str(daemon.port),
-                              "/dev/null", "2.0"], stdout=subprocess.PIPE, text=True)
+                              "/dev/null", str(HOLD)], stdout=subprocess.PIPE, text=True)
     try:
         yield daemon, int(relay.stdout.readline()), marker
     finally:
@@ -115,16 +116,38 @@ def test_a_shim_run_before_its_host_answered_waits_and_runs_there(slow_host, sta
     run at once, it waits for the host's first answer and runs there (not refused, not
     local)."""
     _, port, marker = slow_host
-    state = tmp_path / "state.json"
-    state.write_text(json.dumps({"policies": {"cat": "always"}}))
-    config = tmp_path / "vm.toml"
-    config.write_text(f'[client]\nconnect_timeout = 10.0\n[mount]\nstate_file = "{state}"\n')
-    mount = start_mount(hosts=[f"127.0.0.1:{port}"], config=str(config), wait_for_shim="cat")
+    mount = start_mount(hosts=[f"127.0.0.1:{port}"], config=always_cat(tmp_path),
+                        wait_for_shim="cat")
     assert " is up" not in mount.log()   # the race: the shim is there, the host not yet
     got = subprocess.run(["cat", f"{marker}/where"], cwd=work, env=mount.env(),
                          capture_output=True, timeout=60)
     assert (got.returncode, got.stdout, got.stderr) == (0, b"host\n", b"")
     assert " is up" in mount.log()
+
+
+def test_at_a_terminal_the_wait_for_the_first_answer_shows(slow_host, start_mount, tmp_path,
+                                                          work):
+    """The same wait at a terminal: a notice naming the host, erased before the job's output."""
+    _, port, marker = slow_host
+    shell = Shell(work, "/usr/bin:/bin")   # ready before the mount: the wait is all ahead
+    try:
+        mount = start_mount(hosts=[f"127.0.0.1:{port}"], config=always_cat(tmp_path),
+                            wait_for_shim="cat")
+        shell.line(f"PATH={mount.path}:$PATH cat {marker}/where".encode())
+        assert shell.expect(rb"\roffloadfs: waiting for 127\.0\.0\.1:%d to answer\x1b\[K" % port,
+                            15), shell.buf
+        assert shell.expect(rb"\x1b\[K\r\x1b\[Khost\r\n", 20), shell.buf
+    finally:
+        shell.close()
+
+
+def always_cat(tmp_path) -> str:
+    """A VM config whose state file (as an earlier mount left it) sets cat to always."""
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"policies": {"cat": "always"}}))
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[client]\nconnect_timeout = 10.0\n[mount]\nstate_file = "{state}"\n')
+    return str(config)
 
 
 def test_a_mount_whose_host_is_down_says_so(start_mount, tmp_path):

@@ -212,11 +212,11 @@ def test_a_request_waits_for_a_host_first_answer(agent, stdio):
     link = agent.links[0]
     link.state, link.commands = HostState.UNKNOWN, []
     request = submit(agent, stdio, "always")
-    assert request.job is None and not request.decided and agent.waiting == [request]
+    assert request.job is None and not request.decided and list(agent.waiting) == [request]
     agent.channel.feed("welcome", **WELCOME)
     agent.step(0)
     job = request.job
-    assert job is not None and agent.channel.kinds(job.id) == ["submit"] and agent.waiting == []
+    assert job is not None and agent.channel.kinds(job.id) == ["submit"] and agent.waiting == {}
     agent.channel.feed("started", job.id, host="h1", pid=7, window=0)
     agent.channel.feed("exit", job.id, status=0, **EXIT)
     agent.step(0)
@@ -231,7 +231,7 @@ def test_a_request_gives_up_past_the_bound_or_on_a_refused_host(agent, stdio, st
     link.commands = []
     link.state, link.since = state, time.monotonic() - age
     request = submit(agent, stdio, "always")
-    assert reply(request) == b"255\n" and agent.waiting == []
+    assert reply(request) == b"255\n" and agent.waiting == {}
     assert b"no host offering it answers" in stdio.read(stdio.err)
 
 
@@ -240,10 +240,10 @@ def test_a_waiting_request_gives_up_when_the_bound_passes(agent, stdio, monkeypa
     link = agent.links[0]
     link.state, link.commands = HostState.UNKNOWN, []
     request = submit(agent, stdio)
-    assert agent.waiting == [request]
+    assert list(agent.waiting) == [request]
     link.since -= agent.config.connect_timeout
     agent.step(0)
-    assert reply(request) == b"x /bin/cat\n" and agent.waiting == []
+    assert reply(request) == b"x /bin/cat\n" and agent.waiting == {}
 
 
 def test_the_mount_warns_once_when_no_host_answers(agent, caplog):

@@ -79,3 +79,13 @@ def test_no_notice_while_the_caller_is_in_the_background():
     assert n.clear() == b""
     n.queued(20.0, 1)
     assert n.tick(21.0, front=False) == b"" and n.tick(21.5) == LINE % 1
+
+
+def test_a_wait_for_the_hosts_first_answer_then_for_a_slot():
+    """Right after the mount started: the hosts not heard yet, then (once one answered and
+    queued the job) the queue position, in the same line."""
+    n = WaitNotice("offloadfs", "on gpu1:7788", delay=1.0)
+    assert n.connecting(10.0, ["tcp://gpu1:7788", "tcp://gpu2:7788"]) == b""
+    assert n.connecting(11.0, ["tcp://gpu1:7788", "tcp://gpu2:7788"]) == \
+        b"\roffloadfs: waiting for gpu1:7788, gpu2:7788 to answer\x1b[K"
+    assert n.queued(11.2, 2) == b"\roffloadfs: waiting for a slot on gpu1:7788 (position 2)\x1b[K"
