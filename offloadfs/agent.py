@@ -26,7 +26,7 @@ from .caller import filesystem_ids, pending_signals
 from .channel import Channel, OffloadError
 from .client import ClientLoop
 from .config import ClientConfig
-from .jobrun import FORWARDED, JobRun, JobSpec
+from .jobrun import ENDING, FORWARDED, JobRun, JobSpec, Outcome
 from .registry import Registry
 from .request import Decision, ShimRequest
 from .states import Contact, HostState, first_contact
@@ -263,7 +263,8 @@ class Agent(ClientLoop):
             return
         waiting, self.waiting = self.waiting, {}
         for request, waits in waiting.items():   # a host answered, or the wait is over
-            self._dispatch(request, waits)
+            if not self._interrupted(request, waits):
+                self._dispatch(request, waits)
         while not self.inbox.empty():
             self._dispatch(self.inbox.get())
         while not self.continues.empty():
@@ -418,6 +419,19 @@ class Agent(ClientLoop):
         """The usable host with the fewest of our jobs in flight (configuration order on ties)."""
         usable = [link for link in self.links if link.usable(name)]
         return min(usable, key=lambda link: link.in_flight) if usable else None
+
+    def _interrupted(self, request: ShimRequest, waits) -> bool:
+        """A caller killed or interrupted (Ctrl-C) while its request waits for a host: it
+        ends now, as a job not yet started would (nothing ran anywhere)."""
+        pending = pending_signals(request.caller.pid) & (set(ENDING) | {signal.SIGKILL})
+        if not pending:
+            return False
+        signum = min(pending)
+        waits.clear()
+        self._remember(request, "nowhere", f"signal {signum} while waiting for a host",
+                       128 + signum, {})
+        request.decide_outcome(Outcome(128 + signum, "nowhere", signal=signum))
+        return True
 
     def _notice(self, request: ShimRequest, where: str):
         """The waiting notice for the caller's stderr, if that is a terminal."""

@@ -5,6 +5,7 @@ of :class:`~offloadfs.client.ClientLoop`) as the agent thread would.
 """
 from __future__ import annotations
 
+import signal
 import time
 import types
 
@@ -255,3 +256,15 @@ def test_the_mount_warns_once_when_no_host_answers(agent, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == ["no host reachable yet (tried h1:1: connection refused); jobs run "
                         "locally under auto, exit 255 under always"]
+
+
+def test_a_caller_interrupted_while_waiting_ends_at_once(agent, stdio, monkeypatch):
+    """Ctrl-C while the request waits for a host's first answer: it dies of SIGINT now,
+    nothing sent, nothing run locally."""
+    link = agent.links[0]
+    link.state, link.commands = HostState.UNKNOWN, []
+    request = submit(agent, stdio, "always")
+    monkeypatch.setattr("offloadfs.agent.pending_signals", lambda pid: {signal.SIGINT})
+    agent.step(0)
+    assert reply(request) == b"s INT\n" and agent.waiting == {}
+    assert agent.channel.kinds() == [] and request.local is None
