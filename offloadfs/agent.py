@@ -329,7 +329,8 @@ class Agent(ClientLoop):
         for a host's first answer (``waits``: the notice its caller sees meanwhile)."""
         link = self._pick(request.name)
         now = time.monotonic()
-        if link is None and self._contact(now) == Contact.WAIT:
+        contact = self._contact(now, usable=link is not None)
+        if contact == Contact.WAIT:
             if waits is notice.SILENT:
                 waits = self._notice(request, "")
             waits.connecting(now, [k.endpoint for k in self.links
@@ -337,7 +338,7 @@ class Agent(ClientLoop):
             self.waiting[request] = waits
             return
         waits.clear()   # before any line of ours or the job's on the caller's terminal
-        if link is None:
+        if contact == Contact.GIVE_UP:
             self._apply(request, rules.decide(request.policy, host=False))
             return
         try:
@@ -448,10 +449,10 @@ class Agent(ClientLoop):
         host said (a host that answers later is logged as up)."""
         if self._told_contact or not self.links:
             return
-        up = any(link.state == HostState.UP for link in self.links)
-        if up or self._contact(now, up) == Contact.GIVE_UP:
+        if any(link.state == HostState.UP for link in self.links):
+            self._told_contact = True   # a host answered: nothing to warn of
+        elif self._contact(now) == Contact.GIVE_UP:
             self._told_contact = True
-        if not up and self._told_contact:
             log.warning("%s", notice.unreachable(
                 [(link.endpoint, link.failure) for link in self.links],
                 self.config.connect_timeout))

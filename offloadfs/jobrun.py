@@ -191,7 +191,7 @@ class JobRun:
         if terminal is not None:
             self.sinks["tty"] = Sink("tty", terminal.out_fd, wake_fd, terminal.for_screen)
         self.on_stop = lambda signum: None
-        self.waits = notice.SILENT        # the queue notice at the caller's terminal (offld)
+        self.waits = notice.SILENT        # the queue notice at the caller's terminal
         self.raw = False                  # the caller's terminal is (to be) raw
         self.stopped: int | None = None   # the signal the job stopped with, until continued
         self.state = JobState.NEW
