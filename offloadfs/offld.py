@@ -110,8 +110,10 @@ class Reporter:
             print(f"{self.prog}: debug: {text}", file=sys.stderr, flush=True)
 
     def notice(self):
-        """The queue notice on stderr: at a terminal only, and never when quiet."""
-        return notice.at_terminal(sys.stderr.fileno(), self.prog, self.place, self.quiet)
+        """The queue notice on stderr: at a terminal only, never when quiet, and not with -d
+        (its debug lines say each position, and would run into the notice's line)."""
+        return notice.at_terminal(sys.stderr.fileno(), self.prog, self.place,
+                                  self.quiet or self.debugging)
 
 
 def endpoints(opts, cfg: ClientConfig) -> list[str]:
