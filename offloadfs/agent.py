@@ -20,22 +20,26 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import environ, export, protocol, shim, staging, terminal
+from . import environ, export, notice, protocol, shim, staging, terminal
 from . import request as rules
 from .caller import filesystem_ids, pending_signals
 from .channel import Channel, OffloadError
 from .client import ClientLoop
 from .config import ClientConfig
-from .jobrun import FORWARDED, JobRun, JobSpec
+from .jobrun import ENDING, FORWARDED, JobRun, JobSpec, Outcome
 from .registry import Registry
 from .request import Decision, ShimRequest
-from .states import HostState
+from .states import Contact, HostState, first_contact
 
 log = logging.getLogger("offloadfs")
 
 SIGNAL_POLL = 0.05          # seconds between looks at running callers' pending signals
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+# What a host link's monitor reports: up, down, refused (a first attempt that failed ends the
+# start-up wait for that host: states.first_contact), or a failed handshake.
+WATCHED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+           | HANDSHAKE_FAILED)
 HOST_LIVENESS = 3.0         # a host not answering hello this long is dead for new jobs
 REBUILD_AFTER = 3.0         # a connection still away after this long gets a new socket
 FORWARD = frozenset(int(s) for s in FORWARDED)
@@ -48,10 +52,10 @@ class HostLink:
         """Connect (with CURVE ``keys`` if given) and watch the connection."""
         self.endpoint = endpoint
         self.channel = Channel(ctx, endpoint, keys)
-        self.monitor = self.channel.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+        self.monitor = self.channel.sock.get_monitor_socket(WATCHED)
         self.failure = ""
         self.state = HostState.UNKNOWN
+        self.since = time.monotonic()         # its first connection attempt began
         self.hello_sent = 0.0
         self.name = endpoint
         self.commands: list[str] = []
@@ -76,8 +80,7 @@ class HostLink:
         connection (a frame over MAXMSGSIZE), and a send must never wait on one."""
         self.close(linger=0)
         self.channel = Channel(self.ctx, self.endpoint, self.keys)
-        self.monitor = self.channel.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+        self.monitor = self.channel.sock.get_monitor_socket(WATCHED)
         self.down_at = None
 
 
@@ -103,6 +106,10 @@ class Agent(ClientLoop):
         self.inbox: queue.SimpleQueue[ShimRequest] = queue.SimpleQueue()
         self.continues: queue.SimpleQueue[ShimRequest] = queue.SimpleQueue()
         self.requests: dict[str, ShimRequest] = {}
+        # Requests waiting for a host's first answer (states.first_contact), with the notice
+        # shown to each one's caller meanwhile.
+        self.waiting: dict[ShimRequest, notice.TerminalNotice | notice.Silent] = {}
+        self._told_contact = False             # the start-up's outcome was logged
         self.thread = threading.Thread(target=self._main, name="offloadfs-agent", daemon=True)
         self._stopping = False
         self._failures = 0
@@ -150,7 +157,8 @@ class Agent(ClientLoop):
     def _step_safely(self) -> None:
         """One round; a bug costs that round (logged), never the agent and its jobs."""
         try:
-            self.step(SIGNAL_POLL if self.requests else self.timing.heartbeat / 2)
+            busy = self.requests or self.waiting
+            self.step(SIGNAL_POLL if busy else self.timing.heartbeat / 2)
             self._failures = 0
         except Exception:
             self._failures += 1
@@ -183,8 +191,12 @@ class Agent(ClientLoop):
 
     def _release_waiting(self) -> None:
         """Requests never sent when the mount stops: local under auto, refused under always."""
+        waiting, self.waiting = self.waiting, {}
         while not self.inbox.empty():
-            self._cannot(self.inbox.get(), "the offloadfs mount is stopping")
+            waiting[self.inbox.get()] = notice.SILENT
+        for request, waits in waiting.items():
+            waits.clear()
+            self._cannot(request, "the offloadfs mount is stopping")
 
     def channels(self) -> list[Channel]:
         """Every host's channel."""
@@ -222,6 +234,9 @@ class Agent(ClientLoop):
         elif event == zmq.EVENT_DISCONNECTED:
             link.down_at = link.down_at or time.monotonic()
             self._host_down(link, "disconnected")
+        elif event == zmq.EVENT_CONNECT_RETRIED:
+            link.failure = link.channel.failure(message)["text"]
+            self._host_down(link, link.failure)   # a first attempt that failed: no wait
         elif event & HANDSHAKE_FAILED:
             self._refused(link, link.channel.failure(message)["text"])
 
@@ -246,6 +261,10 @@ class Agent(ClientLoop):
         if self.loop_ended():
             self._stopping = True
             return
+        waiting, self.waiting = self.waiting, {}
+        for request, waits in waiting.items():   # a host answered, or the wait is over
+            if not self._interrupted(request, waits):
+                self._dispatch(request, waits)
         while not self.inbox.empty():
             self._dispatch(self.inbox.get())
         while not self.continues.empty():
@@ -259,6 +278,7 @@ class Agent(ClientLoop):
                 self._host_down(link, f"silent for {HOST_LIVENESS:g}s")
             self._forget(link, now)
             self._maybe_rebuild(link, now)
+        self._tell_contact(now)
         if now - self._last_signal_poll >= SIGNAL_POLL:
             self._last_signal_poll = now
             for request in self.requests.values():
@@ -304,10 +324,21 @@ class Agent(ClientLoop):
 
     # --- decisions ------------------------------------------------------------------------------
 
-    def _dispatch(self, request: ShimRequest) -> None:
-        """Send a request to a host, or decide to run it locally or refuse it."""
+    def _dispatch(self, request: ShimRequest, waits=notice.SILENT) -> None:
+        """Send a request to a host, or decide to run it locally or refuse it; or let it wait
+        for a host's first answer (``waits``: the notice its caller sees meanwhile)."""
         link = self._pick(request.name)
-        if link is None:
+        now = time.monotonic()
+        contact = self._contact(now, usable=link is not None)
+        if contact == Contact.WAIT:
+            if waits is notice.SILENT:
+                waits = self._notice(request, "")
+            waits.connecting(now, [k.endpoint for k in self.links
+                                   if k.state == HostState.UNKNOWN])
+            self.waiting[request] = waits
+            return
+        waits.clear()   # before any line of ours or the job's on the caller's terminal
+        if contact == Contact.GIVE_UP:
             self._apply(request, rules.decide(request.policy, host=False))
             return
         try:
@@ -333,6 +364,8 @@ class Agent(ClientLoop):
                      staged=staged, as_caller=lambda: filesystem_ids(c.uid, c.gid),
                      terminal=term)
         job.on_stop = lambda signum: request.emit(shim.reply_stopped(signum))
+        job.waits = self._notice(request, notice.place(link.endpoint,
+                                                       link.endpoint in self.config.brokers))
         settings = term.stty() if term is not None and term.reads_keys else ""
         if settings:
             request.emit(shim.reply_settings(settings))
@@ -387,6 +420,42 @@ class Agent(ClientLoop):
         """The usable host with the fewest of our jobs in flight (configuration order on ties)."""
         usable = [link for link in self.links if link.usable(name)]
         return min(usable, key=lambda link: link.in_flight) if usable else None
+
+    def _interrupted(self, request: ShimRequest, waits) -> bool:
+        """A caller killed or interrupted (Ctrl-C) while its request waits for a host: it
+        ends now, as a job not yet started would (nothing ran anywhere)."""
+        pending = pending_signals(request.caller.pid) & (set(ENDING) | {signal.SIGKILL})
+        if not pending:
+            return False
+        signum = min(pending)
+        waits.clear()
+        self._remember(request, "nowhere", f"signal {signum} while waiting for a host",
+                       128 + signum, {})
+        request.decide_outcome(Outcome(128 + signum, "nowhere", signal=signum))
+        return True
+
+    def _notice(self, request: ShimRequest, where: str):
+        """The waiting notice for the caller's stderr, if that is a terminal."""
+        return notice.at_terminal(request.stdio[2], "offloadfs", where, pid=request.caller.pid)
+
+    def _contact(self, now: float, usable: bool = False) -> Contact:
+        """The start-up rule (states.first_contact) over the links, bounded by the connect
+        timeout: wait while a host has not answered its first connection attempt."""
+        return first_contact(usable, [(link.state, now - link.since) for link in self.links],
+                             self.config.connect_timeout)
+
+    def _tell_contact(self, now: float) -> None:
+        """Once, when the start-up is over without any host up: a warning naming what each
+        host said (a host that answers later is logged as up)."""
+        if self._told_contact or not self.links:
+            return
+        if any(link.state == HostState.UP for link in self.links):
+            self._told_contact = True   # a host answered: nothing to warn of
+        elif self._contact(now) == Contact.GIVE_UP:
+            self._told_contact = True
+            log.warning("%s", notice.unreachable(
+                [(link.endpoint, link.failure) for link in self.links],
+                self.config.connect_timeout))
 
     def _spec(self, request: ShimRequest) -> JobSpec:
         """The job for a shim request, with the caller's kernel-reported identity."""

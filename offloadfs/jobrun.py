@@ -28,7 +28,7 @@ import time
 
 import zmq
 
-from . import protocol, staging
+from . import notice, protocol, staging
 from .channel import Channel, OffloadError
 from .protocol import Message
 from .states import IllegalTransition, JobState, advance
@@ -191,6 +191,7 @@ class JobRun:
         if terminal is not None:
             self.sinks["tty"] = Sink("tty", terminal.out_fd, wake_fd, terminal.for_screen)
         self.on_stop = lambda signum: None
+        self.waits = notice.SILENT        # the queue notice at the caller's terminal
         self.raw = False                  # the caller's terminal is (to be) raw
         self.stopped: int | None = None   # the signal the job stopped with, until continued
         self.state = JobState.NEW
@@ -405,6 +406,7 @@ class JobRun:
         never acknowledged it (then nothing ran, and the caller may safely run it elsewhere)."""
         if self.state.final:
             return
+        self.waits.tick(now)
         if now - self.last_ping >= timing.heartbeat:
             self.last_ping = now
             self.channel.send(protocol.encode("ping", jobs=[self.id]))
@@ -468,11 +470,13 @@ class JobRun:
     def _on_queued(self, msg: Message) -> None:
         """The job waits for a slot."""
         self.state = advance(self.state, "queued")
+        self.waits.queued(time.monotonic(), msg["position"])
         self.debug(f"queued at position {msg['position']} on {self.channel.host}")
 
     def _on_started(self, msg: Message) -> None:
         """The job runs; stdin may flow."""
         self.state = advance(self.state, "started")
+        self.waits.clear()   # before any output of the job
         self.credit = msg["window"]
         self.ran_on = msg["host"]   # through a broker: the host it chose
         self.debug(f"started on {msg['host']} as pid {msg['pid']}")
@@ -530,6 +534,7 @@ class JobRun:
         """Record the outcome once and let the sinks end after what they hold."""
         if self.outcome is None:
             self.outcome = outcome
+            self.waits.clear()
             if self.terminal is not None:
                 self._raw(False)
             if self.outbox is not None:

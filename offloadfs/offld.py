@@ -16,7 +16,18 @@ import time
 
 import zmq
 
-from . import environ, export, joblog, mountinfo, protocol, reach, request, staging, terminal
+from . import (
+    environ,
+    export,
+    joblog,
+    mountinfo,
+    notice,
+    protocol,
+    reach,
+    request,
+    staging,
+    terminal,
+)
 from .channel import OffloadError
 from .client import ClientLoop, connect
 from .commandline import add_version
@@ -93,6 +104,7 @@ class Reporter:
     def __init__(self, prog: str, quiet: bool, debug: bool):
         """Remember how talkative to be."""
         self.prog, self.quiet, self.debugging = prog, quiet, debug and not quiet
+        self.place = ""   # where the job waits for a slot (notice.place), once connected
 
     def error(self, text: str) -> None:
         """One line for a fatal error of the offload."""
@@ -108,6 +120,12 @@ class Reporter:
         if self.debugging:
             print(f"{self.prog}: debug: {text}", file=sys.stderr, flush=True)
 
+    def notice(self):
+        """The queue notice on stderr: at a terminal only, never when quiet, and not with -d
+        (its debug lines say each position, and would run into the notice's line)."""
+        return notice.at_terminal(sys.stderr.fileno(), self.prog, self.place,
+                                  self.quiet or self.debugging)
+
 
 def endpoints(opts, cfg: ClientConfig) -> dict[str, str]:
     """Where to send the job, in order, each with where it came from (``reach.origin``): -L
@@ -118,6 +136,12 @@ def endpoints(opts, cfg: ClientConfig) -> dict[str, str]:
         return {host_endpoint(e): reach.origin(flag) for e, flag in given}
     kind = "file" if cfg.configured else "default"
     return {e: reach.origin(kind, cfg.path) for e in cfg.brokers + cfg.hosts}
+
+
+def brokers(opts, cfg: ClientConfig) -> list[str]:
+    """The endpoints of :func:`endpoints` that are brokers."""
+    given = (opts.load_balancer or []) + (opts.host or [])
+    return [host_endpoint(e) for e in opts.load_balancer or []] if given else cfg.brokers
 
 
 def spec_here(command: list[str], cfg: ClientConfig) -> JobSpec:
@@ -140,6 +164,7 @@ def run(command: list[str], opts, say: Reporter) -> int:
         hosts = endpoints(opts, cfg)
         channel = connect(ctx, list(hosts), cfg.connect_timeout, say.debug, cfg.keys, hosts)
         connected = time.monotonic()
+        say.place = notice.place(channel.endpoint, channel.endpoint in brokers(opts, cfg))
         spec = spec_here(command, cfg)
         if opts.no_mount:
             outcome = _drive(channel, spec, out_fd, cfg, say, opts.tty, stage(spec))
@@ -179,6 +204,7 @@ def _drive(channel, spec: JobSpec, out_fd: int, cfg: ClientConfig, say: Reporter
         job = JobRun(channel, spec, (0, out_fd, 2), loop.wake_w, say.debug, staged=staged,
                      terminal=term)
         job.on_stop = lambda signum: _stop_here(job, signum, say)
+        job.waits = say.notice()
         job.submit()
         loop.add(job)
         (outcome,) = loop.run()

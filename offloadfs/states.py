@@ -84,3 +84,24 @@ def advance_host(state: HostState, event: str) -> HostState:
         return HOST_EVENTS[(state, event)]
     except KeyError:
         raise IllegalTransition(f"host in state {state.value} cannot take {event!r}") from None
+
+
+class Contact(enum.Enum):
+    """What a request for a command does when no host that is up offers it (yet)."""
+
+    GO = "go"            # a host that is up offers it: send it there
+    WAIT = "wait"        # none yet, but a host has not answered its first connection
+    GIVE_UP = "give up"  # no host offering it answers: run it locally or fail (by policy)
+
+
+def first_contact(usable: bool, links, bound: float) -> Contact:
+    """The start-up rule: ``usable`` says a host that is up offers the command; ``links``
+    are (state, seconds since its first connection attempt began) of every host. A host
+    still UNKNOWN (its first attempt neither answered nor failed) within ``bound`` seconds
+    of that attempt may yet offer the command: wait for it. A refused connection or a
+    failed handshake makes it DEAD: no wait for that one."""
+    if usable:
+        return Contact.GO
+    if any(state == HostState.UNKNOWN and age < bound for state, age in links):
+        return Contact.WAIT
+    return Contact.GIVE_UP

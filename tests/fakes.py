@@ -97,6 +97,7 @@ class FakeLink(HostLink):
         self.monitor = Pollable()
         self.failure = ""
         self.state = HostState.UP if up else HostState.UNKNOWN
+        self.since = time.monotonic()
         self.hello_sent = time.monotonic()
         self.name = channel.host
         self.commands = list(commands)

@@ -5,6 +5,8 @@ of :class:`~offloadfs.client.ClientLoop`) as the agent thread would.
 """
 from __future__ import annotations
 
+import signal
+import time
 import types
 
 import pytest
@@ -16,6 +18,7 @@ from offloadfs.config import ClientConfig
 from offloadfs.fs import ShimFS
 from offloadfs.registry import Registry
 from offloadfs.request import ShimRequest
+from offloadfs.states import HostState
 
 from ..fakes import FakeCaller, FakeChannel, FakeLink, Stdio, stdio  # noqa: F401 (a fixture)
 
@@ -199,3 +202,69 @@ def test_a_request_left_waiting_when_the_mount_stops(agent, stdio, policy, local
     assert (request.local, request.refusal) == (
         ("the offloadfs mount is stopping", None) if local else
         (None, "the offloadfs mount is stopping (policy always); it never ran"))
+
+
+WELCOME = {"host": "h1", "commands": ["cat"], "slots": 1, "tags": [], "busy": 0, "queued": 0}
+
+
+def test_a_request_waits_for_a_host_first_answer(agent, stdio):
+    """Right after the mount starts (a persisted always policy lists the shim before any host
+    answered), the request waits for the host's welcome and then runs there."""
+    link = agent.links[0]
+    link.state, link.commands = HostState.UNKNOWN, []
+    request = submit(agent, stdio, "always")
+    assert request.job is None and not request.decided and list(agent.waiting) == [request]
+    agent.channel.feed("welcome", **WELCOME)
+    agent.step(0)
+    job = request.job
+    assert job is not None and agent.channel.kinds(job.id) == ["submit"] and agent.waiting == {}
+    agent.channel.feed("started", job.id, host="h1", pid=7, window=0)
+    agent.channel.feed("exit", job.id, status=0, **EXIT)
+    agent.step(0)
+    assert reply(request) == b"0\n"
+
+
+@pytest.mark.parametrize("state, age", [(HostState.UNKNOWN, 6.0), (HostState.DEAD, 0.0)])
+def test_a_request_gives_up_past_the_bound_or_on_a_refused_host(agent, stdio, state, age):
+    """A host silent past the connect timeout, or whose first connection was refused:
+    no host answers (always: 255, it never ran)."""
+    link = agent.links[0]
+    link.commands = []
+    link.state, link.since = state, time.monotonic() - age
+    request = submit(agent, stdio, "always")
+    assert reply(request) == b"255\n" and agent.waiting == {}
+    assert b"no host offering it answers" in stdio.read(stdio.err)
+
+
+def test_a_waiting_request_gives_up_when_the_bound_passes(agent, stdio, monkeypatch):
+    """Waiting, then the connect timeout passes without an answer: local under auto."""
+    link = agent.links[0]
+    link.state, link.commands = HostState.UNKNOWN, []
+    request = submit(agent, stdio)
+    assert list(agent.waiting) == [request]
+    link.since -= agent.config.connect_timeout
+    agent.step(0)
+    assert reply(request) == b"x /bin/cat\n" and agent.waiting == {}
+
+
+def test_the_mount_warns_once_when_no_host_answers(agent, caplog):
+    """All hosts refused their first connection: one warning naming each and why."""
+    link = agent.links[0]
+    link.state, link.failure = HostState.DEAD, "connection refused"
+    agent.step(0)
+    agent.step(0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["no host reachable yet (tried h1:1: connection refused); jobs run "
+                        "locally under auto, exit 255 under always"]
+
+
+def test_a_caller_interrupted_while_waiting_ends_at_once(agent, stdio, monkeypatch):
+    """Ctrl-C while the request waits for a host's first answer: it dies of SIGINT now,
+    nothing sent, nothing run locally."""
+    link = agent.links[0]
+    link.state, link.commands = HostState.UNKNOWN, []
+    request = submit(agent, stdio, "always")
+    monkeypatch.setattr("offloadfs.agent.pending_signals", lambda pid: {signal.SIGINT})
+    agent.step(0)
+    assert reply(request) == b"s INT\n" and agent.waiting == {}
+    assert agent.channel.kinds() == [] and request.local is None

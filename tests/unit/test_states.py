@@ -11,6 +11,7 @@ from offloadfs.states import (
     JobState,
     advance,
     advance_host,
+    first_contact,
 )
 
 J = JobState
@@ -146,3 +147,21 @@ def test_job_and_host_functions_not_interchangeable():
         advance(J.RUNNING, "heard")
     with pytest.raises(IllegalTransition):
         advance_host(H.UP, "exit")
+
+
+# --- the start-up rule: wait for a host's first answer, go, or give up ----------------------
+
+@pytest.mark.parametrize("usable, links, verdict", [
+    (True, [(H.UNKNOWN, 0.1)], "go"),                         # a host up offers it: go now
+    (False, [(H.UNKNOWN, 0.1)], "wait"),                      # its first hello is unanswered
+    (False, [(H.DEAD, 0.1), (H.UNKNOWN, 4.9)], "wait"),       # one host may still answer
+    (False, [(H.UNKNOWN, 5.0)], "give up"),                   # past the bound: no more wait
+    (False, [(H.DEAD, 0.1)], "give up"),                      # its connection was refused
+    (False, [(H.UP, 0.1)], "give up"),                        # up, but it does not offer it
+    (False, [(H.SUSPECT, 0.1), (H.DEAD, 0.2)], "give up"),    # known hosts: nothing to wait for
+    (False, [], "give up"),                                   # no host configured
+])
+def test_a_request_waits_only_for_hosts_not_yet_heard_within_the_bound(usable, links, verdict):
+    """A request that finds no usable host waits while a host has not answered its first
+    connection attempt, for at most the bound (5 s here) since that attempt began."""
+    assert first_contact(usable, links, 5.0).value == verdict
