@@ -235,7 +235,8 @@ class Agent(ClientLoop):
             link.down_at = link.down_at or time.monotonic()
             self._host_down(link, "disconnected")
         elif event == zmq.EVENT_CONNECT_RETRIED:
-            link.failure = link.channel.failure(message)["text"]
+            # Why, learnt once per outage (each retry would cost the probe's few ms again).
+            link.failure = link.failure or link.channel.failure(message)["text"]
             self._host_down(link, link.failure)   # a first attempt that failed: no wait
         elif event & HANDSHAKE_FAILED:
             self._refused(link, link.channel.failure(message)["text"])

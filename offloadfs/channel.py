@@ -145,12 +145,14 @@ class Channel:
 
     def failure(self, event: dict, left: float = 0.0) -> Message | None:
         """What a connection event means for the user, as a ``refused`` message. With
-        ``left`` s to spare (a caller that may block: offld, status, not the agent), one plain
-        connection learns why: None if a failed connection works when tried again."""
+        ``left`` s to spare (a caller that may block: offld, status), one plain connection
+        learns why; without (the agent), one that cannot block. None if a failed connection
+        works when tried again."""
         kind, value = event["event"], event["value"]
         probing = min(left, PROBE_TIMEOUT)
         if kind == zmq.EVENT_CONNECT_RETRIED:
-            seen = reach.probe(self.endpoint, probing) if probing > 0 else ("connect", None)
+            seen = reach.probe(self.endpoint, probing) if probing > 0 else \
+                reach.probe_now(self.endpoint)
             if seen is None:
                 return None
             why, text = "no-host", reach.unreachable(self.endpoint, seen)

@@ -11,10 +11,12 @@ where it came from (:func:`origin`: ``-H``, the config file, the default).
 from __future__ import annotations
 
 import errno
+import select
 import socket
 
 import zmq
 
+NOW_MS = 10    # what probe_now waits for an answer, in ms
 MECHANISM_MISMATCH = 0x11000002     # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 KEYS_FIX = "set [security] secret_key and server_key"
 GREETING_START = b"\xff" + bytes(8) + b"\x7f\x03"   # ZMTP 3: signature, major version
@@ -71,9 +73,36 @@ def probe(endpoint: str, timeout: float) -> tuple[str, object] | None:
     return None
 
 
+def probe_now(endpoint: str) -> tuple[str, object] | None:
+    """:func:`probe` for a caller that must not block (the mount's agent): a numeric address
+    only, one non-blocking connect given ``NOW_MS`` to answer (a refusal on a near host does);
+    ("untold", None) where it cannot know by then (a name to resolve, a connection still
+    under way), else as :func:`probe`."""
+    target = address(endpoint)
+    if target is None:
+        return ("connect", errno.ECONNREFUSED)
+    family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+    try:
+        socket.inet_pton(family, target[0])
+    except OSError:
+        return ("untold", None)
+    with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as s:
+        code = s.connect_ex(target)
+        if code == errno.EINPROGRESS:
+            waiting = select.poll()
+            waiting.register(s, select.POLLOUT)
+            if not waiting.poll(NOW_MS):
+                return ("untold", None)
+            code = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return None if code == 0 else ("connect", code)
+
+
 def unreachable(endpoint: str, seen: tuple[str, object]) -> str:
     """Why the connection failed, from what :func:`probe` saw."""
     step, detail = seen
+    if step == "untold":
+        return ("cannot connect (ZeroMQ gives no reason; `offloadfs status` tries once and "
+                "says why)")
     if step == "resolve":
         host = (address(endpoint) or (shown(endpoint), 0))[0]
         code, said = detail

@@ -158,5 +158,6 @@ def test_a_mount_whose_host_is_down_says_so(start_mount, tmp_path):
     mount = start_mount(hosts=[f"127.0.0.1:{port}"], config=str(config))
     line = mount.wait_until(lambda: re.search(r"WARNING (no host reachable yet.*)", mount.log()),
                             "warn that no host answers").group(1)
-    assert line == (f"no host reachable yet (tried 127.0.0.1:{port}: connection refused); "
+    assert line == (f"no host reachable yet (tried 127.0.0.1:{port}: connection refused (is "
+                    f"offloadd running there, on that port?)); "
                     f"jobs run locally under auto, exit 255 under always")
