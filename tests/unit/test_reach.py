@@ -50,3 +50,15 @@ def test_origins_and_names():
     assert reach.origin("default", "/etc/x.toml") == \
         "the default; name a host with -H or [client] hosts in /etc/x.toml"
     assert reach.origin("default") == "the default; name a host with -H"
+
+
+def test_the_agents_probe_answers_without_blocking_or_says_it_cannot_tell():
+    """probe_now: a closed loopback port is refused at once; a name is never resolved."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]            # bound, not listening: connections are refused
+        assert reach.probe_now(f"tcp://127.0.0.1:{port}") == ("connect", errno.ECONNREFUSED)
+        s.listen()
+        assert reach.probe_now(f"tcp://127.0.0.1:{port}") is None
+    assert reach.probe_now("tcp://somehost.invalid:7788") == ("untold", None)
+    assert "offloadfs status" in reach.unreachable("tcp://h:1", ("untold", None))
