@@ -22,7 +22,7 @@ import time
 
 import zmq
 
-from offloadfs import keys, protocol
+from offloadfs import keys, logsetup, protocol
 from offloadfs.protocol import Message, ProtocolError
 from offloadfs.states import JobState, advance
 
@@ -434,8 +434,9 @@ class Server:
             cost = admission.admit(self.budget, peer, msg, self.hostname)
         except policy.Refused as exc:
             self.peer_gate.note(peer, logging.WARNING, "refused job %s (%s) of %s: %s",
-                                msg.job, os.fsdecode(msg["argv"][0])[:80],
-                                self._client(peer, msg), exc)
+                                logsetup.printable(msg.job),
+                                logsetup.printable(os.fsdecode(msg["argv"][0]), 80),
+                                self._client(peer, msg), logsetup.printable(str(exc), 400))
             self.failed += 1
             self.metrics.job_ended(self._command_label(msg), metrics.REFUSED, {})
             self._refuse(peer, msg.job, exc.kind, str(exc), False)

@@ -49,6 +49,12 @@ def error_line(text: str) -> str:
     return f"<3>{text}" if on_journal() else text
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """What a peer sent, fit for one log line: at most ``limit`` characters, control
+    characters (a newline would forge a line) shown as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 class JournalFormatter(logging.Formatter):
     """Every line of a record (a traceback's too) with the record's priority in front."""
 

@@ -160,3 +160,14 @@ def test_a_refusal_is_a_warning_naming_the_vm_uid_and_address(start_daemon, tmp_
     line = d.wait_until(lambda: re.search(r"^offloadd: WARNING refused job \S+ \(sh\) of "
                                           r"(.*)$", d.log(), re.M), "log the refusal")
     assert re.match(r"VM vm1, uid 0, at 127\.0\.0\.1: .*root", line.group(1)), line.group(0)
+
+
+def test_mount_log_file_keeps_stamped_lines(start_mount, daemon, tmp_path):
+    """offloadfs mount --log FILE: the log goes to the file, each line with its time."""
+    log = tmp_path / "mount.log"
+    mount = start_mount("--log", str(log), "-H", daemon.hostport, wait_for_shim="sh")
+    mount.unmount()
+    lines = log.read_text().splitlines()
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ offloadfs: INFO mounting ", lines[0])
+    assert any(" offloadfs: INFO unmounted " in line for line in lines), lines
+    assert "offloadfs: INFO" not in mount.log()

@@ -104,3 +104,10 @@ def test_stderr_lines_follow_the_journal(monkeypatch):
     monkeypatch.delenv("JOURNAL_STREAM")
     off = logsetup.handler("nfsfuse").format(record(logging.ERROR, "x"))
     assert (on, off) == ("<3>x", "nfsfuse: ERROR x")
+
+
+def test_what_a_peer_sent_stays_on_one_line():
+    """A newline or other control character in a peer's text cannot forge a log line."""
+    assert logsetup.printable("ls\n<3>offloadd: ERROR forged\x1b[2J") == \
+        "ls?<3>offloadd: ERROR forged?[2J"
+    assert logsetup.printable("x" * 500, 80) == "x" * 80
