@@ -564,10 +564,14 @@ class Server:
                 job.process.resume(msg["foreground"])
 
     def _on_cancel(self, peer: bytes, msg: Message) -> None:
-        """The client gave up: kill the job quietly."""
+        """The client gave up: kill the job quietly; a broker is told it is gone (it keeps
+        the job's slot busy until then)."""
         job = self._job(peer, msg)
         if job:
             self._drop(job, "cancelled by client", metrics.CANCELLED)
+            if peer in self.links:
+                self._job_error(peer, job.id, "cancelled", f"the job was cancelled; "
+                                f"{self.hostname} killed it", job.spawned)
 
     def _job(self, peer: bytes, msg: Message) -> HostJob | None:
         """The job a message names, or None after telling the client it is unknown."""
