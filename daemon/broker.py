@@ -74,6 +74,7 @@ class Broker:
         self._own_ctx = ctx is None
         self.keys, self.rings, self.gate = self._security(config.security)
         self.sender_key: str | None = None
+        self.sender_frame = None   # the message's first frame: its properties (Peer-Address)
         self.front, self.front_endpoint = router.bind(self.ctx, config.clients, self.keys,
                                                       "clients")
         self.back, self.back_endpoint = router.bind(self.ctx, config.workers, self.keys, "hosts")
@@ -160,6 +161,7 @@ class Broker:
         error reply within the peer's rate limit; a bug in handling costs that message, never
         the broker."""
         peer, body = frames[0], frames[1:]
+        self.sender_frame = body[0] if body else None
         try:
             msg = protocol.decode(body)
         except ProtocolError as exc:
@@ -211,17 +213,13 @@ class Broker:
                          f"job {msg.job} is already known", started=True)
             return
         if self.keys and self.rings["clients"].name_of(self.sender_key) is None:
-            self._count(msg.job, msg, metrics.REFUSED)
-            self._refuse(self.front, client, msg.job, "unauthorized",
-                         f"this VM's key is no longer authorized on {self.name}; the job "
-                         "never ran", started=False)
+            self._refused(client, msg, "unauthorized", f"this VM's key is no longer authorized "
+                          f"on {self.name}; the job never ran")
             return
         cost = limits.cost(msg.fields)
         why = self.budget.take(client, cost)
         if why is not None:
-            self._count(msg.job, msg, metrics.REFUSED)
-            self._refuse(self.front, client, msg.job, "busy",
-                         f"{self.name}: {why}; the job never ran", started=False)
+            self._refused(client, msg, "busy", f"{self.name}: {why}; the job never ran")
             return
         job = BrokerJob(key, f"{self.life}-{next(self.ids)}", msg,
                         vm=self.sender_key if self.keys else None, cost=cost)
@@ -229,6 +227,14 @@ class Broker:
         self.wires[job.wire] = key
         command = os.path.basename(os.fsdecode(msg["argv"][0]))
         self._act(self.rules.submit(key, client, now, command, list(msg.get("tags", []))))
+
+    def _refused(self, client: bytes, msg: Message, kind: str, text: str) -> None:
+        """Refuse a submit (it never ran): a warning naming its sender, counted, answered."""
+        name = self.rings["clients"].name_of(self.sender_key) if self.keys else None
+        self.peer_gate.refused(client, msg, router.sender(
+            name, self.sender_key, msg["uid"], router.address_of(self.sender_frame)), text)
+        self._count(msg.job, msg, metrics.REFUSED)
+        self._refuse(self.front, client, msg.job, kind, text, started=False)
 
     def _pass_to_host(self, client: bytes, msg: Message, now: float) -> None:
         """A job's message goes to its host under the broker's id for the job; a suspend or

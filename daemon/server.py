@@ -22,7 +22,7 @@ import time
 
 import zmq
 
-from offloadfs import keys, logsetup, protocol
+from offloadfs import keys, protocol
 from offloadfs.protocol import Message, ProtocolError
 from offloadfs.states import JobState, advance
 
@@ -105,7 +105,7 @@ class Server:
         self.ctx = ctx or zmq.Context()
         self.keys, self.ring, self.gate = self._security(config.security)
         self.sender_key: str | None = None
-        self.sender_frame: zmq.Frame | None = None   # the message's first frame: its properties
+        self.sender_frame = None   # the message's first frame: its properties (Peer-Address)
         self.sock, self.endpoint = router.bind(
             self.ctx, config.listen, self.keys, "clients", rcvhwm=router.DAEMON_RCVHWM,
             linger=router.DAEMON_LINGER) if config.listen else (None, "")
@@ -321,7 +321,7 @@ class Server:
                                 "dropped", self.endpoint, peer.decode(errors="replace"))
             return
         self.sender_key = key
-        self.sender_frame = body[0] if body and isinstance(body[0], zmq.Frame) else None
+        self.sender_frame = body[0] if body else None
         self._heard(peer)
         try:
             msg = protocol.decode(body)
@@ -433,10 +433,7 @@ class Server:
                                    self.hostname)
             cost = admission.admit(self.budget, peer, msg, self.hostname)
         except policy.Refused as exc:
-            self.peer_gate.note(peer, logging.WARNING, "refused job %s (%s) of %s: %s",
-                                logsetup.printable(msg.job),
-                                logsetup.printable(os.fsdecode(msg["argv"][0]), 80),
-                                self._client(peer, msg), logsetup.printable(str(exc), 400))
+            self.peer_gate.refused(peer, msg, self._client(peer, msg), str(exc))
             self.failed += 1
             self.metrics.job_ended(self._command_label(msg), metrics.REFUSED, {})
             self._refuse(peer, msg.job, exc.kind, str(exc), False)
@@ -458,15 +455,11 @@ class Server:
     def _client(self, peer: bytes, msg: Message) -> str:
         """Who sent a submit, for the log: its key's name (with keys), the uid it claims, and
         where it connected from (its address, or the broker it came through)."""
-        vm_key = msg.get("vm") if peer in self.links else self.sender_key
-        name = self.ring.name_of(vm_key) if self.ring is not None and vm_key else None
-        who = f"VM {name}" if name else ("an unauthorized key" if vm_key else "a client "
-                                                                                "without a key")
         link = self.links.get(peer)
-        address = self.sender_frame.get("Peer-Address") if self.sender_frame is not None \
-            else None
-        where = f"via broker {link.endpoint}" if link else f"at {address or 'an unknown address'}"
-        return f"{who}, uid {msg['uid']}, {where}"
+        vm_key = msg.get("vm") if link else self.sender_key
+        name = self.ring.name_of(vm_key) if self.ring is not None and vm_key else None
+        return router.sender(name, vm_key, msg["uid"], f"via broker {link.endpoint}" if link
+                             else router.address_of(self.sender_frame))
 
     def _command_label(self, spec: Message) -> str:
         """The metrics' command label of a job: its command's name, if allowlisted here."""
