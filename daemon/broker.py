@@ -31,7 +31,7 @@ from offloadfs import keys, protocol
 from offloadfs.protocol import Message, ProtocolError
 
 from . import broker_rules as rules_mod
-from . import limits, router
+from . import limits, metrics, router
 from .config import BrokerConfig, Security
 from .metrics import Metrics
 from .signals import stopping_on_signals
@@ -54,6 +54,7 @@ class BrokerJob:
     told: bool = False
     vm: str | None = None
     cost: int = 0               # what its spec holds of the budget (limits.cost)
+    ended: bool = False         # counted in the metrics and the recent jobs (once)
 
 
 class Broker:
@@ -66,10 +67,14 @@ class Broker:
         self.rules = rules_mod.Rules(config.heartbeat, config.liveness, config.client_timeout,
                                      grace=2 * config.heartbeat,
                                      suspend_limit=config.suspend_limit)
+        self.metrics = Metrics("broker")
+        if config.metrics:   # first: if its port is taken, nothing else is open yet
+            self.metrics.serve(config.metrics)
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.keys, self.rings, self.gate = self._security(config.security)
         self.sender_key: str | None = None
+        self.sender_frame = None   # the message's first frame: its properties (Peer-Address)
         self.front, self.front_endpoint = router.bind(self.ctx, config.clients, self.keys,
                                                       "clients")
         self.back, self.back_endpoint = router.bind(self.ctx, config.workers, self.keys, "hosts")
@@ -79,8 +84,8 @@ class Broker:
         self.ids = itertools.count(1)
         self.positions = router.Positions()
         self.done = self.failed = 0
+        self.recent: list[dict] = []   # the last jobs that ended, for status
         self.wakeup = router.Wakeup()
-        self.metrics = Metrics("broker")
         self.peer_gate = router.PeerGate(self.metrics.dropped.inc)
         self.from_clients, self.from_hosts = self._handlers()
         self.actions = {rules_mod.Dispatch: self._do_dispatch, rules_mod.Queued: self._do_queued,
@@ -89,8 +94,6 @@ class Broker:
                         rules_mod.CommandsChanged: self._do_commands_changed,
                         rules_mod.Reannounce: self._do_reannounce}
         self.budget = limits.budget()
-        if config.metrics:
-            self.metrics.serve(config.metrics)
 
     def _security(self, sec: Security):
         """(our keys, a keyring per port, the ZAP gate) with keys; (None, {}, None) without."""
@@ -158,6 +161,7 @@ class Broker:
         error reply within the peer's rate limit; a bug in handling costs that message, never
         the broker."""
         peer, body = frames[0], frames[1:]
+        self.sender_frame = body[0] if body else None
         try:
             msg = protocol.decode(body)
         except ProtocolError as exc:
@@ -198,6 +202,7 @@ class Broker:
         """The client gave up a job: the rules drop it or have its host kill it."""
         job = self.jobs.get((client, msg.job))
         if job is not None:
+            self._finish(job, metrics.CANCELLED)
             self._act(self.rules.cancel(job.key))
 
     def _submit(self, client: bytes, msg: Message, now: float) -> None:
@@ -208,16 +213,13 @@ class Broker:
                          f"job {msg.job} is already known", started=True)
             return
         if self.keys and self.rings["clients"].name_of(self.sender_key) is None:
-            self._refuse(self.front, client, msg.job, "unauthorized",
-                         f"this VM's key is no longer authorized on {self.name}; the job "
-                         "never ran", started=False)
+            self._refused(client, msg, "unauthorized", f"this VM's key is no longer authorized "
+                          f"on {self.name}; the job never ran")
             return
         cost = limits.cost(msg.fields)
         why = self.budget.take(client, cost)
         if why is not None:
-            self.failed += 1
-            self._refuse(self.front, client, msg.job, "busy",
-                         f"{self.name}: {why}; the job never ran", started=False)
+            self._refused(client, msg, "busy", f"{self.name}: {why}; the job never ran")
             return
         job = BrokerJob(key, f"{self.life}-{next(self.ids)}", msg,
                         vm=self.sender_key if self.keys else None, cost=cost)
@@ -225,6 +227,14 @@ class Broker:
         self.wires[job.wire] = key
         command = os.path.basename(os.fsdecode(msg["argv"][0]))
         self._act(self.rules.submit(key, client, now, command, list(msg.get("tags", []))))
+
+    def _refused(self, client: bytes, msg: Message, kind: str, text: str) -> None:
+        """Refuse a submit (it never ran): a warning naming its sender, counted, answered."""
+        name = self.rings["clients"].name_of(self.sender_key) if self.keys else None
+        self.peer_gate.refused(client, msg, router.sender(
+            name, self.sender_key, msg["uid"], router.address_of(self.sender_frame)), text)
+        self._count(msg.job, msg, metrics.REFUSED)
+        self._refuse(self.front, client, msg.job, kind, text, started=False)
 
     def _pass_to_host(self, client: bytes, msg: Message, now: float) -> None:
         """A job's message goes to its host under the broker's id for the job; a suspend or
@@ -263,7 +273,8 @@ class Broker:
                   "tags": ",".join(sorted(h.tags))} for h in r.hosts.values()]
         return protocol.encode("status-reply", host=self.name, slots=r.slots, busy=r.busy,
                                queued=len(r.queue), commands=list(r.commands),
-                               tags=list(r.tags), jobs=hosts, done=self.done,
+                               tags=list(r.tags), jobs=hosts[:900] + self.recent[-50:],
+                               done=self.done,
                                failed=self.failed)
 
     # --- hosts ---------------------------------------------------------------------------------
@@ -293,12 +304,10 @@ class Broker:
             self._act(self.rules.suspend(key, now))
         if msg.kind in ("exit", "error"):
             if msg.kind == "exit":
-                self.done += 1
+                self._finish(job, metrics.exit_outcome(msg["status"], msg.get("signal")),
+                             msg["status"], dict(msg.get("timings", {})))
             else:
-                self.failed += 1
-            command = os.path.basename(os.fsdecode(job.submit["argv"][0]))
-            self.metrics.job_ended(command, "done" if msg.kind == "exit" else "failed",
-                                   dict(msg.get("timings", {})))
+                self._finish(job, metrics.error_outcome(msg.get("started", True)))
             self._act(self.rules.slot_freed(host, key))
             self._forget(key)
 
@@ -371,7 +380,7 @@ class Broker:
     def _do_host_lost(self, a: rules_mod.HostLost) -> None:
         """The job's host died while it ran: exit 255 with one line on the client."""
         client, job_id = a.job
-        self.failed += 1
+        self._finish(self.jobs.get(a.job), metrics.LOST)
         self.metrics.missed.labels(peer="host").inc()
         self._client_error(client, job_id, "host-lost", a.reason, started=True)
         self._forget(a.job)
@@ -379,7 +388,7 @@ class Broker:
     def _do_no_host(self, a: rules_mod.NoHost) -> None:
         """No live host can run the job."""
         client, job_id = a.job
-        self.failed += 1
+        self._finish(self.jobs.get(a.job), metrics.REFUSED)
         self._client_error(client, job_id, "no-host", a.reason, started=False)
         self._forget(a.job)
 
@@ -387,11 +396,35 @@ class Broker:
         """The job's client is gone: its host kills it."""
         job = self.jobs.get(a.job)
         if job is not None:
+            self._finish(job, metrics.LOST)   # unless its client cancelled it
             self._send(self.back, a.host_id, protocol.encode("cancel", job.wire))
 
     def _do_forget(self, a: rules_mod.Forget) -> None:
-        """Drop what we keep of a job."""
+        """Drop what we keep of a job (a queued one's client went away, unless it cancelled)."""
+        self._finish(self.jobs.get(a.job), metrics.LOST)
         self._forget(a.job)
+
+    def _finish(self, job: BrokerJob | None, outcome: str, status: int | None = None,
+                timings: dict | None = None) -> None:
+        """Count how a job we know ended (``metrics.OUTCOMES``), once: the first outcome
+        stands."""
+        if job is not None and not job.ended:
+            job.ended = True
+            self._count(job.key[1], job.submit, outcome, status, timings or {},
+                        job.host_name or "-")
+
+    def _count(self, job_id: str, submit: Message, outcome: str, status: int | None = None,
+               timings: dict | None = None, host: str = "-") -> None:
+        """A job ended: the done and failed counts, the metrics, the recent jobs."""
+        if status is None:
+            self.failed += 1
+        else:
+            self.done += 1
+        command = os.path.basename(os.fsdecode(submit["argv"][0]))
+        self.metrics.job_ended(metrics.command_label(command, self.rules.commands), outcome,
+                               timings or {})
+        self.recent = (self.recent + [metrics.ended_record(job_id, submit["argv"][0], status,
+                                                           host, timings or {})])[-100:]
 
     def _do_commands_changed(self, a: rules_mod.CommandsChanged) -> None:
         """VMs see the new command set at their next hello."""

@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from offloadfs import logsetup
 from offloadfs.commandline import add_keygen, add_version, keygen, run
 
 from .config import BrokerConfig, ServeConfig
@@ -63,9 +64,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``offloadd``."""
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        stream=sys.stderr,
-                        format="offloadd: %(levelname)s %(message)s")
+    logsetup.setup("offloadd", getattr(args, "verbose", False))
     return run("offloadd", {"serve": serve, "status": status, "broker": broker,
                             "keygen": keygen}, args)
 
@@ -103,13 +102,18 @@ def serve(args) -> int:
 
 def _run_server(make, config, failure: str) -> int:
     """Build a server or broker with ``make(config)`` (it binds its ports) and run it until
-    SIGTERM; 1 with the line ``failure`` if it cannot bind."""
+    SIGTERM; 1 with one line if it cannot bind (``failure`` says what) or serve its metrics."""
     import zmq
+
+    from .metrics import MetricsError
 
     try:
         server = make(config)
     except zmq.ZMQError as exc:
-        print(f"offloadd: {failure}: {exc}", file=sys.stderr)
+        print(logsetup.error_line(f"offloadd: {failure}: {exc}"), file=sys.stderr)
+        return 1
+    except MetricsError as exc:
+        print(logsetup.error_line(f"offloadd: {exc}"), file=sys.stderr)
         return 1
     server.run()
     return 0

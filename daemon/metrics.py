@@ -1,26 +1,95 @@
 """Prometheus metrics of a daemon or a broker (``--metrics ADDR:PORT``), with prometheus_client.
 
 The loop thread updates the metrics; prometheus_client's HTTP thread (named
-``offloadd-metrics``) serves them; :meth:`Metrics.close` shuts that server down.
+``offloadd-metrics``) serves them; :meth:`Metrics.close` shuts that server down. How a job
+ended is one of :data:`OUTCOMES` (docs/decisions.md, "Operations"); :func:`exit_outcome` and
+:func:`error_outcome` say which.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import logging
+import os
+import platform
 
+import zmq
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
+
+from offloadfs import __version__, protocol
 from offloadfs.settings import host_port
 
+log = logging.getLogger("offloadd")
+
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800)
+
+# How a job ended, the ``outcome`` label of the jobs counter.
+DONE = "done"            # it ran and exited 0
+FAILED = "failed"        # it ran and exited non-zero
+SIGNAL = "signal"        # it ran and was killed by a signal
+REFUSED = "refused"      # it never ran: refused at submit, or could not be started
+ERROR = "error"          # the host ended it after it may have run (output limit, internal)
+LOST = "lost"            # its client (or, at a broker, its host) went away before the end
+CANCELLED = "cancelled"  # its client gave it up (cancel)
+OUTCOMES = (DONE, FAILED, SIGNAL, REFUSED, ERROR, LOST, CANCELLED)
+OTHER_COMMAND = "(other)"   # the command label of a job whose command nobody here offers
+
+
+class MetricsError(Exception):
+    """The metrics cannot be served (the address is in use, say); the text is one line."""
+
+
+def exit_outcome(status: int, signal: int | None) -> str:
+    """The outcome of a job that ran to its end: its exit status and its killing signal."""
+    if signal:
+        return SIGNAL
+    return DONE if status == 0 else FAILED
+
+
+def error_outcome(started: bool) -> str:
+    """The outcome of a job that ended with an ``error``: whether it may have run."""
+    return ERROR if started else REFUSED
+
+
+def command_label(name: str, offered) -> str:
+    """The command label of a job named ``name``: the name if it is in ``offered``, else one
+    label for all the rest, so that what peers send cannot grow the label set."""
+    return name[:64] if name in offered else OTHER_COMMAND
+
+
+def ended_record(job_id: str, argv0: bytes, status: int | None, host: str,
+                 timings: dict) -> dict:
+    """A job that ended, as ``status`` lists it among the recent jobs: its id, command,
+    exit status (-1: none), the host it ran on (or was meant for) and its stage times."""
+    return {"job": job_id, "command": os.fsdecode(argv0)[:255],
+            "status": -1 if status is None else status, "host": host,
+            **{k: round(v, 6) for k, v in stage_times(timings).items()}}
+
+
+def stage_times(timings: dict) -> dict[str, float]:
+    """The stage times of a job's ``timings`` (a host's, as the protocol names them), without
+    anything else a peer put there."""
+    return {k: float(v) for k, v in timings.items() if k in protocol.STAGES
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class Metrics:
     """Jobs by command and outcome, queue length, slots, stage times, heartbeats missed,
-    replies dropped by the rate limit."""
+    replies dropped by the rate limit, and the build."""
 
     def __init__(self, role: str):
         """A private registry (``role`` is daemon or broker: the metrics' prefix)."""
+        disable_created_metrics()   # no *_created series: nobody graphs a counter's birth
         self.registry = CollectorRegistry()
         prefix = f"offload_{role}"
-        self.jobs = Counter(f"{prefix}_jobs", "Jobs ended, by command and outcome",
+        self.jobs = Counter(f"{prefix}_jobs", "Jobs ended, by command and outcome (done, "
+                            "failed, signal, refused, error, lost, cancelled)",
                             ["command", "outcome"], registry=self.registry)
         self.queue = Gauge(f"{prefix}_queue_length", "Jobs waiting for a slot",
                            registry=self.registry)
@@ -32,25 +101,37 @@ class Metrics:
                               ["peer"], registry=self.registry)
         self.dropped = Counter(f"{prefix}_replies_dropped", "Replies to bad or refused input "
                                "not sent: the peer passed its rate limit", registry=self.registry)
+        Info(f"{prefix}_build", "The offloadfs version serving, its Python and libzmq",
+             registry=self.registry).info({"version": __version__,
+                                           "python": platform.python_version(),
+                                           "libzmq": zmq.zmq_version()})
         self.server = self.thread = None
 
     def serve(self, address: str) -> None:
-        """Serve the metrics over HTTP at ADDR:PORT (port 0: any free port)."""
+        """Serve the metrics over HTTP at ADDR:PORT (port 0: any free port) and log where;
+        MetricsError if that address cannot be had."""
         host, port = host_port(address, None, bind=True)
-        self.server, self.thread = start_http_server(port, host or "0.0.0.0",
-                                                     registry=self.registry)
+        try:
+            self.server, self.thread = start_http_server(port, host.strip("[]") or "0.0.0.0",
+                                                         registry=self.registry)
+        except OSError as exc:
+            raise MetricsError(f"cannot serve metrics on {address}: "
+                               f"{(exc.strerror or str(exc)).lower()}") from None
         self.thread.name = "offloadd-metrics"
+        log.info("metrics on http://%s/metrics", self.address)
 
     @property
     def address(self) -> str:
-        """Where the metrics are served (after :meth:`serve`)."""
+        """Where the metrics are served (after :meth:`serve`): ADDR:PORT, [ADDR]:PORT for
+        IPv6."""
         host, port = self.server.server_address[:2]
-        return f"{host}:{port}"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def job_ended(self, command: str, outcome: str, timings: dict) -> None:
-        """Count a job and observe its stage times."""
-        self.jobs.labels(command=command[:64], outcome=outcome).inc()
-        for stage, seconds in timings.items():
+        """Count a job (``command``: a label from :func:`command_label`) and observe its stage
+        times."""
+        self.jobs.labels(command=command, outcome=outcome).inc()
+        for stage, seconds in stage_times(timings).items():
             self.stages.labels(stage=stage).observe(seconds)
 
     def load(self, slots: int, busy: int, queued: int) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 
 from offloadfs import protocol
+from offloadfs.logsetup import printable
 from offloadfs.protocol import ProtocolError
 
 from . import limits
@@ -68,6 +69,19 @@ def recv_routed(sock: zmq.Socket, keyed: bool) -> tuple[list, str | None]:
     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
     key = frames[1].get("User-Id") if keyed and len(frames) > 1 else None
     return [frames[0].bytes, *frames[1:]], key
+
+
+def sender(name: str | None, key: str | None, uid, where: str) -> str:
+    """A submit's sender for a log line: its CURVE key's ``name`` (``key``: the key itself, if
+    any), the uid it claims, and ``where`` it came from."""
+    vm = f"VM {name}" if name else ("an unauthorized key" if key else "a client without a key")
+    return f"{vm}, uid {uid}, {where}"
+
+
+def address_of(frame) -> str:
+    """Where a message came from, for a log line: its first frame's Peer-Address."""
+    address = frame.get("Peer-Address") if isinstance(frame, zmq.Frame) else None
+    return f"at {address or 'an unknown address'}"
 
 
 def wildcard_port(endpoint: str) -> str:
@@ -147,6 +161,13 @@ class PeerGate:
         """Log a line about a peer's input at ``level`` if the log's rate limit lets it (once
         a minute per peer, ten a minute in all), else at debug level."""
         log.log(level if self.warnings.allow(peer) else logging.DEBUG, text, *args, **kw)
+
+    def refused(self, peer: bytes, msg, who: str, why: str) -> None:
+        """Log (a warning, within the rate limit) that the submit ``msg`` of ``who`` (see
+        :func:`sender`) was refused, and ``why``; what the peer sent is shown printable."""
+        self.note(peer, logging.WARNING, "refused job %s (%s) of %s: %s",
+                  printable(msg.job), printable(os.fsdecode(msg["argv"][0]), 80), who,
+                  printable(why, 400))
 
     def refuse(self, send: Send, peer: bytes, job_id: str | None, kind: str, text: str,
                started: bool | None = None, *, limited: bool = True) -> bool:

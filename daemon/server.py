@@ -26,7 +26,7 @@ from offloadfs import keys, protocol
 from offloadfs.protocol import Message, ProtocolError
 from offloadfs.states import JobState, advance
 
-from . import admission, limits, policy, router, warden
+from . import admission, limits, metrics, policy, router, warden
 from .config import ServeConfig, show_size
 from .hoststage import UNANNOUNCED, HostStage
 from .metrics import Metrics
@@ -90,6 +90,8 @@ class Server:
         self.done = self.failed = 0
         self.recent: list[dict] = []
         self.metrics = Metrics("daemon")
+        if config.metrics:   # first: if its port is taken, nothing else is open yet
+            self.metrics.serve(config.metrics)
         self.peer_gate = router.PeerGate(self.metrics.dropped.inc)
         self.budget = limits.budget()
         self._peers_cap = limits.MAX_PEERS
@@ -103,6 +105,7 @@ class Server:
         self.ctx = ctx or zmq.Context()
         self.keys, self.ring, self.gate = self._security(config.security)
         self.sender_key: str | None = None
+        self.sender_frame = None   # the message's first frame: its properties (Peer-Address)
         self.sock, self.endpoint = router.bind(
             self.ctx, config.listen, self.keys, "clients", rcvhwm=router.DAEMON_RCVHWM,
             linger=router.DAEMON_LINGER) if config.listen else (None, "")
@@ -113,8 +116,6 @@ class Server:
         self.wakeup = router.Wakeup()
         self.mounts = MountTable(config.mounts_dir, config.mounts_client, config.idle_unmount,
                                  self.wakeup.poke, config.mount_options)
-        if config.metrics:
-            self.metrics.serve(config.metrics)
 
     def _clear_leftovers(self, state_dir: str) -> warden.Records | None:
         """Kill what jobs of a dead offloadd left running (its warden may have died with it),
@@ -320,6 +321,7 @@ class Server:
                                 "dropped", self.endpoint, peer.decode(errors="replace"))
             return
         self.sender_key = key
+        self.sender_frame = body[0] if body else None
         self._heard(peer)
         try:
             msg = protocol.decode(body)
@@ -431,9 +433,9 @@ class Server:
                                    self.hostname)
             cost = admission.admit(self.budget, peer, msg, self.hostname)
         except policy.Refused as exc:
-            self.peer_gate.note(peer, logging.INFO, "refused job %s from %s: %s", msg.job,
-                                peer.hex(), exc)
+            self.peer_gate.refused(peer, msg, self._client(peer, msg), str(exc))
             self.failed += 1
+            self.metrics.job_ended(self._command_label(msg), metrics.REFUSED, {})
             self._refuse(peer, msg.job, exc.kind, str(exc), False)
             return
         job = HostJob(peer, msg.job, msg, path=path, cost=cost, streams=JobStreams(
@@ -449,6 +451,20 @@ class Server:
         except Exception:   # a bug costs this job (it may have been spawned), not its slot
             log.exception("internal error starting %s", job.describe())
             self._fail(job, "internal", f"internal error on {self.hostname} starting the job")
+
+    def _client(self, peer: bytes, msg: Message) -> str:
+        """Who sent a submit, for the log: its key's name (with keys), the uid it claims, and
+        where it connected from (its address, or the broker it came through)."""
+        link = self.links.get(peer)
+        vm_key = msg.get("vm") if link else self.sender_key
+        name = self.ring.name_of(vm_key) if self.ring is not None and vm_key else None
+        return router.sender(name, vm_key, msg["uid"], f"via broker {link.endpoint}" if link
+                             else router.address_of(self.sender_frame))
+
+    def _command_label(self, spec: Message) -> str:
+        """The metrics' command label of a job: its command's name, if allowlisted here."""
+        return metrics.command_label(os.path.basename(os.fsdecode(spec["argv"][0])),
+                                     self.allow.names())
 
     def _begin_staging(self, job: HostJob, data: dict) -> None:
         """-n: a scratch directory of the caller's; the input files come first."""
@@ -541,10 +557,14 @@ class Server:
                 job.process.resume(msg["foreground"])
 
     def _on_cancel(self, peer: bytes, msg: Message) -> None:
-        """The client gave up: kill the job quietly."""
+        """The client gave up: kill the job quietly; a broker is told it is gone (it keeps
+        the job's slot busy until then)."""
         job = self._job(peer, msg)
         if job:
-            self._drop(job, "cancelled by client")
+            self._drop(job, "cancelled by client", metrics.CANCELLED)
+            if peer in self.links:
+                self._job_error(peer, job.id, "cancelled", f"the job was cancelled; "
+                                f"{self.hostname} killed it", job.spawned)
 
     def _job(self, peer: bytes, msg: Message) -> HostJob | None:
         """The job a message names, or None after telling the client it is unknown."""
@@ -682,22 +702,24 @@ class Server:
             "exit", job.id, status=proc.status, signal=proc.term_signal, rusage=proc.rusage,
             timings=job.timings))
         log.info("%s exited %d in %.3fs", job.describe(), proc.status, job.timings["run"])
-        self._retire(job, proc.status)
+        self._retire(job, metrics.exit_outcome(proc.status, proc.term_signal), proc.status)
 
     def _fail(self, job: HostJob, kind: str, text: str) -> None:
         """End a job with an error the client reports as exit 255 (saying whether it may have
         run: then it must never be run again, anywhere)."""
         log.info("%s failed: %s", job.describe(), text)
         self._job_error(job.peer, job.id, kind, text, job.spawned)
-        self._retire(job, None)
+        self._retire(job, metrics.error_outcome(job.spawned))
 
-    def _drop(self, job: HostJob, why: str) -> None:
-        """Kill a job whose client is gone or gave up."""
+    def _drop(self, job: HostJob, why: str, outcome: str = metrics.LOST) -> None:
+        """Kill a job whose client is gone (``outcome`` lost) or gave up (cancelled)."""
         log.info("%s killed: %s", job.describe(), why)
-        self._retire(job, None)
+        self._retire(job, outcome)
 
-    def _retire(self, job: HostJob, status: int | None) -> None:
-        """Remove a job (once), kill what is left of it, free its slot and mount, count it."""
+    def _retire(self, job: HostJob, outcome: str, status: int | None = None) -> None:
+        """Remove a job (once), kill what is left of it, free its slot and mount, count it
+        (``outcome``: one of ``metrics.OUTCOMES``; ``status``: its exit status, if it
+        exited)."""
         if self.jobs.pop(job.key, None) is None:
             return
         self.budget.give(job.peer, job.cost)
@@ -711,9 +733,8 @@ class Server:
             self.failed += 1
         else:
             self.done += 1
-        self.metrics.job_ended(os.path.basename(os.fsdecode(job.spec["argv"][0])),
-                               "failed" if status is None else "done", job.timings)
-        self.recent = (self.recent + [_summary(job, status)])[-100:]
+        self.metrics.job_ended(self._command_label(job.spec), outcome, job.timings)
+        self.recent = (self.recent + [_summary(job, status, self.hostname)])[-100:]
         self._act(self.sched.cancel(job.key))
 
     def _job_error(self, peer: bytes, job_id: str, kind: str, text: str,
@@ -817,8 +838,7 @@ SIGNALS = frozenset(signal.valid_signals())   # a signal a client may send its j
 
 def _child_changed(signum, frame) -> None:
     """SIGCHLD: nothing to do here; the wake-up fd makes the loop look at its jobs."""
-def _summary(job: HostJob, status: int | None) -> dict:
-    """A job as ``status`` reports it."""
-    return {"job": job.id, "command": os.fsdecode(job.spec["argv"][0])[:255],
-            "status": -1 if status is None else status, "uid": job.spec["uid"],
-            **{k: round(v, 6) for k, v in job.timings.items()}}
+def _summary(job: HostJob, status: int | None, host: str) -> dict:
+    """A job as ``status`` reports it (``host``: where it ran, this daemon)."""
+    return metrics.ended_record(job.id, job.spec["argv"][0], status, host, job.timings) | \
+        {"uid": job.spec["uid"]}

@@ -40,5 +40,6 @@ def run(prog: str, commands: dict, args) -> int:
     try:
         return commands[args.cmd](args)
     except ConfigError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        from . import logsetup  # only now: offld's start-up does without it
+        print(logsetup.error_line(f"{prog}: {exc}"), file=sys.stderr)
         return USAGE_ERROR

@@ -12,8 +12,8 @@ import errno
 import logging
 import os
 import subprocess
-import sys
 
+from . import logsetup
 from .config import ClientConfig, ConfigError
 
 log = logging.getLogger("offloadfs")
@@ -35,10 +35,7 @@ def mount(args) -> int:
     from .fs import ShimFS
     from .registry import Registry
 
-    target = {"filename": args.log} if args.log else {"stream": sys.stderr}
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s offloadfs: %(levelname)s %(message)s" if args.log
-                        else "offloadfs: %(levelname)s %(message)s", **target)
+    logsetup.setup("offloadfs", args.debug, args.log)
     cfg = ClientConfig.load(args.config)
     mnt = os.path.abspath(args.mountpoint)
     clear_stale(mnt)

@@ -37,6 +37,8 @@ Messages, by stage (C = client, D = daemon or broker on the client's behalf)::
     C->D close        job, stream "stdout"|"stderr"        the reader went away (EPIPE)
     C->D signal       job, signum int
     C->D cancel       job                                  the client gives up on the job
+                      (a host answers a broker's with ``error`` kind ``cancelled``: the
+                      job is gone and its slot free)
     C->D resize       job, rows, cols, xpixel, ypixel      the caller's window changed
     D->C stopped      job, signal int    the job stopped on the host (Ctrl-Z, SIGTTIN, ...)
     C->D suspend      job                the client stops itself now: its silence is no death
@@ -633,7 +635,8 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "export": ErrorKind("the caller's tree cannot be exported", NEVER, wire=False),
     "no-ack": ErrorKind("no host acknowledged the submit", NEVER, wire=False),
     "lost": ErrorKind("the host went silent, or stopped naming the job", MAY, wire=False),
-    "cancelled": ErrorKind("the caller went away or gave up", MAY, wire=False),
+    "cancelled": ErrorKind("the caller went away or gave up (on the wire: a host tells "
+                           "the broker that a job it cancelled is gone)", MAY),
 }
 
 

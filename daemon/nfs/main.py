@@ -24,10 +24,10 @@ import argparse
 import ctypes
 import logging
 import os
-import sys
 
 import fuse
 
+from offloadfs import logsetup
 from offloadfs.settings import ConfigError, host_port
 
 from .binding import LIBNFS, NfsError, NfsStat64, load_libnfs
@@ -87,8 +87,7 @@ def probe(server: Server) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Mount, serve until unmounted or signalled, exit 0."""
     args = parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s nfsfuse[%(process)d] %(levelname)s %(message)s")
+    logsetup.setup("nfsfuse[%(process)d]", args.verbose, timestamps=True)
     logging.getLogger("fuse").setLevel(logging.ERROR)  # we log requests ourselves
     try:
         host, port = parse_server(args.server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import select
 import signal
 import subprocess
 import time
@@ -17,6 +18,7 @@ from offloadfs import protocol
 
 from ..harness import OFFLD, alive, wait_for
 from .test_broker import _submit, offld, wire  # noqa: F401 (fixtures)
+from .test_operations import METRICS_AT, jobs_counted, scrape
 
 MAY_HAVE_RUN = "the job may have run, its outcome is unknown"
 
@@ -270,3 +272,28 @@ def test_the_link_reports_its_jobs_lost_when_the_broker_forgets_it(ctx):
     finally:
         link.close()
         broker.sock.close(linger=0)
+
+
+def test_a_lost_clients_job_frees_its_hosts_slot_at_the_broker(start_broker, start_daemon,
+                                                                  work):
+    """A client killed mid-job: the broker has the host kill it, and once the host says it is
+    gone the slot takes the next job (it used to stay busy for good); the broker counts it
+    lost, once."""
+    broker = start_broker(args=["--metrics", "127.0.0.1:0"])
+    start_daemon("--connect", broker.workers, "--slots", "1", listen=False)
+    broker.wait_hosts(1)
+    front = f"127.0.0.1:{broker.client_port}"
+    lost = subprocess.Popen([OFFLD, "-L", front, "--", "sh", "-c", "echo started; exec sleep 60"],
+                            cwd=work, stdout=subprocess.PIPE)
+    try:
+        assert select.select([lost.stdout], [], [], 20)[0], "the job did not start"
+        assert lost.stdout.readline() == b"started\n"
+        lost.kill()
+        lost.wait(20)
+    finally:
+        lost.stdout.close()
+    got = subprocess.run([OFFLD, "-L", front, "--", "sh", "-c", "echo next"], cwd=work,
+                         capture_output=True, timeout=60)
+    assert got.returncode == 0 and got.stdout == b"next\n", got.stderr
+    assert jobs_counted(scrape(broker.ready_log(METRICS_AT).group(1)), "broker") == {
+        ("sh", "lost"): 1, ("sh", "done"): 1}

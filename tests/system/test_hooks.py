@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from offloadfs.commandline import USAGE_ERROR
+
 from ..harness import OFFLD, OFFLOADFS, ROOT, fuse_mounts, wait_for
 
 HOOKS = ROOT / "hooks"
@@ -170,19 +172,21 @@ def test_systemd_unit_verifies(unit):
 
 
 def test_systemd_units_run_the_programs_as_documented():
-    """The units run the documented commands, restart on failure, and stop offloadd alone first."""
+    """The units run the documented commands, log to the journal under their own names,
+    restart on failure but for a bad config (exit 2), and stop offloadd alone first."""
     assert [u.name for u in UNITS] == ["offloadd.service", "offloadfs.service"]
     mount = unit_settings(HOOKS / "systemd" / "offloadfs.service")
     daemon = unit_settings(HOOKS / "systemd" / "offloadd.service")
     assert mount["Type"] == ["notify"]
-    assert mount["ExecStart"] == [
-        "/usr/bin/env offloadfs mount /opt/offload -f --log /var/log/offloadfs.log"]
+    assert mount["ExecStart"] == ["/usr/bin/env offloadfs mount /opt/offload -f"]
     assert mount["ExecStop"] == ["-/usr/bin/env offloadfs umount /opt/offload"]
     assert "network-online.target" in mount["After"]
     assert daemon["ExecStart"] == ["/usr/bin/env offloadd serve -c /etc/offloadfs/offloadd.toml"]
     assert daemon["KillMode"] == ["mixed"]
-    for unit in (mount, daemon):
+    for unit, name in ((mount, "offloadfs"), (daemon, "offloadd")):
         assert unit["Restart"] == ["on-failure"]
+        assert unit["RestartPreventExitStatus"] == [str(USAGE_ERROR)]
+        assert unit["SyslogIdentifier"] == [name]
         assert unit["WantedBy"] == ["multi-user.target"]
 
 
@@ -204,15 +208,16 @@ def test_offloadfs_unit_commands_notify_ready_and_unmount(daemon, tmp_path):
     mnt = tmp_path / "opt-offload"
     unit = unit_settings(HOOKS / "systemd" / "offloadfs.service")
     assert unit["Type"] == ["notify"]
-    swap = {"/opt/offload": str(mnt), "/var/log/offloadfs.log": str(tmp_path / "unit.log")}
+    swap = {"/opt/offload": str(mnt)}
     env = venv_path_env()
     run(unit_command(unit, "ExecStartPre", swap), env=env, check=True)
     (tmp_path / "vm.toml").write_text(f'[client]\nhosts = ["{daemon.hostport}"]\n')
     main = unit_command(unit, "ExecStart", swap) + ["-c", str(tmp_path / "vm.toml")]
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
-    proc = subprocess.Popen(main, env=dict(env, NOTIFY_SOCKET=str(tmp_path / "notify")),
-                            start_new_session=True)
+    with open(tmp_path / "unit.log", "wb") as log:
+        proc = subprocess.Popen(main, env=dict(env, NOTIFY_SOCKET=str(tmp_path / "notify")),
+                                stderr=log, start_new_session=True)
     try:
         assert select.select([notify], [], [], 20)[0], "no READY=1 from the mount"
         assert notify.recv(4096) == b"READY=1" and str(mnt) in offloadfs_mounts()
@@ -229,6 +234,97 @@ def test_offloadfs_unit_commands_notify_ready_and_unmount(daemon, tmp_path):
             proc.terminate()
             proc.wait(20)
         unmount(mnt)
+
+
+class JournalPipe:
+    """A pipe standing in for the journal's stream: a unit's command gets the write end as
+    stderr and ``$JOURNAL_STREAM`` naming it, as systemd does; the test reads lines."""
+
+    def __init__(self):
+        """The pipe, and the environment that names its write end."""
+        self.r, self.w = os.pipe()
+        st = os.fstat(self.w)
+        self.env = dict(venv_path_env(), JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        self.text = b""
+
+    def started(self) -> None:
+        """The child has the write end: ours goes, so that its exit ends the stream."""
+        os.close(self.w)
+        self.w = -1
+
+    def lines(self) -> list[str]:
+        """Every line so far (reads what is there, without waiting)."""
+        while select.select([self.r], [], [], 0)[0]:
+            chunk = os.read(self.r, 65536)
+            if not chunk:
+                break
+            self.text += chunk
+        return self.text.decode(errors="replace").splitlines()
+
+    def close(self) -> None:
+        """Close what is left open."""
+        for fd in (self.r, self.w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_units_refuse_a_missing_or_broken_config_once_on_the_journal(tmp_path):
+    """A fresh install (no /etc/offloadfs/offloadd.toml) or a broken offloadfs.toml: the
+    unit's command exits with the status the unit does not restart on, with one error line
+    (priority 3 on the journal), not a loop of restarts."""
+    daemon = unit_settings(HOOKS / "systemd" / "offloadd.service")
+    mount = unit_settings(HOOKS / "systemd" / "offloadfs.service")
+    missing = tmp_path / "etc" / "offloadd.toml"   # /etc/offloadfs/offloadd.toml, not there yet
+    broken = tmp_path / "offloadfs.toml"
+    broken.write_text("[client\n")
+    (tmp_path / "mnt").mkdir()
+    cases = [(daemon, unit_command(daemon, "ExecStart", {"/etc/offloadfs/offloadd.toml":
+                                                         str(missing)}), {},
+              f"<3>offloadd: {missing}: No such file or directory"),
+             (mount, unit_command(mount, "ExecStart", {"/opt/offload": str(tmp_path / "mnt")}),
+              {"OFFLOADFS_CONFIG": str(broken)}, f"<3>offloadfs: {broken}: ")]
+    for unit, argv, extra, line in cases:
+        journal = JournalPipe()
+        try:
+            done = subprocess.run(argv, env=dict(journal.env, **extra), stderr=journal.w,
+                                  timeout=30)
+            journal.started()
+            assert [str(done.returncode)] == unit["RestartPreventExitStatus"], argv
+            assert len(journal.lines()) == 1 and journal.lines()[0].startswith(line), \
+                journal.lines()
+        finally:
+            journal.close()
+
+
+def test_offloadd_unit_logs_with_priorities_on_the_journal(tmp_path, work):
+    """Under systemd (stderr is the journal) every line has its priority and no time: the
+    start at <6>, a refused job at <4>."""
+    unit = unit_settings(HOOKS / "systemd" / "offloadd.service")
+    config = tmp_path / "offloadd.toml"
+    config.write_text('[serve]\nlisten = "tcp://127.0.0.1:0"\nstate_dir = "' + str(tmp_path) +
+                      '/jobs"\n[commands]\nsh = "/bin/sh"\n')
+    argv = unit_command(unit, "ExecStart", {"/etc/offloadfs/offloadd.toml": str(config)})
+    journal = JournalPipe()
+    proc = subprocess.Popen(argv, env=journal.env, stderr=journal.w, cwd=tmp_path,
+                            start_new_session=True)
+    journal.started()
+    try:
+        port = wait_for(lambda: next((m.group(1) for m in map(re.compile(
+            r"^<6>listening on tcp://127\.0\.0\.1:(\d+) ").match, journal.lines()) if m),
+            None), 20, "offloadd to listen")
+        root = run([OFFLD, "-H", f"127.0.0.1:{port}", "--", "sh", "-c", "exit 0"], cwd=work)
+        assert root.returncode == 255 and "root" in root.stderr
+        wait_for(lambda: any(line.startswith("<4>refused job ") and ", uid 0, " in line
+                             for line in journal.lines()), 20, "the refusal's warning")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        lines = journal.lines()
+        assert lines and all(re.match(r"<[2-7]>[^<0-9]", line) for line in lines), lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        journal.close()
 
 
 def test_offloadd_unit_stops_its_jobs_on_sigterm_to_the_daemon_alone(tmp_path, work):
