@@ -1,7 +1,8 @@
 """Prometheus metrics of a daemon or a broker (``--metrics ADDR:PORT``), with prometheus_client.
 
-The loop thread updates the metrics; prometheus_client's HTTP thread (named
-``offloadd-metrics``) serves them; :meth:`Metrics.close` shuts that server down. How a job
+The loop thread updates the metrics; an HTTP thread of ours (named ``offloadd-metrics``, a
+wsgiref server around prometheus_client's ``make_wsgi_app``) serves them;
+:meth:`Metrics.close` shuts that server down. How a job
 ended is one of :data:`OUTCOMES` (docs/decisions.md, "Operations"); :func:`exit_outcome` and
 :func:`error_outcome` say which.
 """
@@ -10,22 +11,42 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import socket
+import socketserver
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import prometheus_client.metrics
 import zmq
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    disable_created_metrics,
-    start_http_server,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 
 from offloadfs import __version__, protocol
 from offloadfs.settings import host_port
 
 log = logging.getLogger("offloadd")
+
+
+def disable_created_metrics() -> None:
+    """No ``*_created`` series: prometheus_client's switch from 0.17, its module flag before
+    (Debian 12 has 0.16, whose start_http_server also returns nothing: hence our own server)."""
+    switch = getattr(prometheus_client, "disable_created_metrics", None)
+    if switch is not None:
+        switch()
+    else:
+        prometheus_client.metrics._use_created = False
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """The metrics' HTTP server: a thread per request (daemon threads: a stuck scraper does
+    not hold up shutdown)."""
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Requests are not logged (a scrape every few seconds would fill the log)."""
+
+    def log_message(self, format, *args):
+        """Log nothing."""
 
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800)
 
@@ -111,13 +132,18 @@ class Metrics:
         """Serve the metrics over HTTP at ADDR:PORT (port 0: any free port) and log where;
         MetricsError if that address cannot be had."""
         host, port = host_port(address, None, bind=True)
+        host = host.strip("[]") or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server = type("MetricsServer", (_Server,), {"address_family": family})
         try:
-            self.server, self.thread = start_http_server(port, host.strip("[]") or "0.0.0.0",
-                                                         registry=self.registry)
+            self.server = make_server(host, port, make_wsgi_app(self.registry), server,
+                                      handler_class=_QuietHandler)
         except OSError as exc:
             raise MetricsError(f"cannot serve metrics on {address}: "
                                f"{(exc.strerror or str(exc)).lower()}") from None
-        self.thread.name = "offloadd-metrics"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="offloadd-metrics",
+                                       daemon=True)
+        self.thread.start()
         log.info("metrics on http://%s/metrics", self.address)
 
     @property
