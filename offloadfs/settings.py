@@ -6,6 +6,7 @@ daemon's ``config`` can all build on it without an import cycle. Rules only, but
 """
 from __future__ import annotations
 
+import json
 import os
 
 DEFAULT_PORT = 7788
@@ -14,6 +15,28 @@ MAX_PORT = 65535
 
 class ConfigError(Exception):
     """A configuration file or flag that cannot be used; the text is one line for the user."""
+
+
+class Table(dict):
+    """A table of a settings file as :func:`load_toml` read it: a dict that also knows its file
+    (``path``), its names (``names``: ("serve",) for [serve]) and the file's lines of each
+    name (``lines``, from tomlcheck), so :func:`typed` can say where a bad value is."""
+
+    path, names, lines = "", (), {}
+
+    def where(self, key: str = "") -> str:
+        """"FILE:LINE: " of ``key`` in this table (of the table itself without one)."""
+        from .tomlcheck import line_of
+        line = line_of(self.names + ((key,) if key else ()), self.lines)
+        return f"{self.path}:{line}: " if line else f"{self.path}: "
+
+    def label(self, key: str) -> str:
+        """``key`` with its table, as the file spells it: "[serve] slots"."""
+        return f"[{'.'.join(self.names)}] {key}" if self.names else key
+
+
+TYPE_WORDS = {int: "an integer", float: "a number", (int, float): "a number", str: "a string",
+              list: "a list", bool: "true or false", dict: "a table"}
 
 
 def load_toml(path: str | None, default: str | None = None, schema: dict | None = None) -> dict:
@@ -39,22 +62,38 @@ def load_toml(path: str | None, default: str | None = None, schema: dict | None 
         error = first_error(data, text, schema, chosen)
         if error:
             raise ConfigError(error)
-    return data
+    from .tomlcheck import defined_lines
+    return _located(data, chosen, (), defined_lines(text))
+
+
+def _located(data: dict, path: str, names: tuple, lines: dict) -> Table:
+    """``data`` and every table in it as :class:`Table`s of ``path``."""
+    table = Table({k: _located(v, path, names + (k,), lines) if isinstance(v, dict) else v
+                   for k, v in data.items()})
+    table.path, table.names, table.lines = path, names, lines
+    return table
 
 
 def section(data: dict, name: str) -> dict:
     """A table of the config, {} if absent; an error if it is not a table."""
     value = data.get(name, {})
     if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] must be a table")
+        where = data.where(name) if isinstance(data, Table) else ""
+        raise ConfigError(f"{where}[{name}] must be a table")
     return value
 
 
 def typed(table: dict, key: str, kind: type | tuple, default):
     """``table[key]`` checked to be of ``kind``, or ``default``."""
     value = table.get(key, default)
-    if value is not default and not isinstance(value, kind):
-        raise ConfigError(f"{key} = {value!r}: expected {getattr(kind, '__name__', kind)}")
+    wrong = not isinstance(value, kind) or (isinstance(value, bool) and bool not in
+                                            (kind if isinstance(kind, tuple) else (kind,)))
+    if value is not default and wrong:
+        words = TYPE_WORDS.get(kind) or getattr(kind, "__name__", str(kind))
+        shown = json.dumps(value, default=str)   # as TOML spells it: "x", true, [1, 2]
+        if isinstance(table, Table):
+            raise ConfigError(f"{table.where(key)}{table.label(key)} = {shown}: expected {words}")
+        raise ConfigError(f"{key} = {shown}: expected {words}")
     return value
 
 

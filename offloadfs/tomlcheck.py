@@ -32,8 +32,8 @@ def first_error(data: dict, text: str, schema: dict, path: str) -> str | None:
     if not found:
         return None
     lines = defined_lines(text)
-    names, valid, table = min(found, key=lambda item: (_line_of(item[0], lines), item))
-    return f"{path}:{_line_of(names, lines)}: {describe(names, valid, table)}"
+    names, valid, table = min(found, key=lambda item: (line_of(item[0], lines), item))
+    return f"{path}:{line_of(names, lines)}: {describe(names, valid, table)}"
 
 
 def _unknown(data: dict, at: tuple, schema: dict):
@@ -107,7 +107,7 @@ def split_key(text: str) -> tuple:
     return tuple(parts)
 
 
-def _line_of(names: tuple, lines: dict[tuple, int]) -> int:
+def line_of(names: tuple, lines: dict[tuple, int]) -> int:
     """The line defining the longest leading part of ``names`` (0 if none does)."""
     for end in range(len(names), 0, -1):
         if names[:end] in lines:

@@ -62,7 +62,7 @@ def test_section_and_typed_refuse_wrong_types():
     """A key that is not a table, a value of the wrong type: one line each."""
     with pytest.raises(ConfigError, match=r"^\[serve\] must be a table$"):
         settings.section({"serve": 3}, "serve")
-    with pytest.raises(ConfigError, match=r"^slots = 'x': expected int$"):
+    with pytest.raises(ConfigError, match=r'^slots = "x": expected an integer$'):
         settings.typed({"slots": "x"}, "slots", int, 1)
     assert settings.typed({}, "slots", int, 1) == 1
 

@@ -99,3 +99,18 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
     path.write_bytes(b"\xff\xfe[client]\n")
     with pytest.raises(ConfigError, match=r"bin.toml: not UTF-8 text$"):
         settings.load_toml(str(path))
+
+
+@pytest.mark.parametrize("text, line", [
+    ('[serve]\nslots = "x"\n', '2: [serve] slots = "x": expected an integer'),
+    ('[serve]\nname = "h"\n\n[serve.slot_env]\nA = "1"\n[mounts]\nidle_unmount = true\n',
+     "7: [mounts] idle_unmount = true: expected a number"),
+    ("[serve]\ntags = 'gpu'\n", '2: [serve] tags = "gpu": expected a list'),
+])
+def test_a_value_of_the_wrong_type_names_its_file_and_line(tmp_path, text, line):
+    """Not only unknown names: a known key with a value of the wrong type says where it is."""
+    path = tmp_path / "offloadd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        host_config.ServeConfig.from_file(str(path))
+    assert str(caught.value) == f"{path}:{line}"
