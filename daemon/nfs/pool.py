@@ -21,11 +21,12 @@ class Server:
     calls ``expire_idle``; ``lock`` guards the pools only."""
 
     def __init__(self, lib: ctypes.CDLL, host: str, port: int, export: str, timeout: float,
-                 raw_writes: bool = True):
+                 raw_writes: bool = True, large_writes: bool = False):
         """Nothing is connected until a context is asked for. ``raw_writes``: WRITE through
-        :class:`RawWriter` (else only through libnfs)."""
+        :class:`RawWriter` (else only through libnfs); ``large_writes``: libnfs sends a WRITE
+        of any size (libnfs >= 5.0, Abi.large_writes)."""
         self.lib, self.host, self.port, self.export = lib, host, port, export
-        self.raw_writes = raw_writes
+        self.raw_writes, self.large_writes = raw_writes, large_writes
         self.timeout_ms = max(1000, int(round(timeout)) * 1000)  # libnfs: whole seconds
         self.lock = threading.Lock()
         self.idle: dict[str, list[Context]] = {"meta": [], "file": []}
