@@ -30,6 +30,12 @@ class Abi(NamedTuple):
     name: str              # what was loaded (a soname or the OFFLOADFS_LIBNFS path)
     large_writes: bool     # libnfs >= 5.0: an NFSv4 WRITE may carry more than ~3.9 KiB
 
+    @property
+    def chown_sets_parent(self) -> bool:
+        """libnfs 5.x's nfs_chown(path) SETATTRs the path's *parent* (1336b52 made it look up
+        the split path's directory; 4.0 opened the file): give it PATH/- instead."""
+        return self.large_writes
+
     def __str__(self) -> str:
         return f"{self.name} (libnfs {'5' if self.large_writes else '4.0'})"
 
@@ -162,6 +168,11 @@ def abi_of(lib, name: str) -> Abi:
                                 "arguments reordered); the userspace NFS client needs libnfs "
                                 "4.0 or 5.x (libnfs13 or libnfs14)")
     return Abi(name, hasattr(lib, "rpc_nfs4_compound_async2"))
+
+
+def chown_path(abi: Abi, path: bytes) -> bytes:
+    """What to give nfs_chown to change ``path`` (see Abi.chown_sets_parent)."""
+    return path.rstrip(b"/") + b"/-" if abi.chown_sets_parent else path
 
 
 def load_libnfs(override: str | None = None, dlopen=ctypes.CDLL) -> tuple[ctypes.CDLL, Abi]:

@@ -135,7 +135,7 @@ class Context:
     def pwrite(self, fh: ctypes.c_void_p, offset: int, data: bytes) -> int:
         """Write all of ``data`` at ``offset``: in one nfs_pwrite where libnfs can send it
         (5.0 on), else as a pipeline of WRITE_CHUNK-byte WRITEs."""
-        if self.server.large_writes:
+        if self.server.abi.large_writes:
             self.pwrite_sync(fh, offset, data, len(data))
             return len(data)
         lib, nfs = self.lib, self.nfs

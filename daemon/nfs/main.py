@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     raw = args.write_path == "raw" if args.write_path else not abi.large_writes
     log.info("using %s, %s writes", abi, "raw" if raw else "libnfs")
-    server = Server(lib, host, port, args.export, args.timeout, raw, abi.large_writes)
+    server = Server(lib, abi, host, port, args.export, args.timeout, raw)
     try:  # fail now, with a clear line, if the server cannot be reached
         probe(server)
     except NfsError as exc:

@@ -22,7 +22,16 @@ import time
 
 from offloadfs import fusebinding as fuse
 
-from .binding import OPEN_FLAGS, READ_MAX, NfsError, NfsStat64, NfsStatvfs64, Timeval, libc
+from .binding import (
+    OPEN_FLAGS,
+    READ_MAX,
+    NfsError,
+    NfsStat64,
+    NfsStatvfs64,
+    Timeval,
+    chown_path,
+    libc,
+)
 from .context import Context
 from .creds import ROOT, caller
 from .logs import log, show_args, show_path, show_result, warn
@@ -335,7 +344,7 @@ class NfsFuse(fuse.Operations):
             return
         uid = st.nfs_uid if uid == -1 else uid
         gid = st.nfs_gid if gid == -1 else gid
-        self._meta("nfs_chown", _b(path), uid, gid, creds=ROOT)
+        self._meta("nfs_chown", chown_path(self.server.abi, _b(path)), uid, gid, creds=ROOT)
 
     def utimens(self, path, times=None):
         """Set atime and mtime (UTIME_NOW, UTIME_OMIT understood), as root (the kernel

@@ -288,6 +288,7 @@ def test_namespace_operations(server, fs):
     assert stat.S_IMODE(os.stat(r / "victim").st_mode) == 0o600
     os.chown(m / "victim", NOBODY.pw_uid, -1)
     assert (os.stat(r / "victim").st_uid, os.stat(r / "victim").st_gid) == (NOBODY.pw_uid, 0)
+    assert os.stat(r).st_uid == 0  # not its directory's (libnfs 5's nfs_chown would do that)
     os.utime(m / "victim", ns=(1_000_000_123_456_000, 1_200_000_654_321_000))
     st = os.stat(r / "victim")
     assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123_456_000, 1_200_000_654_321_000)

@@ -101,3 +101,12 @@ def test_debian_12s_libnfs13_loads_as_libnfs4():
     """The real thing: dlopen of the system's libnfs13 (Debian 12 has no libnfs14)."""
     _, abi = binding.load_libnfs("libnfs.so.13")
     assert abi == binding.Abi("libnfs.so.13", False)
+
+
+@pytest.mark.parametrize(("large_writes", "path", "given"), [
+    (False, b"/d/f", b"/d/f"), (True, b"/d/f", b"/d/f/-"), (True, b"/", b"/-"),
+    (True, b"/d/", b"/d/-")])
+def test_chown_names_what_each_libnfs_changes(large_writes, path, given):
+    """libnfs 5.x's nfs_chown changes the owner of the path's parent directory (it looks up
+    the path without its last name): it is given one more name, so that parent is the file."""
+    assert binding.chown_path(binding.Abi("libnfs", large_writes), path) == given
