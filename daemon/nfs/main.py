@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     raw = args.write_path == "raw" if args.write_path else not abi.large_writes
-    log.info("using %s, %s writes", abi, "raw" if raw else "libnfs")
+    log.info("using %s, %s writes; FUSE: %s on libfuse %d.%d", abi, "raw" if raw else "libnfs",
+             fuse.BINDING, *fuse.LIBFUSE)
     server = Server(lib, abi, host, port, args.export, args.timeout, raw)
     try:  # fail now, with a clear line, if the server cannot be reached
         probe(server)
