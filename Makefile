@@ -6,7 +6,7 @@ VENV   := .venv
 # Debian packages: FUSE (libfuse2 for fusepy, fuse3 for fusermount), the real ImageMagick,
 # attr (getfattr/setfattr), shellcheck and systemd-analyze for the hooks, nfs-ganesha (the
 # VM's userspace NFS server) and libnfs (the host's userspace NFS client, through ctypes).
-APT_PKGS := python3-venv fuse3 libfuse2 imagemagick attr shellcheck systemd nfs-ganesha nfs-ganesha-vfs libnfs13 libnfs-utils
+APT_PKGS := python3-venv fuse3 libfuse3-3 libfuse2 imagemagick attr shellcheck systemd nfs-ganesha nfs-ganesha-vfs libnfs13 libnfs-utils
 # What the guest scenarios of `make test` also need (tests/system/test_guest.py, scripts/vm):
 # QEMU, qemu-img, mmdebstrap (the guest image from Debian's packages), socat (guestfwd relays).
 GUEST_APT_PKGS := qemu-system-x86 qemu-utils mmdebstrap socat

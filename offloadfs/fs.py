@@ -1,4 +1,4 @@
-"""The FUSE filesystem of shims (fusepy, ``raw_fi`` mode).
+"""The FUSE filesystem of shims (fusebinding: mfusepy or fusepy, ``raw_fi`` mode).
 
 libfuse calls these methods on its worker threads. Every answer comes from memory (the
 :class:`~offloadfs.registry.Registry` and the shim text); no callback waits on the network.
@@ -17,13 +17,12 @@ import stat
 import threading
 import time
 
-from fuse import FuseOSError, Operations, fuse_get_context
-
 from . import mountinfo, shim
 from . import registry as reg
 from . import request as rules
 from .agent import Agent
 from .caller import Caller, CallerGone
+from .fusebinding import FuseOSError, Operations, fuse_get_context, loop_ended_probe
 from .request import ShimRequest
 
 log = logging.getLogger("offloadfs")
@@ -79,6 +78,8 @@ def _outside(fds: tuple[int, int, int], dev: int) -> tuple[int, int, int] | None
 class ShimFS(Operations):
     """A read-only directory of executable shims whose xattrs hold their policy."""
 
+    use_ns = True   # times in ns
+
     def __init__(self, registry: reg.Registry, agent: Agent | None, owner: int = 0,
                  root: str = "", debug: bool = False):
         """Serve ``registry``'s shims at mount point ``root``; ``agent`` runs their jobs
@@ -89,7 +90,7 @@ class ShimFS(Operations):
         self._sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self.mounted = time.time()
+        self.mounted = time.time_ns()
 
     # --- lifecycle (libfuse's thread) -----------------------------------------------------------
 
@@ -97,7 +98,7 @@ class ShimFS(Operations):
         """Start the agent once libfuse runs (after it has daemonized, if it does), then tell
         systemd (Type=notify) that the mount is ready."""
         if self.agent is not None:
-            self.agent.loop_ended = _loop_ended_probe()
+            self.agent.loop_ended = loop_ended_probe()
             self.agent.start()
         sd_notify(b"READY=1")
 
@@ -238,6 +239,13 @@ class ShimFS(Operations):
         """Shims cannot be changed."""
         raise FuseOSError(errno.EPERM)
 
+    def _read_only(self, *args):
+        """The directory cannot be changed (said here: mfusepy leaves what is not defined to
+        libfuse, which answers ENOSYS)."""
+        raise FuseOSError(errno.EROFS)
+
+    mkdir = rmdir = unlink = rename = symlink = link = mknod = create = _read_only
+
     def _session(self, fh: int) -> Session:
         """The control session of ``fh``, or EBADF."""
         with self._lock:
@@ -331,18 +339,6 @@ class ShimFS(Operations):
         uid, _, _ = fuse_get_context()
         if uid not in (0, self.owner):
             raise FuseOSError(errno.EPERM)
-
-
-def _loop_ended_probe():
-    """A callable telling whether libfuse's loop was told to end (SIGTERM, SIGINT, SIGHUP,
-    umount): libfuse waits for every callback before it returns and destroy() stops the
-    agent, so the agent must see it first and answer the shims still waiting. Only from a
-    FUSE callback (it takes the filesystem's handle from the request's context)."""
-    import ctypes
-
-    import fuse as fusepy
-    handle = ctypes.c_void_p(fusepy._libfuse.fuse_get_context().contents.fuse)
-    return lambda: bool(fusepy._libfuse.fuse_exited(handle))
 
 
 def sd_notify(state: bytes) -> None:

@@ -1,6 +1,6 @@
 """``offloadfs mount`` and ``offloadfs umount``: the filesystem of shims and its agent.
 
-The mount process's main thread runs libfuse (fusepy); libfuse's worker threads serve
+The mount process's main thread runs libfuse (through fusebinding); libfuse's worker threads serve
 :class:`~offloadfs.fs.ShimFS`; the agent thread (started by the filesystem's ``init``) talks to
 the hosts. SIGTERM, SIGINT or ``offloadfs umount`` end libfuse's loop, which unmounts and stops
 the agent. ``auto_unmount`` makes the kernel drop the mount if this process dies, so a dead
@@ -29,10 +29,9 @@ def endpoints(args, cfg: ClientConfig) -> list[str]:
 def mount(args) -> int:
     """Mount the shims at ``args.mountpoint``; returns when unmounted."""
     check_device()
-    from fuse import FUSE
-
     from .agent import Agent
     from .fs import ShimFS
+    from .fusebinding import FUSE
     from .registry import Registry
 
     logsetup.setup("offloadfs", args.debug, args.log)

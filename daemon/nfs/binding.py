@@ -1,20 +1,43 @@
-"""The ctypes binding of libnfs 4.0.0 (Debian libnfs13): its structs, the prototypes of every
-function we call, its limits, and how its return values map to errno (see docs/nfs-client.md)."""
+"""The ctypes binding of libnfs 4.0 (Debian 12's libnfs13) and 5.x (Debian 13's libnfs14): which
+one loads and what it can do, its structs, the prototypes of every function we call, its limits,
+and how its return values map to errno (see docs/nfs-client.md)."""
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+from typing import NamedTuple
 
-import fuse
+from offloadfs import fusebinding as fuse
 
-LIBNFS = "libnfs.so.13"
+LIBNFS_ENV = "OFFLOADFS_LIBNFS"          # a path to load instead (tests, a private build)
+SONAMES = ("libnfs.so.14", "libnfs.so.13")  # libnfs 5.x, 4.0: the newest that loads
 NFS_V4 = 4
 WRITE_CHUNK = 3744         # fits libnfs 4.0's 4 KiB encode buffer with a 128-byte fh, 16 groups
 READ_MAX = 1024 * 1024     # a larger READ breaks libnfs 4.0's connection
 OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC  # what libnfs understands
 TRANSPORT = {errno.EIO, errno.EFAULT, errno.EINTR}  # libnfs: lost connection, RPC error, timeout
 STATE = errno.ERANGE       # libnfs maps NFSv4 state errors (EXPIRED, BAD_STATEID...) to ERANGE
+
+
+class LibnfsUnavailable(Exception):
+    """No libnfs we can use; the text is one line for the log."""
+
+
+class Abi(NamedTuple):
+    """What the loaded libnfs is and can do (from the symbols it exports, not its name)."""
+
+    name: str              # what was loaded (a soname or the OFFLOADFS_LIBNFS path)
+    large_writes: bool     # libnfs >= 5.0: an NFSv4 WRITE may carry more than ~3.9 KiB
+
+    @property
+    def chown_sets_parent(self) -> bool:
+        """libnfs 5.x's nfs_chown(path) SETATTRs the path's *parent* (1336b52 made it look up
+        the split path's directory; 4.0 opened the file): give it PATH/- instead."""
+        return self.large_writes
+
+    def __str__(self) -> str:
+        return f"{self.name} (libnfs {'5' if self.large_writes else '4.0'})"
 
 
 class NfsStat64(ctypes.Structure):
@@ -72,7 +95,7 @@ NFS_CB = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, 
 
 _P, _S, _I, _U64 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint64
 _PP = ctypes.POINTER(ctypes.c_void_p)
-SIGNATURES = {  # name: (restype, argtypes), from /usr/include/nfsc/libnfs.h of libnfs 4.0.0
+SIGNATURES = {  # name: (restype, argtypes), from nfsc/libnfs.h of libnfs 4.0.0 (same in 5.x)
     "nfs_init_context": (_P, []),
     "nfs_destroy_context": (None, [_P]),
     "nfs_get_error": (_S, [_P]),
@@ -123,13 +146,47 @@ SIGNATURES = {  # name: (restype, argtypes), from /usr/include/nfsc/libnfs.h of 
 }
 
 
-def load_libnfs(name: str = LIBNFS) -> ctypes.CDLL:
-    """libnfs with the prototypes of every function we call."""
-    lib = ctypes.CDLL(name)
+def open_libnfs(override: str | None, dlopen=ctypes.CDLL):
+    """(library, name): ``override`` if given, else the first of SONAMES that ``dlopen``
+    loads; LibnfsUnavailable with every loader error otherwise."""
+    errors = []
+    for name in [override] if override else SONAMES:
+        try:
+            return dlopen(name), name
+        except OSError as exc:
+            errors.append(str(exc))
+    raise LibnfsUnavailable("the userspace NFS client needs libnfs (libnfs13 or libnfs14): "
+                            + "; ".join(errors))
+
+
+def abi_of(lib, name: str) -> Abi:
+    """What ``lib`` can do: libnfs 5.0 added rpc_nfs4_compound_async2 (the NFSv4 WRITE buffer
+    sized for its data); libnfs 6 dropped nfs_create and reordered nfs_pread/nfs_pwrite's
+    arguments (buffer, count, offset), which this binding does not speak."""
+    if not hasattr(lib, "nfs_create"):
+        raise LibnfsUnavailable(f"{name} is libnfs 6 or later (no nfs_create, nfs_pwrite's "
+                                "arguments reordered); the userspace NFS client needs libnfs "
+                                "4.0 or 5.x (libnfs13 or libnfs14)")
+    return Abi(name, hasattr(lib, "rpc_nfs4_compound_async2"))
+
+
+def chown_path(abi: Abi, path: bytes) -> bytes:
+    """What to give nfs_chown to change ``path`` (see Abi.chown_sets_parent)."""
+    return path.rstrip(b"/") + b"/-" if abi.chown_sets_parent else path
+
+
+def load_libnfs(override: str | None = None, dlopen=ctypes.CDLL) -> tuple[ctypes.CDLL, Abi]:
+    """libnfs (``override``, else $OFFLOADFS_LIBNFS, else the newest of SONAMES) with the
+    prototypes of every function we call, and its Abi; LibnfsUnavailable if none fits."""
+    lib, name = open_libnfs(override or os.environ.get(LIBNFS_ENV), dlopen)
+    abi = abi_of(lib, name)
     for fname, (restype, argtypes) in SIGNATURES.items():
-        func = getattr(lib, fname)
+        try:
+            func = getattr(lib, fname)
+        except AttributeError:
+            raise LibnfsUnavailable(f"{name} has no {fname}: not libnfs 4.0 or 5.x") from None
         func.restype, func.argtypes = restype, argtypes
-    return lib
+    return lib, abi
 
 
 libc = ctypes.CDLL(None)  # free() for what libnfs allocates for us (nfs_readlink2)

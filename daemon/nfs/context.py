@@ -133,7 +133,11 @@ class Context:
         raise NfsError(errno.EIO if err in TRANSPORT or err == STATE else err, message, fname)
 
     def pwrite(self, fh: ctypes.c_void_p, offset: int, data: bytes) -> int:
-        """Write all of ``data`` at ``offset`` as a pipeline of WRITE_CHUNK-byte WRITEs."""
+        """Write all of ``data`` at ``offset``: in one nfs_pwrite where libnfs can send it
+        (5.0 on), else as a pipeline of WRITE_CHUNK-byte WRITEs."""
+        if self.server.abi.large_writes:
+            self.pwrite_sync(fh, offset, data, len(data))
+            return len(data)
         lib, nfs = self.lib, self.nfs
         token = next(_tokens)
         batch = _batches[token] = {"pending": 0, "err": 0, "written": 0}
@@ -162,15 +166,16 @@ class Context:
             if batch["written"] != len(data):  # short WRITEs: very unlikely, fix up slowly
                 log.debug("short pipelined write (%d of %d): rewriting synchronously",
                           batch["written"], len(data))
-                self.pwrite_sync(fh, offset, data)
+                self.pwrite_sync(fh, offset, data, WRITE_CHUNK)
             return len(data)
         finally:
             _batches.pop(token, None)
 
-    def pwrite_sync(self, fh: ctypes.c_void_p, offset: int, data: bytes) -> None:
-        """Write ``data`` one chunk at a time (fallback)."""
-        for pos in range(0, len(data), WRITE_CHUNK):
-            piece = data[pos:pos + WRITE_CHUNK]
+    def pwrite_sync(self, fh: ctypes.c_void_p, offset: int, data: bytes, chunk: int) -> None:
+        """Write ``data`` with nfs_pwrite, ``chunk`` bytes at most per call (short WRITEs
+        continued)."""
+        for pos in range(0, len(data), chunk or 1):
+            piece = data[pos:pos + chunk]
             done = 0
             while done < len(piece):
                 n = self.call("nfs_pwrite", fh, offset + pos + done, len(piece) - done,

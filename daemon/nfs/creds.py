@@ -1,7 +1,7 @@
 """AUTH_SYS credentials: root's, and those of the process making the current FUSE request."""
 from __future__ import annotations
 
-import fuse
+from offloadfs import fusebinding as fuse
 
 ROOT = (0, 0, ())          # (uid, gid, supplementary groups)
 MAX_GROUPS = 16            # AUTH_SYS carries at most 16 supplementary groups

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-import fuse
+from offloadfs import fusebinding as fuse
 
 log = logging.getLogger("nfsfuse")
 

@@ -25,12 +25,11 @@ import ctypes
 import logging
 import os
 
-import fuse
-
+from offloadfs import fusebinding as fuse
 from offloadfs import logsetup
 from offloadfs.settings import ConfigError, host_port
 
-from .binding import LIBNFS, NfsError, NfsStat64, load_libnfs
+from .binding import LibnfsUnavailable, NfsError, NfsStat64, load_libnfs
 from .logs import log
 from .ops import IO_SIZE, NfsFuse
 from .pool import Server
@@ -47,7 +46,7 @@ def parse_server(text: str) -> tuple[str, int]:
 
 
 def mount_options(server: str, export: str) -> dict:
-    """fusepy keyword options for the mount."""
+    """The mount's options (as for libfuse 2: fusebinding adapts them to libfuse 3)."""
     fsname = f"offloadnfs#{server}:{export}".replace(",", "_").replace(" ", "_")
     return {"allow_other": True, "default_permissions": True, "auto_unmount": True,
             "fsname": fsname, "subtype": "offloadnfs", "use_ino": True,
@@ -69,9 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=15.0,
                         help="seconds before a call to an unresponsive server fails with EIO "
                              "(whole seconds; default 15)")
-    parser.add_argument("--write-path", choices=("raw", "libnfs"), default="raw",
-                        help="raw (default): one WRITE per FUSE write, sent by hand; libnfs: "
-                             "pipelined 3.7 KiB WRITEs through libnfs only (slower)")
+    parser.add_argument("--write-path", choices=("raw", "libnfs"), default=None,
+                        help="libnfs: through libnfs (one WRITE per FUSE write with libnfs 5, "
+                             "pipelined 3.7 KiB WRITEs with libnfs 4.0); raw: one WRITE per "
+                             "FUSE write, sent by hand (default with libnfs 4.0 only)")
     return parser.parse_args(argv)
 
 
@@ -98,11 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("mount point %s is not a directory", args.mountpoint)
         return 1
     try:
-        lib = load_libnfs()
-    except (OSError, AttributeError) as exc:
-        log.error("cannot load %s: %s", LIBNFS, exc)
+        lib, abi = load_libnfs()
+    except LibnfsUnavailable as exc:
+        log.error("%s", exc)
         return 1
-    server = Server(lib, host, port, args.export, args.timeout, args.write_path == "raw")
+    raw = args.write_path == "raw" if args.write_path else not abi.large_writes
+    log.info("using %s, %s writes; FUSE: %s on libfuse %d.%d", abi, "raw" if raw else "libnfs",
+             fuse.BINDING, *fuse.LIBFUSE)
+    server = Server(lib, abi, host, port, args.export, args.timeout, raw)
     try:  # fail now, with a clear line, if the server cannot be reached
         probe(server)
     except NfsError as exc:

@@ -1,4 +1,4 @@
-"""The FUSE operations of the NFS client (fusepy, ``raw_fi``, paths decoded as latin-1).
+"""The FUSE operations of the NFS client (``raw_fi``, paths decoded as latin-1).
 
 Every NFS call is made with the credentials of the process that asked (uid, gid and up to 16
 supplementary groups read from /proc/PID/status), so files a job creates belong to the job's
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -19,9 +20,18 @@ import stat
 import threading
 import time
 
-import fuse
+from offloadfs import fusebinding as fuse
 
-from .binding import OPEN_FLAGS, READ_MAX, NfsError, NfsStat64, NfsStatvfs64, Timeval, libc
+from .binding import (
+    OPEN_FLAGS,
+    READ_MAX,
+    NfsError,
+    NfsStat64,
+    NfsStatvfs64,
+    Timeval,
+    chown_path,
+    libc,
+)
 from .context import Context
 from .creds import ROOT, caller
 from .logs import log, show_args, show_path, show_result, warn
@@ -37,7 +47,7 @@ UTIME_OMIT = (1 << 30) - 2
 
 
 def _stat_dict(st: NfsStat64) -> dict:
-    """fusepy attributes (times in ns) from an nfs_stat_64."""
+    """FUSE attributes (times in ns) from an nfs_stat_64."""
     return {
         "st_mode": st.nfs_mode, "st_ino": st.nfs_ino, "st_nlink": st.nfs_nlink,
         "st_uid": st.nfs_uid, "st_gid": st.nfs_gid, "st_rdev": st.nfs_rdev,
@@ -80,23 +90,34 @@ class NfsFuse(fuse.Operations):
         self.stop = threading.Event()
         self.keepalive: threading.Thread | None = None
         self._zero = ctypes.create_string_buffer(1)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_requests()
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def __call__(self, op, *args):
-        """Dispatch with a debug line per request."""
-        if not log.isEnabledFor(logging.DEBUG):
-            return super().__call__(op, *args)
-        start = time.monotonic()
-        try:
-            result = super().__call__(op, *args)
-        except fuse.FuseOSError as exc:
-            log.debug("%s %s -> %s (%.1f ms)", op, show_args(args),
-                      errno.errorcode.get(exc.errno), (time.monotonic() - start) * 1000)
-            raise
-        log.debug("%s %s -> %s (%.1f ms)", op, show_args(args), show_result(result),
-                  (time.monotonic() - start) * 1000)
-        return result
+    def _log_requests(self) -> None:
+        """Wrap every FUSE operation we define so that it logs a debug line per request (in
+        the instance: mfusepy calls the operations directly, fusepy through getattr)."""
+        for op, method in vars(NfsFuse).items():
+            if callable(method) and not op.startswith("_") and op in vars(fuse.Operations):
+                setattr(self, op, self._logged(op, getattr(self, op)))
+
+    @staticmethod
+    def _logged(op: str, fn):
+        """``fn`` with a debug line per call: arguments, result or errno, time taken."""
+        @functools.wraps(fn)
+        def logged(*args):
+            start = time.monotonic()
+            try:
+                result = fn(*args)
+            except fuse.FuseOSError as exc:
+                log.debug("%s %s -> %s (%.1f ms)", op, show_args(args),
+                          errno.errorcode.get(exc.errno), (time.monotonic() - start) * 1000)
+                raise
+            log.debug("%s %s -> %s (%.1f ms)", op, show_args(args), show_result(result),
+                      (time.monotonic() - start) * 1000)
+            return result
+        return logged
 
     @contextlib.contextmanager
     def _meta_context(self):
@@ -323,7 +344,7 @@ class NfsFuse(fuse.Operations):
             return
         uid = st.nfs_uid if uid == -1 else uid
         gid = st.nfs_gid if gid == -1 else gid
-        self._meta("nfs_chown", _b(path), uid, gid, creds=ROOT)
+        self._meta("nfs_chown", chown_path(self.server.abi, _b(path)), uid, gid, creds=ROOT)
 
     def utimens(self, path, times=None):
         """Set atime and mtime (UTIME_NOW, UTIME_OMIT understood), as root (the kernel

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 
-from .binding import NfsFh
+from .binding import Abi, NfsFh
 from .context import Context
 
 IDLE_CONTEXTS = 8          # idle contexts kept per pool
@@ -20,11 +20,11 @@ class Server:
     FUSE threads take a context (``take``) and give it back (``give``); the keepalive thread
     calls ``expire_idle``; ``lock`` guards the pools only."""
 
-    def __init__(self, lib: ctypes.CDLL, host: str, port: int, export: str, timeout: float,
-                 raw_writes: bool = True):
-        """Nothing is connected until a context is asked for. ``raw_writes``: WRITE through
-        :class:`RawWriter` (else only through libnfs)."""
-        self.lib, self.host, self.port, self.export = lib, host, port, export
+    def __init__(self, lib: ctypes.CDLL, abi: Abi, host: str, port: int, export: str,
+                 timeout: float, raw_writes: bool = True):
+        """Nothing is connected until a context is asked for. ``abi``: what ``lib`` can do;
+        ``raw_writes``: WRITE through :class:`RawWriter` (else only through libnfs)."""
+        self.lib, self.abi, self.host, self.port, self.export = lib, abi, host, port, export
         self.raw_writes = raw_writes
         self.timeout_ms = max(1000, int(round(timeout)) * 1000)  # libnfs: whole seconds
         self.lock = threading.Lock()

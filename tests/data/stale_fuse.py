@@ -7,7 +7,7 @@ import errno
 import stat
 import sys
 
-from fuse import FUSE, FuseOSError, Operations
+from offloadfs.fusebinding import FUSE, FuseOSError, Operations
 
 
 class Empty(Operations):

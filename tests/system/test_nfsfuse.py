@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from offloadd.nfs import binding
 from offloadd.nfs.binding import NfsError
 from offloadd.nfs.retry import once_more_if_broken
 
@@ -167,6 +168,30 @@ def test_write_through_the_mount_byte_identical(server, start_fuse, write_path):
     assert (fs.mnt / "w.bin").read_bytes() == bytes(model)
 
 
+def libnfs5() -> str | None:
+    """The libnfs 5 the client would load ($OFFLOADFS_LIBNFS, else libnfs.so.14), or None."""
+    try:
+        _, abi = binding.load_libnfs()
+    except binding.LibnfsUnavailable:
+        return None
+    return abi.name if abi.large_writes else None
+
+
+@pytest.mark.skipif(libnfs5() is None, reason="no libnfs 5 here (Debian 13's libnfs14, or "
+                    "OFFLOADFS_LIBNFS=/path/to/libnfs.so.14)")
+def test_libnfs5_sends_large_writes_itself(server, start_fuse):
+    """With libnfs 5 the client writes through libnfs by default, each FUSE write (more than
+    libnfs 4.0's ~3.9 KiB) in one nfs_pwrite, and the bytes arrive intact."""
+    fs = start_fuse("-v")
+    data = os.urandom(8 * 1024 * 1024 + 5)
+    (fs.mnt / "big5.bin").write_bytes(data)
+    assert (server.root / "big5.bin").read_bytes() == data
+    assert f"using {libnfs5()} (libnfs 5), libnfs writes" in fs.log()
+    writes = [int(n) for n in re.findall(r" write /big5\.bin <(\d+) bytes>", fs.log())]
+    assert sum(writes) == len(data) and max(writes) >= 128 * 1024
+    assert "raw WRITE" not in fs.log()
+
+
 @pytest.mark.parametrize("write_path", ["raw", "libnfs"])
 def test_200mb_write_and_read_back_in_large_blocks(server, start_fuse, capsys, write_path):
     fs = start_fuse("-v", "--write-path", write_path)  # -v: check the block sizes FUSE uses
@@ -263,6 +288,7 @@ def test_namespace_operations(server, fs):
     assert stat.S_IMODE(os.stat(r / "victim").st_mode) == 0o600
     os.chown(m / "victim", NOBODY.pw_uid, -1)
     assert (os.stat(r / "victim").st_uid, os.stat(r / "victim").st_gid) == (NOBODY.pw_uid, 0)
+    assert os.stat(r).st_uid == 0  # not its directory's (libnfs 5's nfs_chown would do that)
     os.utime(m / "victim", ns=(1_000_000_123_456_000, 1_200_000_654_321_000))
     st = os.stat(r / "victim")
     assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123_456_000, 1_200_000_654_321_000)

@@ -375,17 +375,6 @@ def test_the_deb_installs_in_a_clean_chroot_and_runs_a_job_as_the_caller(chroot,
             as_root.stderr
 
 
-def tree_has(pattern: str) -> bool:
-    """True if a module of offloadfs/ or daemon/ matches ``pattern`` (a known incompatibility
-    with a Debian package is still there, or its fix is)."""
-    found = re.compile(pattern)
-    return any(found.search(f.read_text()) for top in ("offloadfs", "daemon")
-               for f in (ROOT / top).rglob("*.py"))
-
-
-@pytest.mark.xfail(not tree_has(r"import fusepy\b|[\"']fusepy[\"']"), strict=True,
-                   reason="Debian's python3-fusepy installs the module as fusepy, which the "
-                   "binding's import does not try yet")
 def test_the_demos_shim_runs_from_the_deb_in_the_chroot(chroot, tmp_path):
     """The demo's unchanged command line through the shim mount in the chroot (FUSE, /dev bound
     in), mounted by mount(8) through the package's helper; the profile.d snippet puts the
