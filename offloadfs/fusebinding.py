@@ -44,8 +44,8 @@ def libfuse_version(lib) -> tuple[int, int]:
 
 def choose(requested: str, have_mfusepy: bool, lib_chosen_by_user: bool,
            first_loading) -> tuple[str, str | None]:
-    """(the binding, mfusepy or fusepy, libfuse for mfusepy's FUSE_LIBRARY_PATH or None to leave it alone)
-    from OFFLOADFS_FUSE, whether mfusepy is installed, whether the user set
+    """(the binding: mfusepy or fusepy; libfuse for mfusepy's FUSE_LIBRARY_PATH or None to
+    leave it alone) from OFFLOADFS_FUSE, whether mfusepy is installed, whether the user set
     FUSE_LIBRARY_PATH/NAME, and ``first_loading(names)``: the first library of ``names`` that
     loads, or None (asked only for mfusepy); FuseUnavailable if impossible."""
     if requested not in ("", "auto", "mfusepy", "fusepy"):
