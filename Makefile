@@ -3,9 +3,10 @@
 # must be one every user can run (a pyenv build under /root, mode 0700, is not).
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV   := .venv
-# Debian packages: FUSE (libfuse2 for fusepy, fuse3 for fusermount), the real ImageMagick,
-# attr (getfattr/setfattr), shellcheck and systemd-analyze for the hooks, nfs-ganesha (the
-# VM's userspace NFS server) and libnfs (the host's userspace NFS client, through ctypes).
+# Debian packages: FUSE (libfuse3-3 for mfusepy, libfuse2 for the fusepy fallback, fuse3 for
+# fusermount), the real ImageMagick, attr (getfattr/setfattr), shellcheck and systemd-analyze
+# for the hooks, nfs-ganesha (the VM's userspace NFS server) and libnfs (the host's userspace
+# NFS client, through ctypes).
 APT_PKGS := python3-venv fuse3 libfuse3-3 libfuse2 imagemagick attr shellcheck systemd nfs-ganesha nfs-ganesha-vfs libnfs13 libnfs-utils
 # What the guest scenarios of `make test` also need (tests/system/test_guest.py, scripts/vm):
 # QEMU, qemu-img, mmdebstrap (the guest image from Debian's packages), socat (guestfwd relays).
