@@ -18,12 +18,11 @@ import threading
 import time
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from . import environ, export, notice, protocol, shim, staging, terminal
 from . import request as rules
 from .caller import filesystem_ids, pending_signals
-from .channel import Channel, OffloadError
+from .channel import Channel, OffloadError, recv_monitor_event
 from .client import ClientLoop
 from .config import ClientConfig
 from .jobrun import ENDING, FORWARDED, JobRun, JobSpec, Outcome
@@ -223,7 +222,7 @@ class Agent(ClientLoop):
     def _monitor_event(self, link: HostLink) -> None:
         """A connection came up (say hello now) or went down (no new jobs there)."""
         try:
-            message = recv_monitor_message(link.monitor, zmq.NOBLOCK)
+            message = recv_monitor_event(link.monitor, zmq.NOBLOCK)
         except zmq.Again:
             return
         event = message["event"]

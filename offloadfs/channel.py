@@ -7,10 +7,10 @@ same peer to the daemon and the jobs survive it.
 from __future__ import annotations
 
 import os
+import struct
 import time
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol, reach
 from .protocol import Message, ProtocolError
@@ -43,6 +43,20 @@ class OffloadError(Exception):
 
 
 SAYS_WHETHER = ("never ran", "may have run", "was killed", "had ended", "did not run")
+
+
+def recv_monitor_event(monitor: zmq.Socket, flags: int = 0) -> dict:
+    """One event from a ``get_monitor_socket`` PAIR: ``{"event", "value", "endpoint"}``.
+
+    The parsing of pyzmq's ``zmq.utils.monitor.recv_monitor_message``, which we do not import:
+    that module imports ``zmq.asyncio``, hence asyncio, ssl and concurrent.futures, a third of
+    ``offld``'s start-up. The first frame is a uint16 event and a uint32 value, native order
+    and no padding; the second is the endpoint."""
+    frames = monitor.recv_multipart(flags)
+    if len(frames) != 2 or len(frames[0]) != 6:
+        raise RuntimeError(f"Invalid event message format: {frames}")
+    event, value = struct.unpack("=hi", frames[0])
+    return {"event": zmq.Event(event), "value": zmq.Event(value), "endpoint": frames[1]}
 
 
 class Channel:
@@ -133,7 +147,7 @@ class Channel:
         while (left := deadline - time.monotonic()) > 0:
             ready = dict(poller.poll(left * 1000))
             if monitor in ready:
-                event = recv_monitor_message(monitor)
+                event = recv_monitor_event(monitor)
                 self.stage = PROGRESS.get(event["event"], self.stage)
                 refused = None if event["event"] in PROGRESS else self.failure(event, left)
                 if refused is not None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 from .export import ExportConfig
-from .keys import Keychain
 from .settings import DEFAULT_PORT, ConfigError, host_endpoint, load_toml, section, typed
 from .tomlcheck import ANY
+
+if TYPE_CHECKING:
+    from .keys import Keychain
 
 CLIENT_CONFIG = "/etc/offloadfs/offloadfs.toml"
 SCHEMA = {   # every table and key the VM's file may have (tomlcheck); ANY: names of one's own
@@ -107,4 +110,5 @@ def client_keys(security: dict) -> Keychain | None:
     if not secret or not (server or per_host):
         raise ConfigError("[security] needs secret_key and server_key (or "
                           "[security.server_keys]), or none of them")
+    from .keys import Keychain  # here: keys (and logging) only for a VM that has keys
     return Keychain.load(secret, server, per_host)

@@ -8,15 +8,11 @@ each job where its cwd is: server, export, and the path below the export's root.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from . import protocol
 from .settings import ConfigError, host_port, section, typed
@@ -24,6 +20,10 @@ from .settings import ConfigError, host_port, section, typed
 BACKENDS = ("ganesha", "exportfs", "none")
 DEFAULT_NFS_PORT = 2049
 PR_SET_PDEATHSIG = 1
+# The servers' tools (subprocess, shutil, tempfile, socket, ctypes) are imported where a server
+# starts or stops: every offld reads this module for ExportConfig, and few ever run a server.
+if TYPE_CHECKING:
+    import subprocess
 
 
 class ExportError(Exception):
@@ -63,7 +63,10 @@ class ExportConfig:
             host, port = host_port(self.listen, DEFAULT_NFS_PORT, bind=True)
         except ConfigError:
             raise ConfigError(f"export listen = {self.listen!r}: expected ADDR[:PORT]") from None
-        return host or socket.gethostname(), port
+        if host:
+            return host, port
+        import socket  # see the imports at the top
+        return socket.gethostname(), port
 
     def reach(self) -> tuple[str, int]:
         """(host, port) the compute hosts are told to mount: ``advertise`` where the server is
@@ -145,6 +148,9 @@ class GaneshaExport(NfsExport):
 
     def start(self) -> None:
         """Write the config, start ganesha.nfsd, wait until it listens (or raise)."""
+        import shutil  # see the imports at the top
+        import subprocess
+        import tempfile
         binary = shutil.which("ganesha.nfsd") or "/usr/bin/ganesha.nfsd"
         if not os.path.exists(binary):
             raise ExportError("ganesha.nfsd is not installed (Debian: nfs-ganesha "
@@ -166,6 +172,7 @@ class GaneshaExport(NfsExport):
 
     def _wait_listening(self, timeout: float) -> None:
         """Return once the NFS port accepts connections; ExportError if ganesha dies first."""
+        import socket  # see the imports at the top
         host, port = self.cfg.address()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -190,6 +197,8 @@ class GaneshaExport(NfsExport):
 
     def stop(self) -> None:
         """Stop ganesha (TERM, then KILL) and remove its files."""
+        import shutil  # see the imports at the top
+        import subprocess
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -275,6 +284,7 @@ def make(cfg: ExportConfig) -> Export:
 
 def _run(argv: list[str]) -> None:
     """Run a command; ExportError with its last stderr line if it fails."""
+    import subprocess  # see the imports at the top
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -285,5 +295,6 @@ def _run(argv: list[str]) -> None:
 
 def die_with_parent() -> None:
     """In the child: get SIGTERM when the thread that started us dies."""
+    import ctypes  # see the imports at the top
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import errno
 import select
-import socket
 
 import zmq
+
+# socket is imported in the functions that probe: only after a failure (every offld reads this
+# module, and a connection that works never needs it).
 
 NOW_MS = 10    # what probe_now waits for an answer, in ms
 MECHANISM_MISMATCH = 0x11000002     # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
@@ -56,6 +58,7 @@ def probe(endpoint: str, timeout: float) -> tuple[str, object] | None:
     target = address(endpoint)
     if target is None:
         return ("connect", errno.ECONNREFUSED)
+    import socket  # see the imports at the top
     host, port = target
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -81,6 +84,7 @@ def probe_now(endpoint: str) -> tuple[str, object] | None:
     target = address(endpoint)
     if target is None:
         return ("connect", errno.ECONNREFUSED)
+    import socket  # see the imports at the top
     family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
     try:
         socket.inet_pton(family, target[0])
@@ -106,6 +110,7 @@ def unreachable(endpoint: str, seen: tuple[str, object]) -> str:
     if step == "resolve":
         host = (address(endpoint) or (shown(endpoint), 0))[0]
         code, said = detail
+        import socket  # see the imports at the top
         fix = "no name server answered: check /etc/resolv.conf and the network" \
             if code == socket.EAI_AGAIN else "check the name"
         return f"cannot resolve host {host!r}: {said} ({fix}, or give an address)"
@@ -134,6 +139,7 @@ def greeting(endpoint: str, timeout: float) -> str:
     """The security mechanism ("NULL", "CURVE") that the peer at ``endpoint`` names in its
     ZeroMQ greeting; "" if it sends none. Only our greeting's first 11 bytes go out, so the
     peer never sees a mechanism to refuse (libzmq answers those with the rest of its own)."""
+    import socket  # see the imports at the top
     target = address(endpoint)
     data = b""
     try:

@@ -18,11 +18,14 @@ import dataclasses
 import enum
 import os
 import queue
+from typing import TYPE_CHECKING
 
 from . import shim
-from .caller import Caller
 from .channel import OffloadError
 from .jobrun import JobRun, Outcome
+
+if TYPE_CHECKING:   # offld imports this module, and needs no caller (nor ctypes)
+    from .caller import Caller
 
 REMOTE, LOCAL, FAIL = "remote", "local", "fail"   # what :func:`decide` answers
 # What stands in the way of offloading a request (the caller's stderr and status show it).

@@ -14,7 +14,6 @@ path it starts with.
 """
 from __future__ import annotations
 
-import difflib
 import re
 
 ANY = frozenset({"*"})   # a table of free-form names
@@ -66,6 +65,7 @@ def _tables_under(at: tuple, schema: dict) -> set[str]:
 def describe(names: tuple, valid: tuple, table: bool = False) -> str:
     """"unknown section [x] (did you mean [y]?)" or "unknown key 'k' in [t] (valid: ...)"."""
     key, parent = names[-1], names[:-1]
+    import difflib  # here: only a bad file needs it, and every client start reads this module
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     if not parent and not table:
         return f"key {key!r} outside any section (keys go under one: {', '.join(valid)})"

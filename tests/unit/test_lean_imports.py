@@ -1,0 +1,52 @@
+"""offld starts lean (issue 16): ``import offloadfs.offld`` pulls in no module that only some
+runs need, and the channel's own monitor parsing reads what libzmq sends."""
+import subprocess
+import sys
+
+import zmq
+
+from offloadfs.channel import recv_monitor_event
+
+# Each is a few ms of every offld's start-up, and offld -- true (no config, no mount, no
+# export) needs none: asyncio and what it brings (pyzmq's zmq.utils.monitor imports
+# zmq.asyncio), the NFS servers' tools (export), keys and logging (only with [security]),
+# a failed connection's probe (socket), the mount's caller (ctypes), an error hint (difflib).
+NOT_IMPORTED = ("asyncio", "zmq.asyncio", "zmq.utils.monitor", "ssl", "concurrent.futures",
+                "subprocess", "shutil", "tempfile", "socket", "ctypes", "logging", "difflib",
+                "offloadfs.keys", "offloadfs.caller")
+
+
+def test_importing_offld_imports_nothing_the_common_run_does_not_need():
+    """A fresh interpreter that imports offloadfs.offld has none of NOT_IMPORTED loaded."""
+    done = subprocess.run([sys.executable, "-c", "import offloadfs.offld, sys; "
+                           "print('\\n'.join(sorted(sys.modules)))"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    loaded = set(done.stdout.split())
+    assert "offloadfs.offld" in loaded and "zmq" in loaded
+    assert sorted(loaded.intersection(NOT_IMPORTED)) == []
+
+
+def test_a_monitor_event_reads_its_event_value_and_endpoint():
+    """A real connection's EVENT_CONNECTED comes back as pyzmq's dict: the event, the fd as
+    its value, the endpoint."""
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    client = ctx.socket(zmq.DEALER)
+    try:
+        server.bind("tcp://127.0.0.1:*")
+        endpoint = server.getsockopt_string(zmq.LAST_ENDPOINT)
+        monitor = client.get_monitor_socket(zmq.EVENT_CONNECTED)
+        try:
+            client.connect(endpoint)
+            assert monitor.poll(10_000), "no monitor event within 10 s"
+            event = recv_monitor_event(monitor)
+        finally:
+            client.disable_monitor()
+            monitor.close(linger=0)
+    finally:
+        client.close(linger=0)
+        server.close(linger=0)
+        ctx.term()
+    assert event["event"] == zmq.EVENT_CONNECTED and isinstance(event["event"], zmq.Event)
+    assert event["value"] > 2   # the connection's fd: past stdin, stdout and stderr
+    assert event["endpoint"] == endpoint.encode()
