@@ -8,7 +8,7 @@ import signal
 import sys
 
 from . import BENCHMARKS, report
-from .common import BenchError
+from .common import BenchError, compile_package
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.name == "report":
         report.write(BENCHMARKS, {}, command + " (from the JSON of earlier runs)")
         return 0
+    compile_package()   # start-up as installed, whatever PYTHONDONTWRITEBYTECODE says
     names = list(BENCHMARKS) if opts.name == "all" else [opts.name]
     rest = ["--quick"] if opts.name == "all" and opts.quick else argv[1:]
     failures = {}
