@@ -294,7 +294,8 @@ def test_a_background_job_reading_the_terminal_stops_as_locally(route, shell_of)
     sh = shell_of(route)
     sh.line(b"python3 -c 'print(\"got\", input())' &")
     assert sh.prompt(), sh.buf
-    wait_for(lambda: _stopped("print(") >= 2, 20, "the job here and on the host to stop")
+    wait_for(lambda: _stopped("print(") >= 2 and _stopped("print(", parent=sh.pid), 20,
+             "the job here (the shell's own child) and on the host to stop")
     sh.send(b"\n")
     assert sh.expect(rb"\[1\]\+\s+Stopped") and sh.prompt(), sh.buf
     sh.line(b"fg", offload=False)
@@ -308,17 +309,19 @@ def test_a_background_job_reading_the_terminal_stops_as_locally(route, shell_of)
     assert b"Stopped" not in sh.buf
 
 
-def _stopped(marker: str) -> int:
+def _stopped(marker: str, parent: int | None = None) -> int:
     """How many processes whose command line holds ``marker`` are stopped (state T): the
-    job on the host and its client here (the shim, or offld)."""
+    job on the host and its client here (the shim, or offld); with ``parent``, only that
+    process's children (the shell's own child: what its job table says Stopped for)."""
     count = 0
     for entry in os.listdir("/proc"):
         try:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        count += marker.encode() in cmd and state == "T"
+        mine = parent is None or int(fields[1]) == parent
+        count += marker.encode() in cmd and fields[0] == "T" and mine
     return count
 
 
