@@ -94,10 +94,13 @@ class Agent(ClientLoop):
     (welcomes), :meth:`tick` (new requests, hellos, liveness, signals) and :meth:`finished`
     (a job's end: the shim's answer)."""
 
-    def __init__(self, config: ClientConfig, registry: Registry, endpoints: list[str]):
-        """Links to ``endpoints``; nothing runs until :meth:`start`."""
+    def __init__(self, config: ClientConfig, registry: Registry, endpoints: list[str],
+                 brokers: list[str] | None = None):
+        """Links to ``endpoints``, of which ``brokers`` (default: the config's) are brokers;
+        nothing runs until :meth:`start`."""
         super().__init__(config.timing())
         self.config, self.registry, self.endpoints = config, registry, endpoints
+        self.brokers = set(config.brokers if brokers is None else brokers)
         self.export = export.make(config.export or export.ExportConfig())
         self.export_error: str | None = None
         self.ctx: zmq.Context | None = None
@@ -365,7 +368,7 @@ class Agent(ClientLoop):
                      terminal=term)
         job.on_stop = lambda signum: request.emit(shim.reply_stopped(signum))
         job.waits = self._notice(request, notice.place(link.endpoint,
-                                                       link.endpoint in self.config.brokers))
+                                                       link.endpoint in self.brokers))
         settings = term.stty() if term is not None and term.reads_keys else ""
         if settings:
             request.emit(shim.reply_settings(settings))

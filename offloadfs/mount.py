@@ -20,12 +20,6 @@ log = logging.getLogger("offloadfs")
 FUSE_DEVICE = "/dev/fuse"
 
 
-def endpoints(args, cfg: ClientConfig) -> list[str]:
-    """Hosts from -L and -H (in that order), else the config's brokers and hosts."""
-    from .offld import endpoints as chosen
-    return list(chosen(args, cfg))
-
-
 def mount(args) -> int:
     """Mount the shims at ``args.mountpoint``; returns when unmounted."""
     check_device()
@@ -39,11 +33,12 @@ def mount(args) -> int:
     mnt = os.path.abspath(args.mountpoint)
     clear_stale(mnt)
     check_mountable(mnt)
-    hosts = endpoints(args, cfg)
+    from .offld import brokers, endpoints
+    hosts = list(endpoints(args, cfg))
     for endpoint in hosts if cfg.keys is not None else ():
         cfg.keys.for_endpoint(endpoint)   # a host without a server key: say so now, not later
     registry = Registry(cfg.allow, cfg.deny, cfg.state_file)
-    agent = Agent(cfg, registry, hosts)
+    agent = Agent(cfg, registry, hosts, brokers(args, cfg))
     log.info("mounting %s for %s", mnt, " ".join(agent.endpoints) or "(no hosts)")
     FUSE(ShimFS(registry, agent, os.getuid(), mnt, args.debug), mnt, raw_fi=True,
          foreground=args.foreground, nothreads=False, auto_unmount=True, fsname="offloadfs",

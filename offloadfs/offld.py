@@ -139,9 +139,9 @@ def endpoints(opts, cfg: ClientConfig) -> dict[str, str]:
 
 
 def brokers(opts, cfg: ClientConfig) -> list[str]:
-    """The endpoints of :func:`endpoints` that are brokers."""
-    given = (opts.load_balancer or []) + (opts.host or [])
-    return [host_endpoint(e) for e in opts.load_balancer or []] if given else cfg.brokers
+    """The endpoints of :func:`endpoints` that are brokers: -L's if -L or -H is given."""
+    given = getattr(opts, "load_balancer", None) or []
+    return [host_endpoint(e) for e in given] if given or opts.host else cfg.brokers
 
 
 def spec_here(command: list[str], cfg: ClientConfig) -> JobSpec:

@@ -89,3 +89,17 @@ def test_a_wait_for_the_hosts_first_answer_then_for_a_slot():
     assert n.connecting(11.0, ["tcp://gpu1:7788", "tcp://gpu2:7788"]) == \
         b"\roffloadfs: waiting for gpu1:7788, gpu2:7788 to answer\x1b[K"
     assert n.queued(11.2, 2) == b"\roffloadfs: waiting for a slot on gpu1:7788 (position 2)\x1b[K"
+
+
+def test_brokers_given_on_the_command_line_are_named_as_brokers():
+    """offld.brokers, which offld and the mount's agent both use: -L's endpoints when flags
+    are given (the config's brokers then do not count), else the config's."""
+    from types import SimpleNamespace
+
+    from offloadfs import offld
+    cfg = SimpleNamespace(brokers=["tcp://cb:7789"])
+    both = SimpleNamespace(load_balancer=["lb:7789"], host=["h1"])
+    assert offld.brokers(both, cfg) == ["tcp://lb:7789"]
+    assert offld.brokers(SimpleNamespace(load_balancer=None, host=["h1"]), cfg) == []
+    assert offld.brokers(SimpleNamespace(load_balancer=None, host=None), cfg) == cfg.brokers
+    assert notice.place("tcp://lb:7789", True) == "via broker lb:7789"
