@@ -14,15 +14,11 @@ from __future__ import annotations
 import os
 import select
 
+from .reach import shown as address  # host:port, as the user wrote it
 from .terminal import foreground
 
 DELAY = 1.0          # seconds a job waits in a queue before the notice shows
 ERASE = b"\r\x1b[K"  # back to the line's start, and clear it
-
-
-def address(endpoint: str) -> str:
-    """``host:port`` of a ``tcp://host:port`` endpoint (what a user configured)."""
-    return endpoint.split("://", 1)[-1]
 
 
 def place(endpoint: str, broker: bool) -> str:
