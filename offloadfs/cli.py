@@ -5,8 +5,7 @@ import argparse
 import os
 import sys
 
-from . import joblog, mount, offld
-from . import status as st
+from . import offld
 from .commandline import add_keygen, add_version, keygen, run
 from .config import ClientConfig
 from .settings import ConfigError
@@ -43,16 +42,17 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``offloadfs``."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["run"]:
+    if argv[:1] == ["run"]:     # offld's lean start-up: no mount (FUSE) or status imports
         return offld.main(argv[1:], prog="offloadfs run")
     args = parser().parse_args(argv)
-    return run("offloadfs", {"status": status, "mount": mount_shims, "umount": mount.umount,
+    return run("offloadfs", {"status": status, "mount": mount_shims, "umount": umount,
                              "keygen": keygen}, args)
 
 
 def mount_shims(args) -> int:
     """``offloadfs mount``, libfuse failing to mount as one line of ours (fusepy raises a bare
     RuntimeError with its status; libfuse said why on stderr before)."""
+    from . import mount  # the FUSE binding: only for mount and umount
     try:
         return mount.mount(args)
     except RuntimeError as exc:
@@ -60,9 +60,17 @@ def mount_shims(args) -> int:
                           f"failed (status {exc})") from None
 
 
+def umount(args) -> int:
+    """``offloadfs umount``."""
+    from . import mount
+    return mount.umount(args)
+
+
 def status(args) -> int:
     """``offloadfs status``: each mount's hosts and jobs, or the hosts asked directly; then
     this machine's last ``offld`` jobs."""
+    from . import joblog
+    from . import status as st
     cfg = ClientConfig.load(args.config)
     mounts = [] if args.host else st.mounted()
     lines, errors = [], []

@@ -26,6 +26,18 @@ def test_importing_offld_imports_nothing_the_common_run_does_not_need():
     assert sorted(loaded.intersection(NOT_IMPORTED)) == []
 
 
+def test_offloadfs_run_imports_neither_the_mount_nor_status():
+    """``offloadfs run`` is offld: importing the command line loads no FUSE binding, mount or
+    status module (they load for their own subcommands)."""
+    done = subprocess.run([sys.executable, "-c", "import offloadfs.cli, sys; "
+                           "print('\\n'.join(sorted(sys.modules)))"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    loaded = set(done.stdout.split())
+    assert "offloadfs.offld" in loaded
+    assert sorted(loaded.intersection({"offloadfs.mount", "offloadfs.status", "offloadfs.fs",
+                                       "offloadfs.fusebinding", "offloadfs.agent"})) == []
+
+
 def test_a_monitor_event_reads_its_event_value_and_endpoint():
     """A real connection's EVENT_CONNECTED comes back as pyzmq's dict: the event, the fd as
     its value, the endpoint."""
