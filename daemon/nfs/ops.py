@@ -196,11 +196,27 @@ class NfsFuse(fuse.Operations):
         return once_more_if_broken(lambda: self._locked(handle), attempt,
                                    lambda ctx: self._reopen(handle, ctx, path))
 
+    def _in_parallel(self, handle: Handle, what: str, path: str | None, fn):
+        """``fn(ctx)`` on a meta context as the handle's opener, so that an open file has as
+        many requests in flight as FUSE sends (the open's stateid is good on any connection:
+        NFSv4.0 has no sessions); if that context broke or the server lost our open state,
+        reopen by path and try once more (on another meta context)."""
+        owner = handle.ctx
+
+        def attempt(ctx: Context):
+            nonlocal owner
+            owner = handle.ctx
+            ctx.use(handle.creds)
+            return fn(ctx)
+
+        return once_more_if_broken(self._meta_context, attempt,
+                                   lambda _ctx: self._reopen(handle, owner, path))
+
     def _on_handle(self, handle: Handle, fname: str, *args, path: str | None = None) -> int:
         """``fname(nfs, fh, *args)`` on the handle's context, see _as_opener."""
         def call(ctx: Context) -> int:
             ret = ctx.call(fname, handle.fh, *args)
-            ctx.renewed = time.monotonic()
+            handle.renewed()
             return ret
 
         return self._as_opener(handle, fname, path, call)
@@ -293,10 +309,11 @@ class NfsFuse(fuse.Operations):
 
     def _renew(self, handle: Handle, ctx: Context) -> None:
         """A 0-byte READ with the open's stateid: renews the lease of ``ctx``'s NFSv4 client
-        (libnfs 4.0 never sends RENEW). Caller holds ``ctx.lock``."""
+        (libnfs 4.0 never sends RENEW), on ``ctx``: the handle's own or a meta context. Caller
+        holds ``ctx.lock``."""
         ctx.use(handle.creds)
         ctx.call("nfs_pread", handle.fh, 0, 0, self._zero)
-        ctx.renewed = time.monotonic()
+        handle.renewed()
 
     # -- attributes ----------------------------------------------------------------------
 
@@ -484,21 +501,30 @@ class NfsFuse(fuse.Operations):
         return 0
 
     def read(self, path, size, offset, fi):
-        """pread, READ_MAX bytes at most per READ, until ``size`` bytes or EOF."""
+        """pread, READ_MAX bytes at most per READ, until ``size`` bytes or EOF; on a meta
+        context, so that reads of one file run in parallel."""
         handle = self._handle(fi)
         size = min(size, IO_SIZE)
         buf = ctypes.create_string_buffer(size)
-        got = 0
-        while got < size:
-            n = self._on_handle(handle, "nfs_pread", offset + got, min(size - got, READ_MAX),
-                                ctypes.addressof(buf) + got, path=path)
-            if n == 0:
-                break
-            got += n
-        return buf.raw[:got]
+        base = ctypes.addressof(buf)
+
+        def read(ctx: Context) -> int:
+            got = 0
+            while got < size:
+                n = ctx.call("nfs_pread", handle.fh, offset + got, min(size - got, READ_MAX),
+                             base + got)
+                if n == 0:
+                    break
+                got += n
+            handle.renewed()
+            return got
+
+        return ctypes.string_at(buf, self._in_parallel(handle, "nfs_pread", path, read))
 
     def write(self, path, data, offset, fi):
-        """pwrite (at the server's end of file with O_APPEND) as a pipeline of WRITEs."""
+        """pwrite (at the server's end of file with O_APPEND); on a meta context, so that writes
+        of one file run in parallel, except with O_APPEND: its fstat and write stay together on
+        the handle's context."""
         handle = self._handle(fi)
 
         def write(ctx: Context) -> int:
@@ -512,7 +538,7 @@ class NfsFuse(fuse.Operations):
                 stable = FILE_SYNC4 if handle.flags & os.O_SYNC else UNSTABLE4
                 try:
                     n = ctx.raw.write(handle.fh_bytes, at, data, handle.creds, stable)
-                    if time.monotonic() - ctx.renewed > RENEW_AFTER:
+                    if time.monotonic() - handle.ctx.renewed > RENEW_AFTER:
                         self._renew(handle, ctx)  # raw WRITEs renew no lease
                     return n
                 except RawRefused as exc:
@@ -520,10 +546,12 @@ class NfsFuse(fuse.Operations):
                     log.info("raw WRITE of %r refused (%s): writing through libnfs",
                              show_path(handle.path), exc)
             n = ctx.pwrite(handle.fh, at, data)
-            ctx.renewed = time.monotonic()
+            handle.renewed()
             return n
 
-        return self._as_opener(handle, "nfs_pwrite", path, write)
+        if handle.flags & os.O_APPEND:
+            return self._as_opener(handle, "nfs_pwrite", path, write)
+        return self._in_parallel(handle, "nfs_pwrite", path, write)
 
     def flush(self, path, fi):
         """close(2): COMMIT what was written, so errors reach close()."""
