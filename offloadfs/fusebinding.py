@@ -121,8 +121,9 @@ def mount_options(options: dict, libfuse: tuple[int, int] = LIBFUSE) -> dict:
 
 if BINDING == "mfusepy":
     class _Fuse(_impl.FUSE):
-        """mfusepy's FUSE (mounts and serves in its constructor, on the calling thread), and
-        two libfuse 3 differences undone: truncate of an open file gets its handle (mfusepy
+        """mfusepy's FUSE (mounts and serves in its constructor, on the calling thread), reads
+        into libfuse's buffer for operations that can (``read``), and two libfuse 3
+        differences undone: truncate of an open file gets its handle (mfusepy
         passes it to libfuse 2's ftruncate only), and a loop ended by SIGTERM/SIGINT/SIGHUP
         returns as under libfuse 2 (libfuse 3's handlers store the signal as the session's
         error, so fuse_main returns LOOP_FAILED, which mfusepy raises)."""
@@ -144,6 +145,17 @@ if BINDING == "mfusepy":
         def truncate_fuse_3(self, path, length, fip):
             """ftruncate when libfuse gives a file, else truncate by path."""
             return self.ftruncate(path, length, fip)
+
+        def read(self, path, buf, size, offset, fip):
+            """Operations with ``reads_into_buffer`` read straight into libfuse's buffer:
+            ``read(path, size, offset, fh, address)`` returns the byte count (no copy through
+            a bytes object; fusepy calls their plain ``read(path, size, offset, fh)``)."""
+            if not getattr(self.operations, "reads_into_buffer", False):
+                return super().read(path, buf, size, offset, fip)
+            fh = fip.contents if self.raw_fi else fip.contents.fh
+            return self.operations.read(None if path is None else path.decode(self.encoding,
+                                                                              self.errors),
+                                        size, offset, fh, ctypes.cast(buf, ctypes.c_void_p).value)
 else:
     _Fuse = _impl.FUSE
 

@@ -76,6 +76,7 @@ class NfsFuse(fuse.Operations):
     keepalive thread, which renews idle open files' leases; ``destroy`` stops it."""
 
     use_ns = True
+    reads_into_buffer = True   # mfusepy (fusebinding): read(..., into=libfuse's buffer)
     # Not provided: libfuse answers ENOSYS and the kernel stops asking (a getxattr of
     # security.capability would otherwise precede every write). Locks stay local to this host.
     getxattr = setxattr = listxattr = removexattr = None
@@ -500,13 +501,14 @@ class NfsFuse(fuse.Operations):
                 log.warning("could not set the times of new file %r: %s", path, exc.message)
         return 0
 
-    def read(self, path, size, offset, fi):
-        """pread, READ_MAX bytes at most per READ, until ``size`` bytes or EOF; on a meta
-        context, so that reads of one file run in parallel."""
+    def read(self, path, size, offset, fi, into: int | None = None):
+        """pread, READ_MAX bytes at most per READ, until ``size`` bytes or EOF, into memory at
+        ``into`` (the byte count; fusebinding gives libfuse's buffer) or a new bytes object; on
+        a meta context, so that reads of one file run in parallel."""
         handle = self._handle(fi)
         size = min(size, IO_SIZE)
-        buf = ctypes.create_string_buffer(size)
-        base = ctypes.addressof(buf)
+        buf = None if into else ctypes.create_string_buffer(size)
+        base = into or ctypes.addressof(buf)
 
         def read(ctx: Context) -> int:
             got = 0
@@ -519,7 +521,8 @@ class NfsFuse(fuse.Operations):
             handle.renewed()
             return got
 
-        return ctypes.string_at(buf, self._in_parallel(handle, "nfs_pread", path, read))
+        got = self._in_parallel(handle, "nfs_pread", path, read)
+        return got if into else ctypes.string_at(buf, got)
 
     def write(self, path, data, offset, fi):
         """pwrite (at the server's end of file with O_APPEND); on a meta context, so that writes
