@@ -268,10 +268,9 @@ def markdown(r: dict) -> list[str]:
             f"mounted by the daemon with its userspace client (`{w['nfs']['fstype']}`, "
             "FUSE over libnfs): this machine has no kernel NFS client, so the kernel client's "
             "figures (the thesis's) are not measured here. Latencies are fio's completion "
-            "latencies (clat) per 4 KiB request. NFS CPUs busy: the CPU seconds of the NFS "
-            "server and client per second of the job; near 1.0 while neither CPU is full, the "
-            "requests are being served one at a time, in turn by the client and the server, "
-            "whatever fio's iodepth.", "", md_table(TABLE_HEADERS, table_rows(r))]
+            "latencies (clat) per request. NFS CPUs busy: the CPU seconds of the NFS server "
+            "and client per second of the job (near the machine's CPU count: CPU-bound); NFS "
+            "CPU s/GB: the same per GB moved.", "", md_table(TABLE_HEADERS, table_rows(r))]
 
 
 COLORS = {"local": "0.55", "nfs": "tab:blue"}
