@@ -8,8 +8,9 @@ the filesystem allows it, invalidate=1, bs=4k, iodepth=32; size and runtime scal
 ``--quick``) runs twice per pattern, interleaved: here with ``fio`` in that directory (the
 caller's disk), and through the ``fio`` shim, so that it runs on the host in its NFS mount of
 the same directory (checked with an offloaded ``findmnt -T .``). Random read, random write,
-sequential read, sequential write; bandwidth, IOPS and completion latency (p50, p99) from
-fio's JSON, and the CPU seconds the NFS server and client spent.
+sequential read, sequential write, and sequential read and write in 1 MiB blocks (``LARGE``,
+not the thesis's); bandwidth, IOPS and completion latency (p50, p99) from fio's JSON, and the
+CPU seconds the NFS server and client spent, in all and per GB moved.
 """
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ NAME = "io"
 FIO = "/usr/bin/fio"
 FINDMNT = "/usr/bin/findmnt"
 PATTERNS = {"randread": "random read", "randwrite": "random write", "read": "sequential read",
-            "write": "sequential write"}
+            "write": "sequential write"}   # the thesis's jobs: 4 KiB blocks
+LARGE = {"seqread_1m": "sequential read, 1 MiB", "seqwrite_1m": "sequential write, 1 MiB"}
+FIO_JOBS = {"seqread_1m": ("read", "1m"), "seqwrite_1m": ("write", "1m")}  # else (name, 4k)
 PLACES = {"local": "caller's disk", "nfs": "host's NFS view"}
 SIZE, QUICK_SIZE = "1G", "64M"
 RUNTIME_S, QUICK_RUNTIME_S = 30, 3
@@ -62,8 +65,10 @@ def add_arguments(parser) -> None:
 
 
 def fio_argv(pattern: str, size: str, runtime: int, direct: int, filename: str) -> list[str]:
-    """The thesis's fio job for one pattern, JSON on stdout."""
-    return [f"--name={pattern}", f"--filename={filename}", f"--rw={pattern}", "--bs=4k",
+    """The thesis's fio job for one pattern (its block size changed for LARGE ones), JSON on
+    stdout."""
+    rw, bs = FIO_JOBS.get(pattern, (pattern, "4k"))
+    return [f"--name={pattern}", f"--filename={filename}", f"--rw={rw}", f"--bs={bs}",
             "--iodepth=32", "--ioengine=libaio", f"--direct={direct}", "--invalidate=1",
             f"--size={size}", f"--runtime={runtime}", "--output-format=json"]
 
@@ -103,7 +108,7 @@ def run(opts) -> dict:
             print(f"io: fio {size}, {runtime} s per job, {opts.rounds} round(s); caller's disk "
                   f"{where['local']['source']} ({where['local']['fstype']}), host's view "
                   f"{where['nfs']['fstype']} ...")
-            runs = measure(d, m, work, size, runtime, opts.rounds)
+            runs = measure(d, m, work, size, runtime, opts.rounds, patterns=PATTERNS | LARGE)
             fio_jobs = m.stats("fio")
         if fio_jobs["fallbacks"] or fio_jobs["failures"]:
             raise BenchError(f"fio shim: {fio_jobs} (every run must be offloaded)")
@@ -136,17 +141,18 @@ def nfs_processes(d: Daemon, m: Shims) -> dict[str, int]:
 
 
 def measure(d: Daemon, m: Shims, work: Path, size: str, runtime: int, rounds: int,
-            prefixes: dict[str, list[str]] | None = None) -> dict:
-    """fio's figures per place and pattern, the places interleaved per pattern; fio runs
-    after ``prefixes[place]`` (default: ``fio`` here, and its shim)."""
+            prefixes: dict[str, list[str]] | None = None,
+            patterns: dict[str, str] = PATTERNS) -> dict:
+    """fio's figures per place and pattern (of ``patterns``), the places interleaved per
+    pattern; fio runs after ``prefixes[place]`` (default: ``fio`` here, and its shim)."""
     prefixes = prefixes or {"local": [FIO], "nfs": [m.shim("fio")]}
-    runs = {place: {p: [] for p in PATTERNS} for place in PLACES}
+    runs = {place: {p: [] for p in patterns} for place in PLACES}
     direct = {place: 1 for place in PLACES}
     nfs = nfs_processes(d, m)
     for place in PLACES:
         lay_out(work / f"{place}.dat", size)
     for _ in range(rounds):
-        for pattern in PATTERNS:
+        for pattern in patterns:
             for place in PLACES:
                 cpu0 = {who: cpu_seconds(pid) for who, pid in nfs.items()}
                 figures, direct[place] = fio(prefixes[place], pattern, size, runtime, direct[place],
@@ -154,7 +160,7 @@ def measure(d: Daemon, m: Shims, work: Path, size: str, runtime: int, rounds: in
                 figures["nfs_cpu_s"] = {who: round(cpu_seconds(pid) - cpu0[who], 2)
                                         for who, pid in nfs.items()}
                 runs[place][pattern].append(figures)
-                print(f"io: {PLACES[place]:16} {PATTERNS[pattern]:17} "
+                print(f"io: {PLACES[place]:16} {patterns[pattern]:23} "
                       f"{figures['mb_per_s']:8.1f} MB/s (direct={figures['direct']})")
     return runs
 
@@ -188,17 +194,19 @@ def fio(prefix: list[str], pattern: str, size: str, runtime: int, direct: int, f
     side = job["write" if "write" in pattern else "read"]
     clat = side["clat_ns"].get("percentile", {})
     return {"mb_per_s": round(side["bw_bytes"] / 1e6, 2), "iops": round(side["iops"]),
+            "io_bytes": side["io_bytes"],
             "clat_p50_ms": round(clat.get("50.000000", 0) / 1e6, 3),
             "clat_p99_ms": round(clat.get("99.000000", 0) / 1e6, 3),
             "runtime_s": round(side["runtime"] / 1000, 2), "direct": direct}, direct
 
 
 def results(runs: dict, where: dict, size: str, runtime: int, rounds: int) -> dict:
-    """The JSON record: per place and pattern the median MB/s, IOPS and latencies, and the
-    NFS view's ratio to the caller's disk."""
+    """The JSON record: per place and pattern the median MB/s, IOPS and latencies, the NFS
+    view's ratio to the caller's disk, and the NFS server's and client's CPU (last run)."""
+    patterns = {p: (PATTERNS | LARGE)[p] for p in runs["nfs"]}
     out: dict = {"benchmark": NAME, "size": size, "runtime_s": runtime, "rounds": rounds,
-                 "where": where, "patterns": PATTERNS, "places": PLACES, "results": {}}
-    for pattern in PATTERNS:
+                 "where": where, "patterns": patterns, "places": PLACES, "results": {}}
+    for pattern in patterns:
         row = {}
         for place in PLACES:
             rs = runs[place][pattern]
@@ -208,9 +216,13 @@ def results(runs: dict, where: dict, size: str, runtime: int, rounds: int) -> di
             row[place]["direct"] = rs[-1]["direct"]
             out[f"{place}_{pattern}_mb_per_s"] = row[place]["mb_per_s"]
         row["nfs_vs_local"] = round(row["nfs"]["mb_per_s"] / row["local"]["mb_per_s"], 3)
-        row["nfs_cpu_s"] = runs["nfs"][pattern][-1]["nfs_cpu_s"]
-        row["nfs_busy_cpus"] = round(sum(row["nfs_cpu_s"].values())
-                                     / runs["nfs"][pattern][-1]["runtime_s"], 2)
+        last = runs["nfs"][pattern][-1]
+        row["nfs_cpu_s"] = last["nfs_cpu_s"]
+        row["nfs_busy_cpus"] = round(sum(row["nfs_cpu_s"].values()) / last["runtime_s"], 2)
+        row["nfs_cpu_s_per_gb"] = {who: round(cpu / max(last.get("io_bytes", 0) / 1e9, 1e-9), 2)
+                                   for who, cpu in row["nfs_cpu_s"].items()}
+        for who, per_gb in row["nfs_cpu_s_per_gb"].items():
+            out[f"nfs_{pattern}_{who}_cpu_s_per_gb"] = per_gb
         out["results"][pattern] = row
     out["runs"] = runs
     out["machine"] = machine_info()
@@ -219,7 +231,7 @@ def results(runs: dict, where: dict, size: str, runtime: int, rounds: int) -> di
 
 TABLE_HEADERS = ["pattern", "disk MB/s", "NFS MB/s", "NFS / disk", "disk IOPS", "NFS IOPS",
                  "disk p50 ms", "NFS p50 ms", "disk p99 ms", "NFS p99 ms", "direct (disk, NFS)",
-                 "NFS CPU s (server, client)", "NFS CPUs busy"]
+                 "NFS CPU s (server, client)", "NFS CPU s/GB (server, client)", "NFS CPUs busy"]
 
 
 def table_rows(r: dict) -> list[list]:
@@ -227,12 +239,13 @@ def table_rows(r: dict) -> list[list]:
     rows = []
     for pattern, row in r["results"].items():
         local, nfs = row["local"], row["nfs"]
-        cpu = row["nfs_cpu_s"]
-        rows.append([PATTERNS[pattern], local["mb_per_s"], nfs["mb_per_s"],
+        cpu, per_gb = row["nfs_cpu_s"], row.get("nfs_cpu_s_per_gb", {})
+        rows.append([r["patterns"][pattern], local["mb_per_s"], nfs["mb_per_s"],
                      f"{row['nfs_vs_local']:.2f}x", local["iops"], nfs["iops"],
                      local["clat_p50_ms"], nfs["clat_p50_ms"], local["clat_p99_ms"],
                      nfs["clat_p99_ms"], f"{local['direct']}, {nfs['direct']}",
                      f"{cpu.get('server', 0):.1f}, {cpu.get('client', 0):.1f}",
+                     f"{per_gb.get('server', 0):.1f}, {per_gb.get('client', 0):.1f}",
                      row["nfs_busy_cpus"]])
     return rows
 
@@ -246,7 +259,8 @@ def report(r: dict) -> None:
 def markdown(r: dict) -> list[str]:
     """This benchmark's section of RESULTS.md."""
     w = r["where"]
-    return [f"fio: libaio, bs=4k, iodepth=32, invalidate=1, size={r['size']}, runtime "
+    return [f"fio: libaio, bs=4k (1 MiB in the 1 MiB rows), iodepth=32, invalidate=1, "
+            f"size={r['size']}, runtime "
             f"{r['runtime_s']} s per job (the thesis: 1GB, 30 s), direct=1 unless the "
             f"filesystem refused it; median of {r['rounds']} run(s). The caller's disk: "
             f"`{w['local']['source']}` ({w['local']['fstype']}). The host's NFS view: the "
@@ -254,10 +268,9 @@ def markdown(r: dict) -> list[str]:
             f"mounted by the daemon with its userspace client (`{w['nfs']['fstype']}`, "
             "FUSE over libnfs): this machine has no kernel NFS client, so the kernel client's "
             "figures (the thesis's) are not measured here. Latencies are fio's completion "
-            "latencies (clat) per 4 KiB request. NFS CPUs busy: the CPU seconds of the NFS "
-            "server and client per second of the job; near 1.0 while neither CPU is full, the "
-            "requests are being served one at a time, in turn by the client and the server, "
-            "whatever fio's iodepth.", "", md_table(TABLE_HEADERS, table_rows(r))]
+            "latencies (clat) per request. NFS CPUs busy: the CPU seconds of the NFS server "
+            "and client per second of the job (near the machine's CPU count: CPU-bound); NFS "
+            "CPU s/GB: the same per GB moved.", "", md_table(TABLE_HEADERS, table_rows(r))]
 
 
 COLORS = {"local": "0.55", "nfs": "tab:blue"}
@@ -283,7 +296,7 @@ def plot(r: dict):
         bw.annotate(f"NFS {r['results'][n]['nfs_vs_local']:.2f}x", (i, top), xytext=(0, 14),
                     textcoords="offset points", ha="center", fontsize=9, color="tab:blue")
     for ax in (bw, lat):
-        ax.set_xticks(range(len(names)), [PATTERNS[n] for n in names])
+        ax.set_xticks(range(len(names)), [r["patterns"][n] for n in names])
         ax.legend(fontsize=9)
         ax.grid(axis="y", alpha=0.3, zorder=0)
     bw.set_ylabel("MB/s")

@@ -18,6 +18,7 @@ import ctypes
 import importlib
 import importlib.util
 import os
+import threading
 
 from .settings import ConfigError
 
@@ -119,13 +120,31 @@ def mount_options(options: dict, libfuse: tuple[int, int] = LIBFUSE) -> dict:
     return adapted
 
 
+_ensure_gil = ctypes.pythonapi.PyGILState_Ensure
+_ensure_gil.restype, _ensure_gil.argtypes = ctypes.c_int, []
+_pinned = threading.local()
+
+
+def keep_thread_state() -> None:
+    """Keep the calling libfuse worker thread's Python thread state from one callback to the
+    next: ctypes makes a thread state for each callback on a thread Python did not start and
+    frees it after (its frame stack mmapped and munmapped, threading's bookkeeping redone),
+    unless the thread already holds one; an extra PyGILState_Ensure, never released, makes it
+    hold one (freed with the interpreter). Only from a callback, with the GIL held."""
+    if not getattr(_pinned, "kept", False):
+        _ensure_gil()
+        _pinned.kept = True
+
+
 if BINDING == "mfusepy":
     class _Fuse(_impl.FUSE):
-        """mfusepy's FUSE (mounts and serves in its constructor, on the calling thread), and
-        two libfuse 3 differences undone: truncate of an open file gets its handle (mfusepy
-        passes it to libfuse 2's ftruncate only), and a loop ended by SIGTERM/SIGINT/SIGHUP
-        returns as under libfuse 2 (libfuse 3's handlers store the signal as the session's
-        error, so fuse_main returns LOOP_FAILED, which mfusepy raises)."""
+        """mfusepy's FUSE (mounts and serves in its constructor, on the calling thread), with
+        each worker thread's Python state kept (``_wrapper``), reads into libfuse's buffer for
+        operations that can (``read``), and two libfuse 3 differences undone: truncate of an
+        open file gets its handle (mfusepy passes it to libfuse 2's ftruncate only), and a
+        loop ended by SIGTERM/SIGINT/SIGHUP returns as under libfuse 2 (libfuse 3's handlers
+        store the signal as the session's error, so fuse_main returns LOOP_FAILED, which
+        mfusepy raises)."""
 
         def __init__(self, *args, **kwargs):
             """Mount and serve until unmounted; RuntimeError if libfuse fails."""
@@ -136,6 +155,11 @@ if BINDING == "mfusepy":
                 if not (self.served and exc.args == (LOOP_FAILED,)):
                     raise
 
+        def _wrapper(self, func, *args, **kwargs):
+            """Every callback: its thread's state kept (keep_thread_state), then mfusepy's."""
+            keep_thread_state()
+            return super()._wrapper(func, *args, **kwargs)
+
         def init_fuse_3(self, conn, config):
             """The mount is being served."""
             self.served = True
@@ -144,6 +168,17 @@ if BINDING == "mfusepy":
         def truncate_fuse_3(self, path, length, fip):
             """ftruncate when libfuse gives a file, else truncate by path."""
             return self.ftruncate(path, length, fip)
+
+        def read(self, path, buf, size, offset, fip):
+            """Operations with ``reads_into_buffer`` read straight into libfuse's buffer:
+            ``read(path, size, offset, fh, address)`` returns the byte count (no copy through
+            a bytes object; fusepy calls their plain ``read(path, size, offset, fh)``)."""
+            if not getattr(self.operations, "reads_into_buffer", False):
+                return super().read(path, buf, size, offset, fip)
+            fh = fip.contents if self.raw_fi else fip.contents.fh
+            return self.operations.read(None if path is None else path.decode(self.encoding,
+                                                                              self.errors),
+                                        size, offset, fh, ctypes.cast(buf, ctypes.c_void_p).value)
 else:
     _Fuse = _impl.FUSE
 

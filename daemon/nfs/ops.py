@@ -76,6 +76,7 @@ class NfsFuse(fuse.Operations):
     keepalive thread, which renews idle open files' leases; ``destroy`` stops it."""
 
     use_ns = True
+    reads_into_buffer = True   # mfusepy (fusebinding): read(..., into=libfuse's buffer)
     # Not provided: libfuse answers ENOSYS and the kernel stops asking (a getxattr of
     # security.capability would otherwise precede every write). Locks stay local to this host.
     getxattr = setxattr = listxattr = removexattr = None
@@ -196,11 +197,27 @@ class NfsFuse(fuse.Operations):
         return once_more_if_broken(lambda: self._locked(handle), attempt,
                                    lambda ctx: self._reopen(handle, ctx, path))
 
+    def _in_parallel(self, handle: Handle, what: str, path: str | None, fn):
+        """``fn(ctx)`` on a meta context as the handle's opener, so that an open file has as
+        many requests in flight as FUSE sends (the open's stateid is good on any connection:
+        NFSv4.0 has no sessions); if that context broke or the server lost our open state,
+        reopen by path and try once more (on another meta context)."""
+        owner = handle.ctx
+
+        def attempt(ctx: Context):
+            nonlocal owner
+            owner = handle.ctx
+            ctx.use(handle.creds)
+            return fn(ctx)
+
+        return once_more_if_broken(self._meta_context, attempt,
+                                   lambda _ctx: self._reopen(handle, owner, path))
+
     def _on_handle(self, handle: Handle, fname: str, *args, path: str | None = None) -> int:
         """``fname(nfs, fh, *args)`` on the handle's context, see _as_opener."""
         def call(ctx: Context) -> int:
             ret = ctx.call(fname, handle.fh, *args)
-            ctx.renewed = time.monotonic()
+            handle.renewed()
             return ret
 
         return self._as_opener(handle, fname, path, call)
@@ -293,10 +310,11 @@ class NfsFuse(fuse.Operations):
 
     def _renew(self, handle: Handle, ctx: Context) -> None:
         """A 0-byte READ with the open's stateid: renews the lease of ``ctx``'s NFSv4 client
-        (libnfs 4.0 never sends RENEW). Caller holds ``ctx.lock``."""
+        (libnfs 4.0 never sends RENEW), on ``ctx``: the handle's own or a meta context. Caller
+        holds ``ctx.lock``."""
         ctx.use(handle.creds)
         ctx.call("nfs_pread", handle.fh, 0, 0, self._zero)
-        ctx.renewed = time.monotonic()
+        handle.renewed()
 
     # -- attributes ----------------------------------------------------------------------
 
@@ -483,22 +501,33 @@ class NfsFuse(fuse.Operations):
                 log.warning("could not set the times of new file %r: %s", path, exc.message)
         return 0
 
-    def read(self, path, size, offset, fi):
-        """pread, READ_MAX bytes at most per READ, until ``size`` bytes or EOF."""
+    def read(self, path, size, offset, fi, into: int | None = None):
+        """pread, READ_MAX bytes at most per READ, until ``size`` bytes or EOF, into memory at
+        ``into`` (the byte count; fusebinding gives libfuse's buffer) or a new bytes object; on
+        a meta context, so that reads of one file run in parallel."""
         handle = self._handle(fi)
         size = min(size, IO_SIZE)
-        buf = ctypes.create_string_buffer(size)
-        got = 0
-        while got < size:
-            n = self._on_handle(handle, "nfs_pread", offset + got, min(size - got, READ_MAX),
-                                ctypes.addressof(buf) + got, path=path)
-            if n == 0:
-                break
-            got += n
-        return buf.raw[:got]
+        buf = None if into else ctypes.create_string_buffer(size)
+        base = into or ctypes.addressof(buf)
+
+        def read(ctx: Context) -> int:
+            got = 0
+            while got < size:
+                n = ctx.call("nfs_pread", handle.fh, offset + got, min(size - got, READ_MAX),
+                             base + got)
+                if n == 0:
+                    break
+                got += n
+            handle.renewed()
+            return got
+
+        got = self._in_parallel(handle, "nfs_pread", path, read)
+        return got if into else ctypes.string_at(buf, got)
 
     def write(self, path, data, offset, fi):
-        """pwrite (at the server's end of file with O_APPEND) as a pipeline of WRITEs."""
+        """pwrite (at the server's end of file with O_APPEND); on a meta context, so that writes
+        of one file run in parallel, except with O_APPEND: its fstat and write stay together on
+        the handle's context."""
         handle = self._handle(fi)
 
         def write(ctx: Context) -> int:
@@ -512,7 +541,7 @@ class NfsFuse(fuse.Operations):
                 stable = FILE_SYNC4 if handle.flags & os.O_SYNC else UNSTABLE4
                 try:
                     n = ctx.raw.write(handle.fh_bytes, at, data, handle.creds, stable)
-                    if time.monotonic() - ctx.renewed > RENEW_AFTER:
+                    if time.monotonic() - handle.ctx.renewed > RENEW_AFTER:
                         self._renew(handle, ctx)  # raw WRITEs renew no lease
                     return n
                 except RawRefused as exc:
@@ -520,10 +549,12 @@ class NfsFuse(fuse.Operations):
                     log.info("raw WRITE of %r refused (%s): writing through libnfs",
                              show_path(handle.path), exc)
             n = ctx.pwrite(handle.fh, at, data)
-            ctx.renewed = time.monotonic()
+            handle.renewed()
             return n
 
-        return self._as_opener(handle, "nfs_pwrite", path, write)
+        if handle.flags & os.O_APPEND:
+            return self._as_opener(handle, "nfs_pwrite", path, write)
+        return self._in_parallel(handle, "nfs_pwrite", path, write)
 
     def flush(self, path, fi):
         """close(2): COMMIT what was written, so errors reach close()."""

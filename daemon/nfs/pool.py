@@ -1,5 +1,6 @@
-"""The pools of libnfs contexts per server ("meta" ones for path operations, "file" ones that
-each hold one open file) and the open file's handle (why so many contexts: docs/nfs-client.md)."""
+"""The pools of libnfs contexts per server ("meta" ones, holding no opens, for path operations and
+for the reads and writes of open files; "file" ones that each hold one open file) and the open
+file's handle (why so many contexts: docs/nfs-client.md)."""
 from __future__ import annotations
 
 import ctypes
@@ -10,7 +11,8 @@ import time
 from .binding import Abi, NfsFh
 from .context import Context
 
-IDLE_CONTEXTS = 8          # idle contexts kept per pool
+IDLE_CONTEXTS = {"meta": 64, "file": 8}  # idle contexts kept per pool (meta: one per request
+                                         # in flight, e.g. fio's iodepth 32)
 IDLE_MAX = 30.0            # an idle context older than this is closed (its lease would lapse)
 
 
@@ -48,7 +50,7 @@ class Server:
     def give(self, kind: str, ctx: Context) -> None:
         """Return a context; broken or surplus ones are closed."""
         with self.lock:
-            if not ctx.broken and not self.closed and len(self.idle[kind]) < IDLE_CONTEXTS:
+            if not ctx.broken and not self.closed and len(self.idle[kind]) < IDLE_CONTEXTS[kind]:
                 self.idle[kind].append(ctx)
                 return
         ctx.destroy()
@@ -75,11 +77,13 @@ class Server:
 
 
 class Handle:
-    """An open file: its own context and libnfs file handle.
+    """An open file: the context that opened it (its NFSv4 client holds the open) and the
+    libnfs file handle.
 
-    NfsFuse makes it on open/create; FUSE threads and the keepalive thread use it holding its
-    current context's lock; NfsFuse._reopen moves it to a fresh context when its NFS state is
-    lost."""
+    NfsFuse makes it on open/create; FUSE threads read and write with ``fh`` on meta contexts
+    (NFSv4.0 has no sessions: the open's stateid is good on any connection), and make the
+    other calls on ``ctx`` holding its lock, as does the keepalive thread; NfsFuse._reopen moves
+    it to a fresh context when its NFS state is lost."""
 
     def __init__(self, path: bytes, flags: int, creds: tuple):
         """Not open yet: see :meth:`opened`."""
@@ -98,3 +102,8 @@ class Handle:
         self.raw = ctx.server.raw_writes and bool(self.fh_bytes) and \
             self.flags & os.O_ACCMODE != os.O_RDONLY
         ctx.renewed = time.monotonic()
+
+    def renewed(self) -> None:
+        """A call with the open's stateid just renewed the lease of its NFSv4 client (made on
+        any context: the stateid names the client)."""
+        self.ctx.renewed = time.monotonic()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import pwd
 import re
@@ -17,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -224,6 +226,41 @@ def test_200mb_write_and_read_back_in_large_blocks(server, start_fuse, capsys, w
         print(f"\nnfsfuse 200 MiB, {write_path} writes: write {size / write_s / 1e6:.0f} MB/s "
               f"({len(writes)} requests of {max(writes) // 1024} KiB), read "
               f"{size / read_s / 1e6:.0f} MB/s ({len(reads)} requests of {max(reads) // 1024} KiB)")
+
+
+def test_many_reads_and_writes_of_one_open_file_at_once(server, fs):
+    """Threads sharing one O_DIRECT descriptor (as fio's iodepth does): each 4 KiB block read
+    back is the one on the server, each written block lands where it was written."""
+    block, blocks = 4096, 512
+    data = os.urandom(block * blocks)
+    (server.root / "shared.bin").write_bytes(data)
+    fd = os.open(fs.mnt / "shared.bin", os.O_RDWR | os.O_DIRECT)
+    errors: list[str] = []
+
+    def worker(first: int) -> None:
+        buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT wants
+        for i in range(first, blocks, 8):
+            if i % 2:
+                buf[:] = bytes([i % 251]) * block
+                if os.pwrite(fd, buf, i * block) != block:
+                    errors.append(f"short write of block {i}")
+            elif os.preadv(fd, [buf], i * block) != block or buf[:] != data[i * block:][:block]:
+                errors.append(f"block {i} read back wrong")
+
+    try:
+        threads = [threading.Thread(target=worker, args=(k,), name=f"io-{k}") for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        os.close(fd)
+    assert errors == []
+    on_server = (server.root / "shared.bin").read_bytes()
+    for i in range(blocks):
+        want = bytes([i % 251]) * block if i % 2 else data[i * block:][:block]
+        assert on_server[i * block:][:block] == want, i
 
 
 # -- namespace and metadata ---------------------------------------------------------------------
