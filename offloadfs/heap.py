@@ -15,7 +15,7 @@ import functools
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's <malloc.h>
 MMAP_THRESHOLD = 4 * 1024 * 1024   # above a chunk with its header: chunks come from the heap
-TRIM_THRESHOLD = 64 * 1024 * 1024  # free heap top kept before it is given back
+TRIM_THRESHOLD = 16 * 1024 * 1024  # free heap top kept before it is given back (two windows)
 
 
 @functools.cache
