@@ -170,26 +170,29 @@ class Process:
         """True while pipe ``name`` is open on this side."""
         return name in self.fds
 
-    def read(self, name: str, n: int) -> bytes | None:
-        """Up to ``n`` bytes of ``name`` (stdout or stderr) as they are ready, in as few chunks
-        as possible; b"" at EOF, None if none ready."""
-        parts, fd = [], self.fds[name]
-        while n > 0:
+    def read(self, name: str, n: int) -> bytes | memoryview | None:
+        """Up to ``n`` bytes of ``name`` (stdout or stderr) as they are ready, read into one
+        buffer (the parts a writer wrote one by one are never joined: no copy); b"" at EOF,
+        None if none ready."""
+        fd, buf = self.fds[name], memoryview(bytearray(n))
+        got = 0
+        while got < n:
             try:
-                data = os.read(fd, n)
+                k = os.readv(fd, [buf[got:]])
             except BlockingIOError:
                 break
             except OSError as exc:   # EIO: no process has the pty's slave open any more
                 if exc.errno != errno.EIO:
                     raise
-                data = b""
-            if not data:
-                if not parts:
+                k = 0
+            if not k:
+                if not got:
                     self.close(name)
                 break
-            parts.append(data)
-            n -= len(data)
-        return b"".join(parts) if parts else (None if name in self.fds else b"")
+            got += k
+        if not got:
+            return None if name in self.fds else b""
+        return buf[:got] if 2 * got >= n else bytes(buf[:got])   # a small read frees the rest
 
     def feed(self, data: bytes) -> None:
         """Queue stdin data for the process (dropped once its stdin is closed)."""

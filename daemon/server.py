@@ -754,7 +754,7 @@ class Server:
                 log.warning("cannot send to broker %s: %s", link.endpoint, exc)
             return
         try:
-            self.sock.send_multipart([peer] + frames, zmq.NOBLOCK)
+            self.sock.send_multipart([peer] + frames, zmq.NOBLOCK, copy=len(frames) == 1)
         except zmq.ZMQError as exc:
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from offloadfs import protocol, staging
+from offloadfs import heap, protocol, staging
 
 from . import limits
 
@@ -37,6 +37,7 @@ class JobStreams:
         self.owed = 0
         self.output = 0
         self.stdin_held = 0         # stdin bytes received, not yet written to the process
+        heap.keep_stream_buffers()
 
     def want(self, proc: Process, register: Callable[[str, int, int], Any]) -> None:
         """``register(role, fd, flags)`` each pipe that can make progress now."""

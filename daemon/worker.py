@@ -92,7 +92,7 @@ class BrokerLink:
         if self._hold and _kind(frames, b"ready") == "ready":
             self._hold = False
             return
-        self.sock.send_multipart(frames, zmq.NOBLOCK)
+        self.sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
 
     def _saw(self, frames: list) -> None:
         """A message from the broker: does it still know us?"""

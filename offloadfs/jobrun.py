@@ -28,7 +28,7 @@ import time
 
 import zmq
 
-from . import notice, protocol, staging
+from . import heap, notice, protocol, staging
 from .channel import Channel, OffloadError
 from .protocol import Message
 from .states import IllegalTransition, JobState, advance
@@ -101,6 +101,7 @@ class Sink(threading.Thread):
 
     def put(self, data: bytes) -> None:
         """Queue a chunk for writing."""
+        heap.keep_stream_buffers()
         self.chunks.put(data)
 
     def then(self, action, wait: bool = False) -> None:
@@ -185,7 +186,8 @@ class JobRun:
         self.terminal = terminal
         self.caller = os.getpid() if caller is None else caller
         self.stdin_fd = stdio[0] if self._reads_stdin(stdio[0]) else None
-        _grow_pipe(self.stdin_fd)
+        for fd in {self.stdin_fd, stdio[1]}:   # stderr rarely carries bulk
+            _grow_pipe(fd)
         self.sinks = {"stdout": Sink("stdout", stdio[1], wake_fd),
                       "stderr": Sink("stderr", stdio[2], wake_fd)}
         if terminal is not None:
@@ -346,6 +348,7 @@ class JobRun:
         except OSError:
             data = b""
         if data:
+            heap.keep_stream_buffers()
             self.credit -= len(data)
             self.send("stdin", payload=data)
         else:
@@ -561,7 +564,9 @@ def _numbers(fields: dict) -> dict:
 
 
 def _grow_pipe(fd: int | None) -> None:
-    """Let a stdin pipe hold a whole chunk, so one poll gives one full read (best effort)."""
+    """Let a pipe hold a whole chunk, so one poll gives one full read of stdin and the stdout
+    sink writes a chunk in one go, not in sixteen wake-ups of its reader (best effort: a user
+    past fs.pipe-user-pages-soft keeps the size there is)."""
     try:
         if fd is not None and stat.S_ISFIFO(os.fstat(fd).st_mode):
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, protocol.CHUNK)
