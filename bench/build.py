@@ -1,7 +1,7 @@
 """A real project's `configure && make -j2 && make check`: locally and through the shims.
 
 The project is Debian's zlib (its upstream tarball, from ``apt-get source --download-only``
-through a private deb-src list made from this machine's Debian entries, kept in ``CACHE``
+through a private deb-src list made from the archives this machine's apt uses, kept in ``CACHE``
 and checked against the .dsc's SHA-256 each run). Each round builds a fresh copy of the same
 tree, at the same path, three ways, interleaved (the order reversed every other round):
 
@@ -69,6 +69,8 @@ BUILT = re.compile(r"\.(o|lo|a)$|\.so(\.[0-9.]+)?$")   # what must be byte-ident
 TEST_OK = re.compile(r"\*\*\* zlib .*test OK \*\*\*")
 APT_TIMEOUT = 300
 AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+PACKAGES_URI = re.compile(r"^'(\S+)/dists/(\S+)/([^/\s]+)/binary-[^/\s]+/Packages",
+                          re.MULTILINE)   # an archive's suite and component, from apt's URIs
 PHASE_MARK = "=== bench build: "   # in a build's log, before each phase's output
 
 
@@ -121,21 +123,23 @@ def cached_source(package: str, cache: Path) -> Source | None:
 
 
 def deb_src_lines() -> list[str]:
-    """A deb-src line for each Debian archive this machine's apt takes packages from."""
-    done = subprocess.run(["apt-get", "indextargets", "--format",
-                           "$(REPO_URI) $(RELEASE) $(COMPONENT)", "Origin: Debian",
-                           "Target-Of: deb"], capture_output=True, text=True, check=False)
-    entries = sorted(set(done.stdout.split("\n")) - {""})
-    if done.returncode or not entries:
-        raise BenchError("apt knows no Debian archive (apt-get indextargets): cannot get the "
-                         f"source of {PACKAGE}; put it in {CACHE} by hand")
-    return [f"deb-src {e}" for e in entries]
+    """A deb-src line for each archive and component this machine's apt takes packages from
+    (``apt-get update --print-uris``: it needs no package lists, as a fresh machine has
+    none), in apt's order."""
+    done = subprocess.run(["apt-get", "update", "--print-uris"], capture_output=True,
+                          text=True, timeout=APT_TIMEOUT, check=False)
+    entries = dict.fromkeys(f"deb-src {m[0]} {m[1]} {m[2]}"
+                            for m in PACKAGES_URI.findall(done.stdout))
+    if not entries:
+        raise BenchError(f"apt lists no archive (apt-get update --print-uris): cannot get "
+                         f"the source of {PACKAGE}")
+    return list(entries)
 
 
 def download_source(package: str, cache: Path) -> None:
-    """``apt-get source --download-only package`` into ``cache``: through every Debian archive
-    at once (the newest version), else through each alone (a mirror may lack one archive's
-    sources, such as the security archive's)."""
+    """``apt-get source --download-only package`` into ``cache``: through every archive at once
+    (the newest version), else through each alone (an archive may have no sources, or a mirror
+    may lack one archive's, as the security archive's here)."""
     lines = deb_src_lines()
     why = ""
     for archives in [lines, *([line] for line in lines)] if len(lines) > 1 else [lines]:
