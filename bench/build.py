@@ -18,7 +18,8 @@ build must pass ``make check``, print the same test output and leave byte-identi
 and libraries (zlib builds without debug information, so nothing in them names the path); the
 mounts' counters give the jobs each build offloaded, and none may have failed or fallen back
 to local. CPU seconds per build (the builds' own processes, the daemon's and its jobs', the
-mount's) do not depend on the machine's load as wall time does.
+mount's) do not depend on the machine's load as much as wall time does. Every build, daemon
+and mount runs in one cpu cgroup without a cap (see :func:`ways`: fairness under other load).
 """
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ from pathlib import Path
 
 from .common import (
     BenchError,
+    CpuCgroup,
     Daemon,
     Shims,
+    cpu_quota,
     cpu_seconds,
     daemon,
     machine_info,
@@ -220,11 +223,12 @@ class Build:
 
 @dataclasses.dataclass
 class Way:
-    """How a build runs: its PATH and, for a shim configuration, the daemon and mount whose
-    CPU and counters it reads."""
+    """How a build runs: its PATH, the cgroup its processes start in and, for a shim
+    configuration, the daemon and mount whose CPU and counters it reads."""
 
     name: str
     env: dict[str, str]
+    group: CpuCgroup
     d: Daemon | None = None
     m: Shims | None = None
 
@@ -255,7 +259,7 @@ def run_phase(argv: list[str], tree: Path, env: dict[str, str], log) -> float:
     if done.returncode:
         log.flush()
         tail = "\n".join(Path(log.name).read_text(errors="replace").splitlines()[-15:])
-        raise BenchError(f"{' '.join(argv)} exited {done.returncode}:\n{tail}")
+        raise BenchError(f"{' '.join(argv[4:])} exited {done.returncode}:\n{tail}")
     return elapsed
 
 
@@ -269,7 +273,7 @@ def build(way: Way, src: Source, where: Path) -> Build:
         for phase, argv in PHASES:
             log.write(f"{PHASE_MARK}{phase}\n")
             log.flush()
-            phases[phase] = run_phase(argv, tree, way.env, log)
+            phases[phase] = run_phase(way.group.wrap(argv), tree, way.env, log)
     cpu = children_cpu() + way.server_cpu() - cpu
     after = way.counters()
     text = Path(log.name).read_text(errors="replace")
@@ -306,14 +310,21 @@ def built_hashes(tree: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def ways() -> Iterator[list[Way]]:
-    """The local way and one daemon and mount per shim configuration; all stopped on the way
-    out."""
+    """The local way and one daemon and mount per shim configuration, every process of them
+    (and every build) in one uncapped cpu cgroup; all stopped on the way out.
+
+    The cgroup is for fairness under other load: this kernel may schedule each session as a
+    group (autogroup), and the daemon starts each job in a session of its own, so outside a
+    cgroup each offloaded compile would get a whole group's share of the machine where a local
+    build's compiles share one. Inside a cgroup no autogroup applies: every build's processes
+    compete one by one, as on a machine of their own."""
     with contextlib.ExitStack() as stack:
-        out = [Way("local", dict(os.environ))]
+        group = stack.enter_context(cpu_quota(100 * len(os.sched_getaffinity(0))))
+        out = [Way("local", dict(os.environ), group)]
         for name, commands in DAEMON_COMMANDS.items():
-            d = stack.enter_context(daemon(commands))
-            m = stack.enter_context(shims(d, list(commands)))
-            out.append(Way(name, m.env(d.client_env()), d, m))
+            d = stack.enter_context(daemon(commands, prefix=group.wrap([])))
+            m = stack.enter_context(shims(d, list(commands), prefix=group.wrap([])))
+            out.append(Way(name, m.env(d.client_env()), group, d, m))
         yield out
 
 
@@ -351,9 +362,15 @@ def run(opts) -> dict:
     result = results(src, builds)
     result["loadavg_start"] = load
     result["autogroup"] = autogroup()
+    result["cgroup"] = CGROUP_NOTE
     report(result)
     publish(NAME, result, plot(result))
     return result
+
+
+CGROUP_NOTE = ("every build, daemon and mount in one cpu cgroup without a cap: no autogroup "
+               "inside it, so offloaded jobs (each in a session of its own) and local "
+               "compiles compete alike with the machine's other load")
 
 
 def autogroup() -> bool:
@@ -460,15 +477,10 @@ def markdown(r: dict) -> list[str]:
             "`shim_cc` offloads each compile and link (what distcc does); `shim_make` "
             "offloads configure's compiles and then `make` itself, so the build runs on the "
             "host as one job per make (docs/decisions.md, *Builds through the shims*).",
-            *([] if not r.get("autogroup") else [
-                "", f"Load average {' '.join(map(str, r.get('loadavg_start', [])))} at the "
-                f"start and {' '.join(map(str, r['machine']['loadavg']))} at the end. This "
-                "kernel schedules each session as a group (`sched_autogroup_enabled`), and "
-                "the daemon starts every job in a session of its own: with other load on "
-                "the machine, each offloaded compile gets a group's share where a local "
-                "build's compiles share one, so under load the shims can come out faster "
-                "than local; on an idle machine the wall times compare like for like, and "
-                "the CPU seconds always do."])]
+            "", f"Load average {' '.join(map(str, r.get('loadavg_start', [])))} at the start "
+            f"and {' '.join(map(str, r['machine']['loadavg']))} at the end; "
+            + (f"{r['cgroup']} (this kernel has autogroup on)." if r.get("autogroup")
+               else f"{r.get('cgroup', 'no cgroup')}.")]
 
 
 def plot(r: dict):
