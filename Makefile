@@ -20,8 +20,9 @@ TEST_APT_PKGS := $(GUEST_APT_PKGS) iproute2 util-linux gcc libc6-dev $(DEB_APT_P
 # What `make bench` also needs (not `make test`): fio (the I/O benchmark), openssh-server and
 # openssh-client (ssh on loopback, compared with the shim), distcc with gcc (compared with gcc
 # through the shim; bench thesis's clock probe), util-linux (findmnt: where a job's cwd lives;
-# nsenter), iproute2 (ip and tc: bench thesis's namespaces and shaped link).
-BENCH_APT_PKGS := fio openssh-server openssh-client distcc gcc libc6-dev util-linux iproute2
+# nsenter), iproute2 (ip and tc: bench thesis's namespaces and shaped link), make (bench
+# build: Debian's zlib source, configure && make -j2 && make check, locally and through shims).
+BENCH_APT_PKGS := fio openssh-server openssh-client distcc gcc libc6-dev util-linux iproute2 make
 
 .PHONY: install apt venv demo test unit lint bench dist deb docs clean
 

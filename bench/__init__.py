@@ -3,10 +3,22 @@
 Each benchmark is one module with a docstring (its help line), an optional
 ``add_arguments(parser)`` and ``run(opts) -> dict``; register it in :data:`BENCHMARKS`.
 """
-from . import chaos, cluster, imagemagick, io, overhead, shim_designs, stream, terminal, thesis
+from . import (
+    build,
+    chaos,
+    cluster,
+    imagemagick,
+    io,
+    overhead,
+    shim_designs,
+    stream,
+    terminal,
+    thesis,
+)
 
 BENCHMARKS = {
     "overhead": overhead,
+    "build": build,
     "imagemagick": imagemagick,
     "shim_designs": shim_designs,
     "cluster": cluster,
