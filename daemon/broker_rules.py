@@ -326,8 +326,11 @@ class Rules:
 
     def client_heard(self, client_id: Hashable, now: float) -> list:
         """Any message from a client: it is still there."""
-        client = self.clients.setdefault(client_id, _Client(now))
-        client.heard = now
+        client = self.clients.get(client_id)
+        if client is None:
+            self.clients[client_id] = _Client(now)
+        else:
+            client.heard = now
         return []
 
     def submit(self, job: Hashable, client_id: Hashable, now: float, command: str,
@@ -465,6 +468,8 @@ class Rules:
 
     def _settle(self, now: float | None) -> list:
         """Common tail of every event: jobs without host fail, free slots fill, positions."""
+        if not self.queue:            # nothing can fail, fill or move
+            return []
         return self._no_host(now) + self._fill() + self._positions()
 
     def _no_host(self, now: float | None) -> list:
@@ -487,6 +492,8 @@ class Rules:
 
     def _fill(self) -> list:
         """Queued jobs, oldest first, each take a slot on the fitting host with most free."""
+        if not self.queue:
+            return []
         free = sum(h.free for h in self.hosts.values())
         actions = []
         stuck: set[tuple] = set()     # kinds that found no free slot; slots only get fewer
