@@ -47,6 +47,7 @@ PASS_THROUGH = frozenset({"stdin", "stdin-eof", "credit", "close", "signal", "fi
 HOST_READS = {**dict.fromkeys(("started", "stdout", "stderr", "tty", "file", "credit", "stopped",
                                "queued"), ()),
               "exit": ("status", "signal", "timings"), "error": ("started",)}
+MORE = zmq.NOBLOCK | zmq.SNDMORE
 RECENT = 100   # jobs that ended, kept for status
 RECENT_ARGV0 = 4 * 255   # of each one's argv[0], the bytes of its record's 255 characters
 
@@ -503,9 +504,13 @@ class Broker:
             self._forget(key)
 
     def _send(self, sock: zmq.Socket, peer: bytes, frames: list) -> bool:
-        """Send; False if the peer is gone (ZeroMQ saw its connection close)."""
+        """Send; False if the peer is gone (ZeroMQ saw its connection close). Frame by frame:
+        send_multipart's checks of each frame cost more than the sends."""
         try:
-            sock.send_multipart([peer] + frames, zmq.NOBLOCK)
+            sock.send(peer, MORE)   # a gone peer fails here, before anything is queued
+            for frame in frames[:-1]:
+                sock.send(frame, MORE)
+            sock.send(frames[-1], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise

@@ -518,10 +518,15 @@ def _view(frame) -> bytes | memoryview:
 
 
 def _unpack(frame: bytes) -> dict:
-    """Unpack frame 0 into a dict, with bounded cost, or raise DecodeError."""
+    """Unpack frame 0 into a dict, with bounded cost, or raise DecodeError. The timestamp
+    extension's type byte is 0xff: a frame without that byte cannot hold one and is unpacked
+    without the hooks that look for it in every list and map (most of the cost of a small
+    header)."""
+    hooks = {"list_hook": _no_timestamp, "object_hook": _no_timestamp} if b"\xff" in frame \
+        else {}
     try:
         header = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_no_ext,
-                                 list_hook=_no_timestamp, object_hook=_no_timestamp)
+                                 **hooks)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError, UnicodeDecodeError) as exc:
         raise DecodeError(f"frame 0 is not valid msgpack: {type(exc).__name__}") from None
