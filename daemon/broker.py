@@ -294,9 +294,8 @@ class Broker:
         return protocol.encode("status-reply", host=self.name, slots=r.slots, busy=r.busy,
                                queued=len(r.queue), commands=list(r.commands),
                                tags=list(r.tags),
-                               jobs=hosts[:900] + [metrics.ended_record(*x) for x in
-                                                   itertools.islice(self.recent,
-                                                                    RECENT - 50, None)],
+                               jobs=hosts[:900] + [metrics.ended_record(*x)
+                                                   for x in list(self.recent)[-50:]],
                                done=self.done,
                                failed=self.failed)
 
