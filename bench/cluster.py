@@ -205,12 +205,21 @@ def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
 
 
 def inbox(sock: zmq.Socket) -> Iterator[list[bytes]]:
-    """The messages ``sock`` holds now, each as its frames, without blocking."""
-    while True:
-        try:
-            yield sock.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return
+    """The messages ``sock`` holds now, each as its frames, without blocking (ZMQ_EVENTS and
+    Frame.more: no zmq.Again at the end, no RCVMORE getsockopt per frame)."""
+    while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+        while frames[-1].more:
+            frames.append(sock.recv(zmq.NOBLOCK, copy=False))
+        yield [f.bytes for f in frames]
+
+
+def reply(sock: zmq.Socket, route: list[bytes], frame: bytes) -> None:
+    """Send one frame back where a message came from (``route``: a ROUTER's peer, or none)."""
+    if route:
+        sock.send_multipart(route + [frame])
+    else:
+        sock.send(frame)
 
 
 def hello_all(socks: list[zmq.Socket], deadline: float) -> None:
@@ -380,11 +389,10 @@ def serve_fakes(socks: list[zmq.Socket], router, names: dict, ready: dict, conn)
                 kind = header.get("t")
                 if kind == "submit":
                     job = header["job"]
-                    sock.send_multipart(route + [started(job)])
-                    sock.send_multipart(route + [ended(job)])
+                    reply(sock, route, started(job))
+                    reply(sock, route, ended(job))
                 elif kind == "hello":
-                    sock.send_multipart(route + [pack("welcome", host=names[sock],
-                                                      commands=[], slots=1)])
+                    reply(sock, route, pack("welcome", host=names[sock], commands=[], slots=1))
                 elif kind == "error" and header.get("kind") == "reannounce" and sock in ready:
                     sock.send(ready[sock])
         if time.monotonic() >= next_beat:
