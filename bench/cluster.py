@@ -40,6 +40,8 @@ import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
+import statistics
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -85,7 +87,7 @@ WARMUP_S, QUICK_WARMUP_S = 0.4, 0.2
 ROUNDS, QUICK_ROUNDS = 2, 1           # the grid is run this often; each case keeps its best
 RUNS, QUICK_RUNS = 200, 40            # broker-hop samples per path
 HOP_WARMUP = 10
-TARGET_JOBS_PER_S = 2000
+TARGET_JOBS_PER_S = 10000          # issue 16 (it was 2,000)
 TARGET_ADDED_P50_MS = 1.0
 GPU_CLIENTS = 10
 GPU_JOB_S = 0.3
@@ -93,6 +95,9 @@ START_DEADLINE = 30.0                 # load processes: spawn, import, connect, 
 DRAIN_S = 10.0                        # after the window: jobs in flight must end within this
 JOB_DEADLINE = 10.0                   # one latency sample
 HEARTBEAT = 1.0
+JOB_ID_PAD = 8                        # packer's placeholder id (any length will do)
+# frame 0 of an exit or an error holds one of these (its kind): the rest are not unpacked
+ENDS = tuple(msgpack.packb("t") + msgpack.packb(kind) for kind in ("exit", "error"))
 FAKE_COMMAND = "fakenoop"             # what fake hosts offer in the hop test (real ones: true)
 REAL_COMMANDS = {"true": "/bin/true"}
 GPU_COMMANDS = {"gpujob": "/bin/sleep"}
@@ -143,6 +148,16 @@ def unpack(frame: bytes) -> dict:
     return msgpack.unpackb(frame, raw=False)
 
 
+def packer(kind: str, **fields):
+    """A function of a job id to frame 0 of that job's message of ``kind`` with ``fields``:
+    the same bytes as :func:`pack`, packed once but for the id (which :func:`pack` puts last),
+    so that a load generator or fake host spends next to nothing per message."""
+    mark = "\x00" * JOB_ID_PAD
+    whole = pack(kind, mark, **fields)
+    prefix = whole[:-len(msgpack.packb(mark))]
+    return lambda job: prefix + msgpack.packb(job)
+
+
 def job_fields(argv: list[bytes], tags: list[str] | None = None) -> dict:
     """The fields of a submit as ``offld`` fills them: this process's cwd-independent root
     directory, ids and the environment it would pass."""
@@ -155,9 +170,27 @@ def job_fields(argv: list[bytes], tags: list[str] | None = None) -> dict:
 
 
 def check_wire(fields: dict) -> None:
-    """Our submit's bytes are those of ``protocol.encode`` (which also validates them)."""
+    """Our submit's bytes are those of ``protocol.encode`` (which also validates them), and so
+    are the fake hosts' answers."""
     if pack("submit", "1", **fields) != protocol.encode("submit", "1", **fields)[0]:
         raise BenchError("the benchmark's submit differs from protocol.encode's")
+    made = [packer("submit", **fields)("1f"), *(make("1f") for make in fake_answers("f1", 1))]
+    if any(frame != encoded(frame) for frame in made):
+        raise BenchError("the benchmark's packed messages differ from protocol.encode's")
+
+
+def encoded(frame: bytes) -> bytes:
+    """Frame 0 of the message in ``frame`` as :func:`protocol.encode` makes (and checks) it."""
+    header = unpack(frame)
+    del header["v"]
+    return protocol.encode(header.pop("t"), header.pop("job", None), None, **header)[0]
+
+
+def fake_answers(name: str, pid: int) -> tuple:
+    """The fake host ``name``'s answers to a submit (``started`` and ``exit 0``), as
+    :func:`packer` functions of the job id."""
+    return (packer("started", host=name, pid=pid, window=protocol.WINDOW),
+            packer("exit", status=0, signal=None, rusage=EXIT_RUSAGE, timings=EXIT_TIMINGS))
 
 
 def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -172,12 +205,21 @@ def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
 
 
 def inbox(sock: zmq.Socket) -> Iterator[list[bytes]]:
-    """The messages ``sock`` holds now, each as its frames, without blocking."""
-    while True:
-        try:
-            yield sock.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return
+    """The messages ``sock`` holds now, each as its frames, without blocking (ZMQ_EVENTS and
+    Frame.more: no zmq.Again at the end, no RCVMORE getsockopt per frame)."""
+    while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+        while frames[-1].more:
+            frames.append(sock.recv(zmq.NOBLOCK, copy=False))
+        yield [f.bytes for f in frames]
+
+
+def reply(sock: zmq.Socket, route: list[bytes], frame: bytes) -> None:
+    """Send one frame back where a message came from (``route``: a ROUTER's peer, or none)."""
+    if route:
+        sock.send_multipart(route + [frame])
+    else:
+        sock.send(frame)
 
 
 def hello_all(socks: list[zmq.Socket], deadline: float) -> None:
@@ -221,33 +263,49 @@ def load_worker(endpoint: str, clients: int, fields: dict, conn) -> None:
 
 def closed_loop(socks: list[zmq.Socket], fields: dict, t_start: float, t_end: float) -> dict:
     """Every socket keeps one job in flight until ``t_end``; the jobs whose exit came within
-    [t_start, t_end) are counted, with their submit-to-exit latency."""
-    poller = zmq.Poller()
-    index = {}
-    for i, sock in enumerate(socks):
-        poller.register(sock, zmq.POLLIN)
-        index[sock] = i
+    [t_start, t_end) are counted, with their submit-to-exit latency. The sockets are watched
+    through their ZMQ_FD with epoll, which costs per socket ready, where a zmq.Poller of 64
+    sockets costs per socket watched (most of a load process's CPU, per job)."""
+    with contextlib.closing(select.epoll()) as ep:
+        index = {}
+        for i, sock in enumerate(socks):
+            fd = sock.getsockopt(zmq.FD)
+            ep.register(fd, select.EPOLLIN)
+            index[fd] = i
+        return clients_loop(socks, fields, t_start, t_end, ep, index)
+
+
+def clients_loop(socks: list[zmq.Socket], fields: dict, t_start: float, t_end: float, ep,
+                 index: dict[int, int]) -> dict:
+    """:func:`closed_loop`'s loop: ``ep`` watches the sockets' ZMQ_FDs, ``index`` gives each
+    fd's socket. A ZMQ_FD only says that the socket has news: each socket it names (and each
+    one we sent on) is read until ZMQ_EVENTS has no POLLIN."""
     seq = [0] * len(socks)
     sent = [0.0] * len(socks)
     done, total, live = 0, 0, len(socks)
     latencies: list[float] = []
     errors: list[str] = []
+    make = packer("submit", **fields)
 
     def submit(i: int) -> None:
         seq[i] += 1
         sent[i] = time.monotonic()
-        socks[i].send(pack("submit", format(seq[i], "x"), **fields))
+        socks[i].send(make(format(seq[i], "x")))
 
     for i in range(len(socks)):
         submit(i)
+    ready = list(range(len(socks)))
     while live and time.monotonic() < t_end + DRAIN_S:
-        for sock, _ in poller.poll(100):
-            i = index[sock]
+        for i in ready:
+            sock = socks[i]
             while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:   # no zmq.Again exceptions
-                header = unpack(sock.recv_multipart(zmq.NOBLOCK)[0])
+                frame = sock.recv(zmq.NOBLOCK)
+                if not any(mark in frame for mark in ENDS):
+                    continue                          # queued, started, ping: not read
+                header = unpack(frame)
                 kind = header.get("t")
                 if kind not in ("exit", "error"):
-                    continue                          # queued, started, ping
+                    continue
                 if kind == "error" or header.get("status") != 0:
                     errors.append(f"{kind}: {header.get('kind', '')} {header.get('text', '')}"
                                   f"{header.get('status', '')}")
@@ -262,6 +320,7 @@ def closed_loop(socks: list[zmq.Socket], fields: dict, t_start: float, t_end: fl
                     submit(i)
                 else:
                     live -= 1
+        ready = [index[fd] for fd, _ in ep.poll(0.1)]
     return {"done": done, "total": total, "latencies_ms": latencies, "errors": errors[:5],
             "n_errors": len(errors), "unfinished": live}
 
@@ -314,6 +373,7 @@ def serve_fakes(socks: list[zmq.Socket], router, names: dict, ready: dict, conn)
         poller.register(sock, zmq.POLLIN)
     poller.register(conn.fileno(), zmq.POLLIN)
     pid = os.getpid()
+    answers = {sock: fake_answers(name, pid) for sock, name in names.items()}
     next_beat = time.monotonic() + HEARTBEAT
     while True:
         events = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
@@ -322,20 +382,17 @@ def serve_fakes(socks: list[zmq.Socket], router, names: dict, ready: dict, conn)
         for sock in events:
             if not isinstance(sock, zmq.Socket):
                 continue
+            started, ended = answers[sock]
             for frames in inbox(sock):
                 route, frame = (frames[:1], frames[1]) if sock is router else ([], frames[0])
                 header = unpack(frame)
                 kind = header.get("t")
                 if kind == "submit":
                     job = header["job"]
-                    sock.send_multipart(route + [pack("started", job, host=names[sock], pid=pid,
-                                                      window=protocol.WINDOW)])
-                    sock.send_multipart(route + [pack("exit", job, status=0, signal=None,
-                                                      rusage=EXIT_RUSAGE,
-                                                      timings=EXIT_TIMINGS)])
+                    reply(sock, route, started(job))
+                    reply(sock, route, ended(job))
                 elif kind == "hello":
-                    sock.send_multipart(route + [pack("welcome", host=names[sock],
-                                                      commands=[], slots=1)])
+                    reply(sock, route, pack("welcome", host=names[sock], commands=[], slots=1))
                 elif kind == "error" and header.get("kind") == "reannounce" and sock in ready:
                     sock.send(ready[sock])
         if time.monotonic() >= next_beat:
@@ -448,9 +505,14 @@ def throughput_case(b: Broker, pids: dict, clients: int, procs: int, fields: dic
     cpu = {role: round(100 * (cpu1[role] - cpu0[role]) / elapsed, 1) for role in cpu0}
     ours = sum(v for role, v in cpu.items() if role != "broker_loop")
     cpu["other"] = round(max(0.0, 100 * busy / elapsed - ours), 1)
+    per_job = {role: (cpu1[role] - cpu0[role]) / done for role in cpu0}
     return {
         "jobs_per_s": round(done / elapsed, 1),
         "jobs": done,
+        # CPU per job of the window's jobs: the broker's (µs) and the hosts' with the jobs
+        # they spawned (ms; for real hosts the fork and exec of /bin/true and its reaping)
+        "broker_cpu_us_per_job": round(1e6 * per_job["broker"], 1),
+        "host_cpu_ms_per_job": round(1e3 * per_job["hosts"], 3),
         "window_s": round(elapsed, 3),
         "latency_p50_ms": round(percentile(latencies, 50), 3) if latencies else None,
         "latency_p99_ms": round(percentile(latencies, 99), 3) if latencies else None,
@@ -756,6 +818,11 @@ def results(rows: list[dict], hop: dict, timelines: list[dict], fields: dict, op
         out[f"{prefix}broker_added_p99_ms"] = round(via["p99"] - direct["p99"], 3)
     fake = [r["jobs_per_s"] for r in rows if r["kind"] != "real"]
     out["best_fake_jobs_per_s"] = max(fake) if fake else None
+    best = max((r for r in rows if r["kind"] != "real"), key=lambda r: r["jobs_per_s"],
+               default=None)
+    out["best_fake_broker_cpu_us_per_job"] = best["broker_cpu_us_per_job"] if best else None
+    real = [r["host_cpu_ms_per_job"] for r in rows if r["kind"] == "real"]
+    out["real_host_cpu_ms_per_job"] = round(statistics.median(real), 3) if real else None
     out["targets"] = {
         "broker_jobs_per_s": TARGET_JOBS_PER_S,
         "broker_jobs_per_s_met": bool(fake) and max(fake) > TARGET_JOBS_PER_S,
@@ -775,7 +842,8 @@ def results(rows: list[dict], hop: dict, timelines: list[dict], fields: dict, op
 
 
 THROUGHPUT_HEADERS = ["kind", "hosts", "slots/host", "clients", "jobs/s", "rounds", "p50 ms",
-                      "p99 ms", "broker %", "its loop %", "hosts %", "load %", "other %"]
+                      "p99 ms", "broker %", "its loop %", "hosts %", "load %", "other %",
+                      "broker µs/job", "host ms/job"]
 HOP_HEADERS = ["path", "p50 ms", "p99 ms"]
 GPU_HEADERS = ["client", "connect ms", "queue ms", "run ms", "first position"]
 
@@ -786,7 +854,8 @@ def throughput_rows(r: dict) -> list[list]:
              "/".join(f"{v:.0f}" for v in x["rounds_jobs_per_s"]),
              x["latency_p50_ms"], x["latency_p99_ms"], x["cpu_pct"]["broker"],
              x["cpu_pct"]["broker_loop"], x["cpu_pct"]["hosts"], x["cpu_pct"]["load"],
-             x["cpu_pct"]["other"]] for x in r["throughput"]]
+             x["cpu_pct"]["other"], x["broker_cpu_us_per_job"], x["host_cpu_ms_per_job"]]
+            for x in r["throughput"]]
 
 
 def hop_rows(r: dict) -> list[list]:
@@ -802,10 +871,15 @@ def gpu_rows(r: dict) -> list[list]:
 
 
 def throughput_line(r: dict) -> str:
-    """The broker's best jobs/s against its target."""
+    """The broker's best jobs/s against its target, and the CPU a job costs."""
     t = r["targets"]
-    return (f"broker alone (fake hosts): best {r['best_fake_jobs_per_s']} jobs/s; target over "
-            f"{t['broker_jobs_per_s']}: {'met' if t['broker_jobs_per_s_met'] else 'NOT met'}")
+    host = r.get("real_host_cpu_ms_per_job")
+    return (f"broker alone (fake hosts): best {r['best_fake_jobs_per_s']} jobs/s "
+            f"({r.get('best_fake_broker_cpu_us_per_job')} µs of broker CPU per job); target "
+            f"over {t['broker_jobs_per_s']}: "
+            f"{'met' if t['broker_jobs_per_s_met'] else 'NOT met'}"
+            + (f"; a real host's CPU per no-op job (its daemon and the job it spawns, median "
+               f"of the real cases): {host} ms" if host is not None else ""))
 
 
 def hop_line(r: dict) -> str:

@@ -18,6 +18,7 @@ relayed unchanged, with the host's ``started``.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -40,6 +41,20 @@ log = logging.getLogger("offloadd")
 
 PASS_THROUGH = frozenset({"stdin", "stdin-eof", "credit", "close", "signal", "file", "resize",
                           "suspend", "resume"})
+# What the broker reads of each kind a host sends it to pass on (``protocol.decode``'s
+# ``reads``): only these fields are checked here, the client checks the rest of what it gets.
+# The kinds not named (ready, ping) are checked whole.
+HOST_READS = {**dict.fromkeys(("started", "stdout", "stderr", "tty", "file", "credit", "stopped",
+                               "queued"), ()),
+              "exit": ("status", "signal", "timings"), "error": ("started",)}
+MORE = zmq.NOBLOCK | zmq.SNDMORE
+RECENT = 100   # jobs that ended, kept for status
+RECENT_ARGV0 = 4 * 255   # of each one's argv[0], the bytes of its record's 255 characters
+
+
+def command_of(submit: Message) -> str:
+    """The command a submit names: its argv[0]'s base name."""
+    return os.path.basename(os.fsdecode(submit["argv"][0]))
 
 
 @dataclasses.dataclass
@@ -49,6 +64,7 @@ class BrokerJob:
     key: tuple[bytes, str]
     wire: str
     submit: Message
+    command: str                # argv[0]'s base name
     host: bytes | None = None
     host_name: str = ""         # the host's name at dispatch, for error lines
     told: bool = False
@@ -84,7 +100,8 @@ class Broker:
         self.ids = itertools.count(1)
         self.positions = router.Positions()
         self.done = self.failed = 0
-        self.recent: list[dict] = []   # the last jobs that ended, for status
+        self.recent: collections.deque[tuple] = collections.deque(maxlen=RECENT)   # for status
+        self.now = time.monotonic()   # the time of the poll round being handled
         self.wakeup = router.Wakeup()
         self.peer_gate = router.PeerGate(self.metrics.dropped.inc)
         self.from_clients, self.from_hosts = self._handlers()
@@ -137,8 +154,9 @@ class Broker:
         while not self.wakeup.stopping:
             timeout = max(0.0, next_beat - time.monotonic())
             ready = dict(poller.poll(timeout * 1000))
+            self.now = time.monotonic()
             if self.back in ready:
-                self._drain(self.back, self._from_host)
+                self._drain(self.back, self._from_host, HOST_READS)
             if self.front in ready:
                 self._drain(self.front, self._from_client)
             if self.wakeup.r in ready:
@@ -147,23 +165,25 @@ class Broker:
                 self._heartbeat()
                 next_beat = time.monotonic() + self.config.heartbeat
 
-    def _drain(self, sock: zmq.Socket, handle) -> None:
-        """Handle what waits on ``sock`` (bounded per round)."""
+    def _drain(self, sock: zmq.Socket, handle, reads: dict | None = None) -> None:
+        """Handle what waits on ``sock`` (bounded per round: one poll, then many reads)."""
+        keyed = self.keys is not None
         for _ in range(1000):
             try:
-                frames, self.sender_key = router.recv_routed(sock, self.keys is not None)
+                frames, self.sender_key = router.recv_routed(sock, keyed)
             except zmq.Again:
                 return
-            self._received(sock, frames, handle)
+            self._received(sock, frames, handle, reads)
 
-    def _received(self, sock: zmq.Socket, frames: list, handle) -> None:
-        """Decode one message from a peer on ``sock`` and ``handle`` it. Bad input gets an
-        error reply within the peer's rate limit; a bug in handling costs that message, never
-        the broker."""
+    def _received(self, sock: zmq.Socket, frames: list, handle,
+                  reads: dict | None = None) -> None:
+        """Decode one message from a peer on ``sock`` (``reads``: see ``protocol.decode``) and
+        ``handle`` it. Bad input gets an error reply within the peer's rate limit; a bug in
+        handling costs that message, never the broker."""
         peer, body = frames[0], frames[1:]
         self.sender_frame = body[0] if body else None
         try:
-            msg = protocol.decode(body)
+            msg = protocol.decode(body, reads)
         except ProtocolError as exc:
             self.peer_gate.bad_input(lambda job_id, kind, text: self._refuse(
                 sock, peer, job_id, kind, text), peer, exc)
@@ -178,7 +198,7 @@ class Broker:
 
     def _from_client(self, client: bytes, msg: Message) -> None:
         """A client's message: hello, status, ping, submit, cancel, or a job's stream."""
-        now = time.monotonic()
+        now = self.now
         self._act(self.rules.client_heard(client, now))
         handler = self.from_clients.get(msg.kind)
         if handler is None:
@@ -221,19 +241,19 @@ class Broker:
         if why is not None:
             self._refused(client, msg, "busy", f"{self.name}: {why}; the job never ran")
             return
-        job = BrokerJob(key, f"{self.life}-{next(self.ids)}", msg,
+        command = command_of(msg)
+        job = BrokerJob(key, f"{self.life}-{next(self.ids)}", msg, command,
                         vm=self.sender_key if self.keys else None, cost=cost)
         self.jobs[key] = job
         self.wires[job.wire] = key
-        command = os.path.basename(os.fsdecode(msg["argv"][0]))
-        self._act(self.rules.submit(key, client, now, command, list(msg.get("tags", []))))
+        self._act(self.rules.submit(key, client, now, command, msg.get("tags", ())))
 
     def _refused(self, client: bytes, msg: Message, kind: str, text: str) -> None:
         """Refuse a submit (it never ran): a warning naming its sender, counted, answered."""
         name = self.rings["clients"].name_of(self.sender_key) if self.keys else None
         self.peer_gate.refused(client, msg, router.sender(
             name, self.sender_key, msg["uid"], router.address_of(self.sender_frame)), text)
-        self._count(msg.job, msg, metrics.REFUSED)
+        self._count(msg.job, msg, command_of(msg), metrics.REFUSED)
         self._refuse(self.front, client, msg.job, kind, text, started=False)
 
     def _pass_to_host(self, client: bytes, msg: Message, now: float) -> None:
@@ -248,9 +268,9 @@ class Broker:
             self._act(self.rules.suspend(job.key, now))
         elif msg.kind == "resume":
             self._act(self.rules.resume(job.key, now))
-        if job.host is not None:
+        if job.host is not None:   # decoded and checked: passed on as it is, under our id
             self._send(self.back, job.host,
-                       protocol.encode(msg.kind, job.wire, msg.payload, **msg.fields))
+                       protocol.pack(msg.kind, job.wire, msg.payload, msg.fields))
 
     def _unknown(self, job_id: str) -> str:
         """The line for a job a client names that we do not know: after a broker restart, or
@@ -273,7 +293,9 @@ class Broker:
                   "tags": ",".join(sorted(h.tags))} for h in r.hosts.values()]
         return protocol.encode("status-reply", host=self.name, slots=r.slots, busy=r.busy,
                                queued=len(r.queue), commands=list(r.commands),
-                               tags=list(r.tags), jobs=hosts[:900] + self.recent[-50:],
+                               tags=list(r.tags),
+                               jobs=hosts[:900] + [metrics.ended_record(*x)
+                                                   for x in list(self.recent)[-50:]],
                                done=self.done,
                                failed=self.failed)
 
@@ -281,7 +303,7 @@ class Broker:
 
     def _from_host(self, host: bytes, msg: Message) -> None:
         """A host's message: ready, ping, or news of a job (passed on to its client)."""
-        self.from_hosts.get(msg.kind, self._host_news)(host, msg, time.monotonic())
+        self.from_hosts.get(msg.kind, self._host_news)(host, msg, self.now)
 
     def _handlers(self) -> tuple[dict, dict]:
         """The handler of each kind of message from a client (any other is refused), and from
@@ -292,14 +314,16 @@ class Broker:
         return from_clients, {"ready": self._host_ready}
 
     def _host_news(self, host: bytes, msg: Message, now: float) -> None:
-        """Any message but ``ready`` from a host: it lives; news of a job goes to its client."""
+        """Any message but ``ready`` from a host: it lives; news of a job goes to its client
+        as the host sent it, under the client's id for the job (``HOST_READS``: the client
+        checks what the broker does not read)."""
         self._act(self.rules.host_heard(host, now))
         key = self.wires.get(msg.job) if msg.job else None
         job = self.jobs.get(key) if key else None
         if job is None or job.host != host:
             return
-        self._to_client(job.key[0], protocol.encode(msg.kind, job.key[1], msg.payload,
-                                                    **msg.fields))
+        self._to_client(job.key[0], protocol.pack(msg.kind, job.key[1], msg.payload,
+                                                  msg.header or msg.fields))
         if msg.kind == "stopped":   # its client stops too, maybe before its suspend leaves
             self._act(self.rules.suspend(key, now))
         if msg.kind in ("exit", "error"):
@@ -356,7 +380,7 @@ class Broker:
         fields = {k: v for k, v in job.submit.fields.items() if k != "vm"}   # never the client's
         if job.vm:
             fields["vm"] = job.vm
-        self._send(self.back, a.host_id, protocol.encode("submit", job.wire, None, **fields))
+        self._send(self.back, a.host_id, protocol.pack("submit", job.wire, None, fields))
 
     def _do_queued(self, a: rules_mod.Queued) -> None:
         """Tell the client where its job waits: at once the first time, then at most once a
@@ -410,21 +434,22 @@ class Broker:
         stands."""
         if job is not None and not job.ended:
             job.ended = True
-            self._count(job.key[1], job.submit, outcome, status, timings or {},
+            self._count(job.key[1], job.submit, job.command, outcome, status, timings or {},
                         job.host_name or "-")
 
-    def _count(self, job_id: str, submit: Message, outcome: str, status: int | None = None,
-               timings: dict | None = None, host: str = "-") -> None:
-        """A job ended: the done and failed counts, the metrics, the recent jobs."""
+    def _count(self, job_id: str, submit: Message, command: str, outcome: str,
+               status: int | None = None, timings: dict | None = None,
+               host: str = "-") -> None:
+        """A job ended: the done and failed counts, the metrics, the recent jobs (their
+        records made when status asks)."""
         if status is None:
             self.failed += 1
         else:
             self.done += 1
-        command = os.path.basename(os.fsdecode(submit["argv"][0]))
         self.metrics.job_ended(metrics.command_label(command, self.rules.commands), outcome,
                                timings or {})
-        self.recent = (self.recent + [metrics.ended_record(job_id, submit["argv"][0], status,
-                                                           host, timings or {})])[-100:]
+        self.recent.append((job_id, submit["argv"][0][:RECENT_ARGV0], status, host,
+                            metrics.stage_times(timings or {})))
 
     def _do_commands_changed(self, a: rules_mod.CommandsChanged) -> None:
         """VMs see the new command set at their next hello."""
@@ -478,9 +503,13 @@ class Broker:
             self._forget(key)
 
     def _send(self, sock: zmq.Socket, peer: bytes, frames: list) -> bool:
-        """Send; False if the peer is gone (ZeroMQ saw its connection close)."""
+        """Send; False if the peer is gone (ZeroMQ saw its connection close). Frame by frame:
+        send_multipart's checks of each frame cost more than the sends."""
         try:
-            sock.send_multipart([peer] + frames, zmq.NOBLOCK)
+            sock.send(peer, MORE)   # a gone peer fails here, before anything is queued
+            for frame in frames[:-1]:
+                sock.send(frame, MORE)
+            sock.send(frames[-1], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise

@@ -162,11 +162,11 @@ class _Job:
     host: Hashable = None
     told: int = 0                     # the last position reported, 0 = none yet
     suspended: float | None = None    # when its client said it stops itself, None = it runs
+    kind: tuple[str, frozenset[str]] = dataclasses.field(init=False)   # command and tags
 
-    @property
-    def kind(self) -> tuple[str, frozenset[str]]:
+    def __post_init__(self):
         """What a host must offer to run the job: its command and tags."""
-        return self.command, self.tags
+        self.kind = self.command, self.tags
 
 
 @dataclasses.dataclass(eq=False)
@@ -326,8 +326,11 @@ class Rules:
 
     def client_heard(self, client_id: Hashable, now: float) -> list:
         """Any message from a client: it is still there."""
-        client = self.clients.setdefault(client_id, _Client(now))
-        client.heard = now
+        client = self.clients.get(client_id)
+        if client is None:
+            self.clients[client_id] = _Client(now)
+        else:
+            client.heard = now
         return []
 
     def submit(self, job: Hashable, client_id: Hashable, now: float, command: str,
@@ -465,11 +468,13 @@ class Rules:
 
     def _settle(self, now: float | None) -> list:
         """Common tail of every event: jobs without host fail, free slots fill, positions."""
+        if not self.queue:            # nothing can fail, fill or move
+            return []
         return self._no_host(now) + self._fill() + self._positions()
 
     def _no_host(self, now: float | None) -> list:
         """Fail the jobs that no live host could run for ``grace`` seconds."""
-        if now is None:
+        if now is None or not self.hostless:
             return []
         actions = []
         for job, since in list(self.hostless.items()):
@@ -487,6 +492,8 @@ class Rules:
 
     def _fill(self) -> list:
         """Queued jobs, oldest first, each take a slot on the fitting host with most free."""
+        if not self.queue:
+            return []
         free = sum(h.free for h in self.hosts.values())
         actions = []
         stuck: set[tuple] = set()     # kinds that found no free slot; slots only get fewer
@@ -507,9 +514,14 @@ class Rules:
         return actions
 
     def _best_host(self, job: _Job) -> _Host | None:
-        """The live host that can run ``job`` with the most free slots (ties: first announced)."""
-        fitting = [h for h in self.hosts.values() if h.free and h.can_run(job.kind)]
-        return max(fitting, key=lambda h: (h.free, -h.order), default=None)
+        """The live host that can run ``job`` with the most free slots (ties: first announced,
+        which comes first in ``hosts``)."""
+        best, most = None, 0
+        for host in self.hosts.values():
+            free = host.slots - len(host.running)
+            if free > most and host.can_run(job.kind):
+                best, most = host, free
+        return best
 
     def _positions(self) -> list:
         """Queued actions for every queued job whose position changed."""

@@ -14,6 +14,7 @@ import platform
 import socket
 import socketserver
 import threading
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import prometheus_client.metrics
@@ -127,6 +128,10 @@ class Metrics:
                                            "python": platform.python_version(),
                                            "libzmq": zmq.zmq_version()})
         self.server = self.thread = None
+        # the labelled children, looked up once each (prometheus_client's labels() takes a
+        # lock and builds a key every time: at thousands of jobs a second, a third of
+        # job_ended); no more of them than prometheus_client keeps anyway
+        self._children: dict[tuple, Any] = {}
 
     def serve(self, address: str) -> None:
         """Serve the metrics over HTTP at ADDR:PORT (port 0: any free port) and log where;
@@ -156,9 +161,16 @@ class Metrics:
     def job_ended(self, command: str, outcome: str, timings: dict) -> None:
         """Count a job (``command``: a label from :func:`command_label`) and observe its stage
         times."""
-        self.jobs.labels(command=command, outcome=outcome).inc()
+        self._child(self.jobs, command, outcome).inc()
         for stage, seconds in stage_times(timings).items():
-            self.stages.labels(stage=stage).observe(seconds)
+            self._child(self.stages, stage).observe(seconds)
+
+    def _child(self, metric, *values: str):
+        """``metric``'s child of the label ``values``, looked up once."""
+        child = self._children.get((metric, values))
+        if child is None:
+            child = self._children[metric, values] = metric.labels(*values)
+        return child
 
     def load(self, slots: int, busy: int, queued: int) -> None:
         """The current slots, slots in use and queue length."""

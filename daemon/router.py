@@ -66,9 +66,13 @@ def recv_routed(sock: zmq.Socket, keyed: bool) -> tuple[list, str | None]:
     """One message waiting on a ROUTER (else zmq.Again): the peer's id as bytes, then its
     frames uncopied (a stream chunk is read where ZeroMQ put it), and with CURVE (``keyed``)
     the sender's key, which the ZAP handler put on each frame."""
-    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+    part = sock.recv(zmq.NOBLOCK, copy=False)
+    frames = [part.bytes]
+    while part.more:   # recv_multipart asks the socket (RCVMORE) instead, a tenth of a job
+        part = sock.recv(zmq.NOBLOCK, copy=False)
+        frames.append(part)
     key = frames[1].get("User-Id") if keyed and len(frames) > 1 else None
-    return [frames[0].bytes, *frames[1:]], key
+    return frames, key
 
 
 def sender(name: str | None, key: str | None, uid, where: str) -> str:

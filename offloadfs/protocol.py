@@ -86,6 +86,7 @@ Every malformed input raises a subclass of :class:`ProtocolError`; nothing here 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -161,12 +162,15 @@ class TooLarge(ProtocolError, kind="too-large"):
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-    """One decoded message: its kind, job id (or None), fields, and payload (or None)."""
+    """One decoded message: its kind, job id (or None), fields, and payload (or None); from a
+    relay's decode also its ``header`` as received."""
 
     kind: str
     job: str | None = None
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     payload: bytes | None = None
+    # a relay's decode (``decode(frames, reads)``): the whole header map as it came, to pass on
+    header: dict[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __getitem__(self, name: str) -> Any:
         """Return field ``name``."""
@@ -245,7 +249,7 @@ def _number(v: Any) -> float:
 
 def _argv(v: Any) -> list[bytes]:
     """Checker for argv: 1..MAX_ARGS byte strings, total under MAX_ARGV_BYTES, no NUL."""
-    args = _list(_bin(MAX_ARGV_BYTES), MAX_ARGS)(v)
+    args = _ARGS(v)
     if not args:
         raise FieldError("argv is empty")
     if sum(map(len, args)) > MAX_ARGV_BYTES:
@@ -257,7 +261,7 @@ def _argv(v: Any) -> list[bytes]:
 
 def _env(v: Any) -> dict[bytes, bytes]:
     """Checker for the environment: bytes to bytes, bounded, names without '=' or NUL."""
-    env = _map(_bin(MAX_ENV_BYTES), _bin(MAX_ENV_BYTES), 4096)(v)
+    env = _ENV_MAP(v)
     if sum(len(k) + len(x) for k, x in env.items()) > MAX_ENV_BYTES:
         raise TooLarge(f"environment is larger than {MAX_ENV_BYTES} bytes")
     if any(not k or b"=" in k or b"\0" in k or b"\0" in x for k, x in env.items()):
@@ -298,9 +302,12 @@ def _stream(v: Any) -> str:
 
 def _any_map(v: Any) -> dict:
     """Checker for a small map of str to plain values (timings, rusage, data descriptors)."""
-    plain = (int, float, str, bytes, bool, type(None))
-    scalar = _map(_str(256), lambda x: x if isinstance(x, plain) else _bad(x), 256)
-    return scalar(v)
+    return _SCALAR_MAP(v)
+
+
+def _plain(v: Any) -> Any:
+    """Checker for a value that is not a container (nor an extension)."""
+    return v if isinstance(v, _PLAIN) else _bad(v)
 
 
 def _bad(v: Any):
@@ -327,6 +334,10 @@ def _tty(v: Any) -> dict:
     return _fields(v, required, optional)
 
 
+_PLAIN = (int, float, str, bytes, bool, type(None))
+_SCALAR_MAP = _map(_str(256), _plain, 256)
+_ARGS = _list(_bin(MAX_ARGV_BYTES), MAX_ARGS)
+_ENV_MAP = _map(_bin(MAX_ENV_BYTES), _bin(MAX_ENV_BYTES), 4096)
 _WINSIZE = {"rows": _int(0, 65535), "cols": _int(0, 65535), "xpixel": _int(0, 65535),
             "ypixel": _int(0, 65535)}
 _ID = _int(0, 2**32 - 1)
@@ -472,15 +483,32 @@ def encode(kind: str, job: str | None = None, payload: bytes | None = None, /,
     return [frame0] if payload is None else [frame0, payload]
 
 
-def decode(frames: list) -> Message:
-    """Decode the frames of one message (without routing identity), or raise ProtocolError."""
+def pack(kind: str, job: str | None, payload, fields: dict) -> list:
+    """The frames of a message whose fields are known good, as :func:`encode` makes them but
+    without its check: a relay passing on what it decoded (``fields``: a decoded message's
+    fields, or the ``header`` of a relay's decode, whose receiver checks it)."""
+    header = {"v": VERSION, "t": kind, **fields}
+    if job is None:
+        header.pop("job", None)
+    else:
+        header["job"] = job
+    frame0 = msgpack.packb(header, use_bin_type=True)
+    return [frame0] if payload is None else [frame0, payload]
+
+
+def decode(frames: list, reads: dict[str, tuple[str, ...]] | None = None) -> Message:
+    """Decode the frames of one message (without routing identity), or raise ProtocolError.
+    ``reads`` makes it a relay's decode (the broker's, of what a host sends): the frames, the
+    version, the kind, the job id and the payload are checked as always, but of a kind in
+    ``reads`` only the fields named there (those the relay reads; the others are its
+    receiver's to check); the message's ``header`` keeps the whole map to pass on."""
     if not 1 <= len(frames) <= MAX_FRAMES:
         raise FrameError(f"expected 1 or 2 frames, got {len(frames)}")
     header = bytes(frames[0])
     if len(header) > MAX_HEADER:
         raise TooLarge(f"header frame of {len(header)} bytes exceeds {MAX_HEADER}")
     payload = _view(frames[1]) if len(frames) == 2 else None
-    return decode_header(_unpack(header), payload)
+    return decode_header(_unpack(header), payload, reads)
 
 
 def _view(frame) -> bytes | memoryview:
@@ -490,10 +518,15 @@ def _view(frame) -> bytes | memoryview:
 
 
 def _unpack(frame: bytes) -> dict:
-    """Unpack frame 0 into a dict, with bounded cost, or raise DecodeError."""
+    """Unpack frame 0 into a dict, with bounded cost, or raise DecodeError. The timestamp
+    extension's type byte is 0xff: a frame without that byte cannot hold one and is unpacked
+    without the hooks that look for it in every list and map (most of the cost of a small
+    header)."""
+    hooks = {"list_hook": _no_timestamp, "object_hook": _no_timestamp} if b"\xff" in frame \
+        else {}
     try:
         header = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_no_ext,
-                                 list_hook=_no_timestamp, object_hook=_no_timestamp)
+                                 **hooks)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError, UnicodeDecodeError) as exc:
         raise DecodeError(f"frame 0 is not valid msgpack: {type(exc).__name__}") from None
@@ -515,8 +548,10 @@ def _no_timestamp(container):
     return container
 
 
-def decode_header(header: dict, payload: bytes | None) -> Message:
-    """Check a header map and payload against the schema; return the Message."""
+def decode_header(header: dict, payload: bytes | None,
+                  reads: dict[str, tuple[str, ...]] | None = None) -> Message:
+    """Check a header map and payload against the schema (of a kind in ``reads``: only the
+    fields named there, see :func:`decode`); return the Message."""
     version = header.get("v")
     if not _is_int(version) or version != VERSION:
         raise VersionError(f"protocol version {_show(version)} is not {VERSION}")
@@ -526,8 +561,18 @@ def decode_header(header: dict, payload: bytes | None) -> Message:
     needs_job, required, optional = SCHEMA[kind]
     _check_payload(kind, payload)
     job = _job_of(header, needs_job)
-    fields = _fields(header, required, optional)
-    return Message(kind, job, fields, payload)
+    if reads is not None and kind in reads:
+        required, optional = _relay_schema(kind, reads[kind])
+        return Message(kind, job, _fields(header, required, optional), payload, header)
+    return Message(kind, job, _fields(header, required, optional), payload)
+
+
+@functools.cache
+def _relay_schema(kind: str, names: tuple[str, ...]) -> tuple[dict, dict]:
+    """The required and optional checkers of ``kind`` limited to the fields ``names``."""
+    _, required, optional = SCHEMA[kind]
+    return ({k: c for k, c in required.items() if k in names},
+            {k: c for k, c in optional.items() if k in names})
 
 
 def _check_payload(kind: str, payload: bytes | None) -> None:

@@ -697,3 +697,58 @@ def test_dispatch_check():
     assert (missing, extra) == ({"ping"}, {"exit"})
     assert protocol.dispatch_check(h, {k: None for k in handled}, protocol.BROKER)[1] == \
         {"hello", "status"}
+
+
+# --- a relay's decode and pack (the broker passing on what a host sends) ----------------------
+
+RELAY_READS = {"exit": ("status", "signal", "timings"), "started": ()}
+
+
+@pytest.mark.parametrize("kind", sorted(EXAMPLES))
+def test_pack_makes_the_bytes_of_encode(kind):
+    """pack (no check: the fields were checked when decoded) gives encode's frames."""
+    job, payload, fields = EXAMPLES[kind]
+    assert protocol.pack(kind, job, payload, fields) == encode(kind, job, payload, **fields)
+
+
+def test_a_relays_decode_checks_what_it_reads_and_keeps_the_rest_to_pass_on():
+    """With reads, a field the relay reads is checked as the schema says; one it does not read
+    is left to the receiver, and the whole header goes on under the relay's new job id."""
+    frames = [msgpack.packb({"v": 1, "t": "exit", "job": "w-1", "status": 0,
+                             "rusage": {"nested": [1]}, "later": "x"})]
+    with pytest.raises(FieldError):
+        decode(frames)                                  # the receiver refuses the rusage
+    msg = decode(frames, RELAY_READS)
+    assert (msg.kind, msg.job, msg.fields) == ("exit", "w-1", {"status": 0})
+    passed = decode(protocol.pack(msg.kind, "c-7", msg.payload, msg.header), RELAY_READS)
+    assert passed.job == "c-7" and passed.header["rusage"] == {"nested": [1]}
+    bad = [msgpack.packb({"v": 1, "t": "exit", "job": "w-1", "status": 300})]
+    with pytest.raises(FieldError, match="status"):
+        decode(bad, RELAY_READS)
+    with pytest.raises(FieldError, match="status"):
+        decode([msgpack.packb({"v": 1, "t": "exit", "job": "w-1"})], RELAY_READS)
+
+
+@pytest.mark.parametrize("header, error", [
+    ({"v": 2, "t": "started", "job": "j"}, VersionError),
+    ({"v": 1, "t": "nosuch", "job": "j"}, KindError),
+    ({"v": 1, "t": "started"}, FieldError),
+    ({"v": 1, "t": "started", "job": "x" * 65}, FieldError),
+    ({"v": 1, "t": "started", "job": "j", "host": msgpack.Timestamp(1, 0)}, DecodeError),
+])
+def test_a_relays_decode_still_checks_the_envelope(header, error):
+    """Version, kind, job id and extension types are checked whatever the relay reads."""
+    with pytest.raises(error):
+        decode([msgpack.packb(header)], RELAY_READS)
+
+
+def test_a_relays_decode_refuses_a_payload_where_none_goes():
+    """Frames and payloads are checked as always."""
+    with pytest.raises(FrameError):
+        decode([msgpack.packb({"v": 1, "t": "started", "job": "j"}), b"x"], RELAY_READS)
+
+
+def test_a_header_with_a_0xff_byte_but_no_timestamp_decodes():
+    """The byte that marks a timestamp's type may stand in plain values (255, bytes)."""
+    msg = decode(encode("exit", "j", None, status=255, rusage={"b": b"\xff\xff"}))
+    assert msg["status"] == 255 and msg["rusage"] == {"b": b"\xff\xff"}
