@@ -6,8 +6,9 @@ VENV   := .venv
 # Debian packages: FUSE (libfuse3-3 for mfusepy, libfuse2 for the fusepy fallback, fuse3 for
 # fusermount), the real ImageMagick, attr (getfattr/setfattr), shellcheck and systemd-analyze
 # for the hooks, nfs-ganesha (the VM's userspace NFS server) and libnfs (the host's userspace
-# NFS client, through ctypes).
-APT_PKGS := python3-venv fuse3 libfuse3-3 libfuse2 imagemagick attr shellcheck systemd nfs-ganesha nfs-ganesha-vfs libnfs13 libnfs-utils
+# NFS client, through ctypes), gcc, libc6-dev and python3-dev (the venv's install builds
+# daemon/_spawn.c, the job's spawn by vfork; without them offloadd starts jobs by fork).
+APT_PKGS := python3-venv fuse3 libfuse3-3 libfuse2 imagemagick attr shellcheck systemd nfs-ganesha nfs-ganesha-vfs libnfs13 libnfs-utils gcc libc6-dev python3-dev
 # What the guest scenarios of `make test` also need (tests/system/test_guest.py, scripts/vm):
 # QEMU, qemu-img, mmdebstrap (the guest image from Debian's packages), socat (guestfwd relays).
 GUEST_APT_PKGS := qemu-system-x86 qemu-utils mmdebstrap socat
@@ -15,7 +16,7 @@ GUEST_APT_PKGS := qemu-system-x86 qemu-utils mmdebstrap socat
 # and cc for its clock probe.
 # ... and the Debian package's build (make deb; tests/system/test_package.py builds it and
 # installs it in a chroot made with mmdebstrap).
-DEB_APT_PKGS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel
+DEB_APT_PKGS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-all-dev python3-setuptools python3-wheel
 TEST_APT_PKGS := $(GUEST_APT_PKGS) iproute2 util-linux gcc libc6-dev $(DEB_APT_PKGS)
 # What `make bench` also needs (not `make test`): fio (the I/O benchmark), openssh-server and
 # openssh-client (ssh on loopback, compared with the shim), distcc with gcc (compared with gcc
@@ -33,7 +34,7 @@ apt:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml daemon/_spawn.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,bench]'

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import fcntl
 import grp
+import logging
 import os
 import pwd
 import resource
@@ -31,6 +32,11 @@ import time
 from offloadfs import protocol
 
 from .warden import start_time
+
+try:   # the compiled spawn (setup.py builds it where a C compiler is; see _spawn.c)
+    from . import _spawn as compiled
+except ImportError:
+    compiled = None
 
 PIPE_SIZE = 1024 * 1024
 PR_SET_NO_NEW_PRIVS = 38
@@ -105,13 +111,13 @@ class Process:
     def _start(self, path, argv, env, ids, cwd, root, limits) -> subprocess.Popen:
         """Popen the job, or (with a terminal) its session leader, ptyleader.py."""
         if self.tty is None:
-            return _spawn(path, argv, env, ids, _confiner(cwd, root, ids, limits))
+            return _spawn(path, argv, env, ids, Confined(cwd, root, limits))
         t = self.tty
         leader = [os.fsencode(sys.executable), b"-I", b"-S", os.fsencode(LEADER),
                   b"%d" % t.report_w, b"%d" % t.control_r, b"1" if t.foreground else b"0",
                   os.fsencode(path)] + list(argv)
         return _spawn(sys.executable, leader, env, ids,
-                      _confiner(cwd, root, ids, limits, t.slave_at, signal.SIGTERM), t.stdio(),
+                      Confined(cwd, root, limits, t.slave_at, signal.SIGTERM), t.stdio(),
                       (t.report_w, t.control_r))
 
     # --- a terminal's job: signals, stops, window -----------------------------------------------
@@ -542,22 +548,104 @@ def _die(line: bytes, write=os.write, end=os._exit) -> None:
         end(126)
 
 
-def _spawn(path, argv, env, ids, confine, stdio=(subprocess.PIPE,) * 3,
-           pass_fds=()) -> subprocess.Popen:
-    """Popen in a new session, as ``ids`` when given, ``confine`` run in the child before exec;
-    raise SpawnError with a clear text."""
-    who = {} if ids is None else {"user": ids[0], "group": ids[1], "extra_groups": ids[2]}
+class Confined(collections.namedtuple("Confined", "cwd root limits ctty deathsig",
+                                        defaults=(None, signal.SIGKILL))):
+    """How a job is confined: the cwd it enters as the caller, the tree it must lie in (or
+    None), its rlimits, the fd (0-2) to make its terminal (or None), its parent death
+    signal."""
+
+
+class Spawned:
+    """A job started by the compiled spawn: what the server's loop thread uses of a
+    subprocess.Popen (pid, our ends of its pipes, returncode)."""
+
+    def __init__(self, pid: int, ends: list):
+        """The child ``pid`` and our ends of its stdin, stdout, stderr (None: not a pipe)."""
+        self.pid = pid
+        self.stdin, self.stdout, self.stderr = (
+            None if fd is None else open(fd, "wb" if n == 0 else "rb", buffering=0)
+            for n, fd in enumerate(ends))
+        self.returncode: int | None = None
+
+
+def _spawn(path, argv, env, ids, confined: Confined, stdio=(subprocess.PIPE,) * 3,
+           pass_fds=()) -> subprocess.Popen | Spawned:
+    """Start the job in a new session, as ``ids`` when given, ``confined`` in the child before
+    its exec: by the compiled spawn (vfork) where it is built, else by subprocess's fork and
+    a preexec_fn; raise SpawnError with a clear text."""
     try:
-        return subprocess.Popen(argv, executable=path, env=env, stdin=stdio[0],
-                                stdout=stdio[1], stderr=stdio[2], bufsize=0,
-                                start_new_session=True, close_fds=True, preexec_fn=confine,
-                                pass_fds=pass_fds, **who)
+        if _compiled_spawn() is None:
+            who = {} if ids is None else {"user": ids[0], "group": ids[1],
+                                          "extra_groups": ids[2]}
+            return subprocess.Popen(argv, executable=path, env=env, stdin=stdio[0],
+                                    stdout=stdio[1], stderr=stdio[2], bufsize=0,
+                                    start_new_session=True, close_fds=True, pass_fds=pass_fds,
+                                    preexec_fn=_confiner(*confined[:2], ids, *confined[2:]),
+                                    **who)
+        return _vforked(path, argv, env, ids, confined, stdio, pass_fds)
     except FileNotFoundError:
         raise SpawnError(f"{path}: no such file or directory on this host") from None
     except PermissionError as exc:
         raise SpawnError(f"{exc.filename or path}: permission denied") from None
     except OSError as exc:
         raise SpawnError(f"{path}: {exc.strerror or errno.errorcode.get(exc.errno, exc)}") from None
+
+
+def _vforked(path, argv, env, ids, confined: Confined, stdio, pass_fds) -> Spawned:
+    """The job started by ``_spawn.spawn`` (see _spawn.c), with pipes where ``stdio`` says
+    subprocess.PIPE."""
+    ours, theirs, child_fds = [], [], []
+    try:
+        for n, how in enumerate(stdio):
+            if how == subprocess.PIPE:
+                r, w = os.pipe()   # close-on-exec; the child's end is dup2'd onto fd n
+                ours.append(w if n == 0 else r)
+                theirs.append(r if n == 0 else w)
+            else:
+                ours.append(None)
+            child_fds.append(theirs[-1] if how == subprocess.PIPE else how)
+        inside = None if confined.root is None else os.path.realpath(confined.root)
+        pid = compiled.spawn(path, argv, _envp(env), child_fds, ids, confined.cwd, inside,
+                             confined.limits, -1 if confined.ctty is None else confined.ctty,
+                             int(confined.deathsig), sorted(pass_fds))
+    except BaseException:
+        for fd in ours:
+            if fd is not None:
+                os.close(fd)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
+    return Spawned(pid, ours)
+
+
+def _envp(env: dict) -> list[bytes]:
+    """``env`` as execve's KEY=VALUE strings, refused as subprocess refuses it."""
+    envp = []
+    for key, value in env.items():
+        key, value = os.fsencode(key), os.fsencode(value)
+        if not key or b"=" in key:
+            raise ValueError("illegal environment variable name")
+        envp.append(key + b"=" + value)
+    return envp
+
+
+_fallback_said = False
+
+
+def _compiled_spawn():
+    """The compiled spawn module, or None (then offloadd says once why it forks instead):
+    it is not built, or OFFLOADD_SPAWN=fork asks for subprocess's fork path."""
+    global _fallback_said
+    if compiled is not None and os.environ.get("OFFLOADD_SPAWN") != "fork":
+        return compiled
+    if not _fallback_said:
+        _fallback_said = True
+        logging.getLogger("offloadd").warning(
+            "jobs start by fork and a preexec_fn (slower): %s",
+            "OFFLOADD_SPAWN=fork" if compiled is not None else
+            "offloadd._spawn is not built (reinstall with a C compiler and python3-dev)")
+    return None
 
 
 def user_of(uid: int) -> tuple[str, str]:

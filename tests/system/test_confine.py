@@ -15,6 +15,18 @@ from ..harness import COMMANDS, OFFLD, OFFLOADD, offld, test_user, wait_for
 from .test_e2e import _raw_job
 
 
+@pytest.fixture(autouse=True, params=["vfork", "fork"])
+def spawn_path(request, monkeypatch) -> str:
+    """Each test on both of the host's spawn paths: the compiled one (vfork, daemon/_spawn.c)
+    and subprocess's fork with a preexec_fn, which offloadd falls back to without it
+    (OFFLOADD_SPAWN=fork asks the daemons started here for it)."""
+    if request.param == "fork":
+        monkeypatch.setenv("OFFLOADD_SPAWN", "fork")
+    else:
+        monkeypatch.delenv("OFFLOADD_SPAWN", raising=False)
+    return request.param
+
+
 @pytest.fixture
 def user(traversable) -> tuple[str, int]:
     """A non-root caller; the test's tmp dirs are traversable for it."""
@@ -179,3 +191,31 @@ def _job_as(daemon, argv: list[bytes], uid: int) -> tuple[bytes, bytes, int]:
     got = _raw_job(daemon, argv, uid=uid, gid=pwd.getpwuid(uid).pw_gid, groups=[])
     out, err = (b"".join(m.payload for m in got if m.kind == name) for name in ("stdout", "stderr"))
     return out, err, got[-1]["status"]
+
+
+def test_the_daemon_says_once_that_it_starts_jobs_by_fork(start_daemon, work, spawn_path):
+    """On the fork path (OFFLOADD_SPAWN=fork) the daemon's log says so once, however many jobs
+    it starts; on the compiled path (built by make install) it says nothing of it."""
+    daemon = start_daemon()
+    for n in range(3):
+        assert offld(daemon, "sh", "-c", f"echo {n}", cwd=work).stdout == f"{n}\n".encode()
+    said = [line for line in daemon.log().splitlines() if "jobs start by fork" in line]
+    assert len(said) == (spawn_path == "fork"), daemon.log_tail()
+
+
+def test_without_the_compiled_spawn_jobs_start_by_fork(tmp_path, monkeypatch, caplog):
+    """offloadd._spawn missing at run time (an install without a C compiler): jobs still run,
+    refusals are the same line, and one warning says why they start by fork."""
+    from offloadd import runner
+    monkeypatch.setattr(runner, "compiled", None)
+    monkeypatch.setattr(runner, "_fallback_said", False)
+    (tmp_path / "tree").mkdir()
+    for _ in range(2):
+        got = _run(Process("/bin/pwd", [b"pwd"], str(tmp_path / "tree"), {}, None, str(tmp_path)))
+        assert got == (f"{tmp_path}/tree\n".encode(), b"", 0)
+    got = _run(Process("/bin/pwd", [b"pwd"], str(tmp_path), {}, None, str(tmp_path / "tree")))
+    assert got[1:] == (f"offloadd: cannot run in {tmp_path} as uid 0: it is {tmp_path}, "
+                       f"outside {tmp_path}/tree\n".encode(), 126)
+    said = [r.getMessage() for r in caplog.records if "jobs start by fork" in r.getMessage()]
+    assert said == ["jobs start by fork and a preexec_fn (slower): offloadd._spawn is not built "
+                    "(reinstall with a C compiler and python3-dev)"]

@@ -137,6 +137,9 @@ def test_the_installed_programs_run_and_say_their_version(venv):
     where = ok([venv / "bin/python", "-c", "import offloadfs, offloadd; "
                 "print(offloadfs.__file__); print(offloadd.__file__)"], cwd="/").stdout
     assert all(Path(p).is_relative_to(venv) for p in where.split()), where
+    spawn = ok([venv / "bin/python", "-c", "import offloadd._spawn as s; print(s.__file__)"],
+               cwd="/").stdout
+    assert Path(spawn.strip()).is_relative_to(venv), "the wheel lacks the compiled spawn"
 
 
 def test_the_wheel_brings_man_pages_completions_hooks_and_examples(venv):
@@ -220,7 +223,8 @@ def deb(tmp_path_factory) -> Path:
         pytest.skip("debhelper is not installed (make test and make deb install it)")
     out = tmp_path_factory.mktemp("deb")
     ok([ROOT / "scripts/build-deb", out], env={**os.environ, "PYTHON": sys.executable})
-    return only(out, f"offloadfs_{__version__}_all.deb")
+    arch = ok(["dpkg", "--print-architecture"]).stdout.strip()
+    return only(out, f"offloadfs_{__version__}_{arch}.deb")
 
 
 def field(deb: Path, name: str) -> str:
@@ -249,6 +253,8 @@ def test_the_deb_has_the_programs_units_hooks_examples_and_pages(deb, tmp_path):
                  "/usr/lib/python3/dist-packages/offloadfs/offld.py",
                  "/usr/lib/python3/dist-packages/offloadd/server.py"):
         assert entries.get(path, "").startswith("-rw-r--r--"), path
+    assert any(re.fullmatch(r"/usr/lib/python3/dist-packages/offloadd/_spawn\.cpython-.+\.so", p)
+               for p in entries), "the .deb lacks the compiled spawn"
     assert "/etc/offloadfs/" in entries and not any(p.startswith("/usr/share/offloadfs")
                                                     for p in entries)
     depends = field(deb, "Depends")
@@ -373,6 +379,8 @@ def test_the_deb_installs_in_a_clean_chroot_and_runs_a_job_as_the_caller(chroot,
         assert as_root.returncode == 255 and as_root.stdout == ""
         assert len(as_root.stderr.splitlines()) == 1 and "root" in as_root.stderr, \
             as_root.stderr
+    assert "jobs start by fork" not in (tmp_path / "offloadd.log").read_text(), \
+        "the .deb's offloadd lacks its compiled spawn"
 
 
 def test_the_demos_shim_runs_from_the_deb_in_the_chroot(chroot, tmp_path):
