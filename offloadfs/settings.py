@@ -11,6 +11,18 @@ import os
 
 DEFAULT_PORT = 7788
 MAX_PORT = 65535
+CLIENT_CONFIG = "/etc/offloadfs/offloadfs.toml"   # the VM side's file (config.ClientConfig)
+
+
+def state_dir() -> str:
+    """Where the VM side keeps its job log and state: $XDG_STATE_HOME/offloadfs."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "offloadfs")
+
+
+def default_job_log() -> str:
+    """The job log of a VM config that names none."""
+    return os.path.join(state_dir(), "jobs.jsonl")
 
 
 class ConfigError(Exception):
