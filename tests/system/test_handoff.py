@@ -25,7 +25,7 @@ from offloadfs.settings import DEFAULT_PORT
 from ..harness import BIN, OFFLD, OFFLOADFS, Mount, Proc, accepts, free_port, test_user, wait_for
 from ..harness import mounted as harness_mounted
 from .test_security import Keys, keyed_daemon
-from .test_terminal import COMMANDS, Shell
+from .test_terminal import COMMANDS, TICKS, Shell
 
 
 def handed_jobs(mount) -> list[dict]:
@@ -274,7 +274,8 @@ def test_a_hand_off_socket_another_user_bound_first_gets_nothing(start_daemon, t
 
 def test_offld_at_a_pty_through_the_mount(start_daemon, start_mount, work):
     """At a real pty, offld through the mount's agent: the job's terminal has the window's
-    size, Ctrl-C ends it (130), and the terminal's settings are the same afterwards."""
+    size, Ctrl-Z stops it (the shell says Stopped, nothing is printed meanwhile) and fg
+    resumes it, Ctrl-C ends it (130), and the terminal's settings are the same afterwards."""
     d = start_daemon(commands=COMMANDS)
     mount = start_mount(hosts=[d.hostport], wait_for_shim="sh")
     sh = Shell(work, str(mount.path), f"{BIN}/offld -- ".encode())
@@ -282,8 +283,13 @@ def test_offld_at_a_pty_through_the_mount(start_daemon, start_mount, work):
         before = sh.settings()
         sh.line(b"sh -c 'stty size'")
         assert sh.expect(rb"40 100\r\n") and sh.prompt(), sh.buf
-        sh.line(b"sh -c 'echo ready; exec sleep 60'")
-        assert sh.expect(rb"ready\r\n", 20), sh.buf
+        sh.line(TICKS)   # (no fork in the loop: a stop between vfork and exec hangs sh)
+        assert sh.expect(rb"tick\r\n", 20), sh.buf
+        sh.send(b"\x1a")
+        assert sh.expect(rb"\[1\]\+\s+Stopped") and sh.prompt(5), sh.buf
+        assert sh.quiet_for(1.0, rb"tick"), sh.buf
+        sh.line(b"fg", offload=False)
+        assert sh.expect(rb"tick\r\n", 10), sh.buf
         sh.send(b"\x03")
         assert sh.prompt(), sh.buf
         sh.line(b"echo status=$?", offload=False)
