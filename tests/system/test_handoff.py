@@ -22,10 +22,20 @@ import pytest
 from offloadfs import handoff
 from offloadfs.settings import DEFAULT_PORT
 
-from ..harness import BIN, OFFLD, OFFLOADFS, Mount, Proc, accepts, free_port, test_user, wait_for
+from ..harness import (
+    BIN,
+    OFFLD,
+    OFFLOADFS,
+    Mount,
+    Proc,
+    accepts,
+    free_port,
+    test_user,
+    wait_for,
+)
 from ..harness import mounted as harness_mounted
+from . import test_terminal
 from .test_security import Keys, keyed_daemon
-from .test_terminal import COMMANDS, TICKS, Shell
 
 
 def handed_jobs(mount) -> list[dict]:
@@ -272,24 +282,57 @@ def test_a_hand_off_socket_another_user_bound_first_gets_nothing(start_daemon, t
 
 # --- a person at a terminal --------------------------------------------------------------------
 
-def test_offld_at_a_pty_through_the_mount(start_daemon, start_mount, work):
-    """At a real pty, offld through the mount's agent: the job's terminal has the window's
-    size, Ctrl-Z stops it (the shell says Stopped, nothing is printed meanwhile) and fg
-    resumes it, Ctrl-C ends it (130), and the terminal's settings are the same afterwards."""
-    d = start_daemon(commands=COMMANDS)
+class ThroughMount(test_terminal.Route):
+    """test_terminal's route for offld through the mount's agent: the mount first on PATH,
+    offld with no -H."""
+
+    def shell(self, cwd: Path, config: str | None = None) -> test_terminal.Shell:
+        """An interactive bash whose commands go through ``offld --``."""
+        return test_terminal.Shell(cwd, str(self.mount.path), f"{BIN}/offld -- ".encode())
+
+
+AT_A_TERMINAL = [test_terminal.test_the_job_has_a_terminal_of_the_windows_size,
+                 test_terminal.test_a_python_prompt_reads_typed_lines_and_ends_on_ctrl_d,
+                 test_terminal.test_cat_reads_the_terminal_and_ctrl_d_leaves_nothing_for_the_shell,
+                 test_terminal.test_ctrl_z_stops_the_job_fg_resumes_it_ctrl_c_ends_it,
+                 test_terminal.test_a_window_change_reaches_the_job,
+                 test_terminal.test_a_background_job_reading_the_terminal_stops_as_locally,
+                 test_terminal.test_the_terminal_is_restored_when_a_raw_job_is_killed_on_the_host]
+
+
+@pytest.mark.parametrize("check", AT_A_TERMINAL, ids=lambda f: f.__name__[5:])
+def test_offld_at_a_pty_through_the_mount(check, start_daemon, start_mount, work):
+    """What a person at a terminal sees of offld (test_terminal's checks: the window's size,
+    typed keys, Ctrl-D, Ctrl-Z and fg, Ctrl-C, SIGWINCH, a background job's SIGTTIN, the
+    settings afterwards) holds through the mount's agent, which ran the jobs."""
+    d = start_daemon(commands=test_terminal.COMMANDS)
+    mount = start_mount(hosts=[d.hostport], wait_for_shim="python3")
+    shells: list[test_terminal.Shell] = []
+
+    def shell_of(route):
+        """test_terminal's shell factory, here."""
+        shells.append(route.shell(work))
+        return shells[-1]
+
+    try:
+        check(ThroughMount("offld", [d], mount, d.hostport), shell_of)
+    finally:
+        for sh in shells:
+            sh.close()
+    assert handed_jobs(mount), "no job went through the mount's agent"
+
+
+def test_ctrl_c_through_the_mount_exits_130_and_the_terminal_is_as_before(start_daemon,
+                                                                         start_mount, work):
+    """Ctrl-C of a job in raw mode through the mount: the shell sees status 130, as from
+    offld's own path, and the terminal's settings are what they were."""
+    d = start_daemon(commands=test_terminal.COMMANDS)
     mount = start_mount(hosts=[d.hostport], wait_for_shim="sh")
-    sh = Shell(work, str(mount.path), f"{BIN}/offld -- ".encode())
+    sh = ThroughMount("offld", [d], mount).shell(work)
     try:
         before = sh.settings()
-        sh.line(b"sh -c 'stty size'")
-        assert sh.expect(rb"40 100\r\n") and sh.prompt(), sh.buf
-        sh.line(TICKS)   # (no fork in the loop: a stop between vfork and exec hangs sh)
-        assert sh.expect(rb"tick\r\n", 20), sh.buf
-        sh.send(b"\x1a")
-        assert sh.expect(rb"\[1\]\+\s+Stopped") and sh.prompt(5), sh.buf
-        assert sh.quiet_for(1.0, rb"tick"), sh.buf
-        sh.line(b"fg", offload=False)
-        assert sh.expect(rb"tick\r\n", 10), sh.buf
+        sh.line(b"sh -c 'echo ready; exec sleep 60'")
+        assert sh.expect(rb"ready\r\n", 20), sh.buf
         sh.send(b"\x03")
         assert sh.prompt(), sh.buf
         sh.line(b"echo status=$?", offload=False)
@@ -297,4 +340,4 @@ def test_offld_at_a_pty_through_the_mount(start_daemon, start_mount, work):
         assert sh.settings() == before
     finally:
         sh.close()
-    assert [j["status"] for j in handed_jobs(mount)] == [0, 130]
+    assert [j["status"] for j in handed_jobs(mount)] == [130]
