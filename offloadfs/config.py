@@ -16,8 +16,8 @@ from .settings import (  # noqa: F401  (CLIENT_CONFIG, state_dir: imported from 
     CLIENT_CONFIG,
     DEFAULT_PORT,
     ConfigError,
-    default_job_log,
     host_endpoint,
+    job_log_of,
     load_toml,
     section,
     state_dir,
@@ -84,7 +84,7 @@ class ClientConfig:
         cfg.connect_timeout = float(typed(client, "connect_timeout", (int, float), 5.0))
         cfg.heartbeat = float(typed(client, "heartbeat", (int, float), 1.0))
         cfg.liveness = float(typed(client, "liveness", (int, float), 10.0))
-        cfg.job_log = typed(client, "job_log", str, "") or default_job_log()
+        cfg.job_log = job_log_of(data)
         cfg.env_pass = [str(x) for x in typed(section(data, "env"), "pass", list, [])]
         cfg.forget_after = float(typed(client, "forget_after", (int, float), 3600.0))
         commands = section(data, "commands")

@@ -16,9 +16,9 @@ import os
 import signal
 import sys
 
-from . import handoff, mountinfo
+from . import handoff, mountinfo, settings
 from .commandline import add_version
-from .settings import CLIENT_CONFIG, DEFAULT_PORT, ConfigError, default_job_log
+from .settings import DEFAULT_PORT, ConfigError
 
 OFFLOAD_ERROR = 255
 
@@ -223,11 +223,9 @@ def _restore_terminal(saved: list) -> None:
 
 
 def job_log() -> str:
-    """Where this run's job log entry goes: the VM's config's, read only when it exists."""
-    if not os.path.exists(CLIENT_CONFIG):
-        return default_job_log()
-    from .config import ClientConfig
-    return ClientConfig.load(None).job_log
+    """Where this run's job log entry goes: the VM's config's ``job_log`` (the file is read,
+    not loaded whole: the mount's agent, which holds the rest of it, checked it at its start)."""
+    return settings.job_log_of(settings.load_toml(None, settings.CLIENT_CONFIG))
 
 
 def _output_fd(path: str | None) -> int:

@@ -20,9 +20,10 @@ def state_dir() -> str:
     return os.path.join(base, "offloadfs")
 
 
-def default_job_log() -> str:
-    """The job log of a VM config that names none."""
-    return os.path.join(state_dir(), "jobs.jsonl")
+def job_log_of(data: dict) -> str:
+    """The job log a VM config names (``[client] job_log``), else $XDG_STATE_HOME's."""
+    return typed(section(data, "client"), "job_log", str, "") or \
+        os.path.join(state_dir(), "jobs.jsonl")
 
 
 class ConfigError(Exception):

@@ -263,17 +263,18 @@ def test_a_hand_off_socket_another_user_bound_first_gets_nothing(start_daemon, t
                                  str(path)], stdout=subprocess.PIPE)
     mount = Mount.__new__(Mount)   # a mount at a path chosen here (the squatter's)
     mount.path = path
-    Proc.__init__(mount, [OFFLOADFS, "mount", str(path), "-f", "-H", daemon.hostport],
-                  tmp_path / "squatted.log", cwd=tmp_path)
     try:
         assert squatter.stdout.readline() == b"up\n"
+        Proc.__init__(mount, [OFFLOADFS, "mount", str(path), "-f", "-H", daemon.hostport],
+                      tmp_path / "squatted.log", cwd=tmp_path)
         mount.ready(lambda: harness_mounted(path) and (path / "sh").exists(), "mount")
         r = offld(mount, "sh", "-c", "echo mine", cwd=work)
         assert (r.returncode, r.stdout) == (0, b"mine\n"), r.stderr
         assert squatter.stdout.readline() == b"got 0 bytes and 0 fds\n"
         assert "no hand-off socket" in mount.log()
     finally:
-        mount.unmount()
+        if hasattr(mount, "proc"):
+            mount.unmount()
         squatter.kill()
         squatter.wait()
         squatter.stdout.close()
