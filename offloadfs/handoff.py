@@ -39,6 +39,7 @@ agent forwards them as it does a waiting shim's.
 """
 from __future__ import annotations
 
+import _socket  # socket's C half: the socket module's enums cost offld ~3 ms of its start
 import json
 import os
 import signal
@@ -225,20 +226,29 @@ def stop_signal(fields: dict) -> int:
 
 # --- the socket calls, both sides --------------------------------------------------------------
 
+def connect(address: bytes):
+    """A connected stream socket to ``address`` (OSError if nobody listens there)."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def peer(sock) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end, as the kernel recorded it at
     connect (or listen) time."""
-    import socket
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)
 
 
 def send(sock, frame: bytes, fds: tuple[int, ...] = ()) -> None:
     """Send one frame (with ``fds`` on its first byte)."""
-    import socket
     view = memoryview(frame)
     if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
         view = view[sock.sendmsg([view], ancillary):]
     if view:   # (an empty send to a peer that answered and closed would be EPIPE)
         sock.sendall(view)
@@ -257,15 +267,14 @@ class Reader:
     def next(self) -> tuple[bytes, dict] | None:
         """The next frame, None at the end of the stream; HandoffError on a bad one. fds
         received meanwhile are added to ``fds`` (the caller owns them)."""
-        import socket
-        space = socket.CMSG_SPACE(self.MAX_FDS * 4)
+        space = _socket.CMSG_SPACE(self.MAX_FDS * 4)
         while not self.frames:
-            data, ancillary, flags, _ = self.sock.recvmsg(65536, space, socket.MSG_CMSG_CLOEXEC)
+            data, ancillary, flags, _ = self.sock.recvmsg(65536, space, _socket.MSG_CMSG_CLOEXEC)
             for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                     usable = len(payload) - len(payload) % 4
                     self.fds += struct.unpack(f"{usable // 4}i", payload[:usable])
-            if flags & socket.MSG_CTRUNC:
+            if flags & _socket.MSG_CTRUNC:
                 raise HandoffError("more fds than a job has")
             if not data:
                 if self.decoder.buffer:

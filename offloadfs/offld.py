@@ -11,7 +11,6 @@ direct path's modules load when it is taken.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -21,10 +20,16 @@ from .commandline import add_version
 from .settings import DEFAULT_PORT, ConfigError
 
 OFFLOAD_ERROR = 255
+# What every option is when none is given: the parser's defaults (it sets them from here), and
+# what offld uses without building the parser when its argv has no option at all.
+DEFAULTS = {"config": None, "profile": False, "host": None, "load_balancer": None,
+            "no_mount": False, "output": None, "no_logging": False, "quiet": False,
+            "debug": False, "tty": "auto", "fallback": None}
 
 
-def parser(prog: str = "offld") -> argparse.ArgumentParser:
-    """The thesis's options, ``--`` ending them."""
+def parser(prog: str = "offld"):
+    """The thesis's options, ``--`` ending them (an argparse.ArgumentParser)."""
+    import argparse  # here: offld CMD, without options, needs no parser (parse)
     p = argparse.ArgumentParser(prog=prog, description="Run COMMAND on a compute host.",
                                 usage=f"{prog} [options] [--] COMMAND [ARGS...]")
     p.add_argument("-c", "--config", metavar="FILE", help="read settings from FILE")
@@ -50,12 +55,23 @@ def parser(prog: str = "offld") -> argparse.ArgumentParser:
                    "ran), run PATH here instead, with the same arguments")
     add_version(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
+    p.set_defaults(**DEFAULTS)
     return p
+
+
+def parse(argv: list[str], prog: str = "offld"):
+    """The options of ``argv``: :data:`DEFAULTS` and the command when it has none (``offld
+    CMD ...``, ``offld -- CMD ...``: argparse and what it imports cost a few ms of each
+    start), else what the parser makes of it."""
+    if argv and (argv[0] == "--" or not argv[0].startswith("-")):
+        import types
+        return types.SimpleNamespace(**DEFAULTS, command=list(argv))
+    return parser(prog).parse_args(argv)
 
 
 def main(argv: list[str] | None = None, prog: str = "offld") -> int:
     """Entry point of ``offld``."""
-    opts = parser(prog).parse_args(argv)
+    opts = parse(sys.argv[1:] if argv is None else argv, prog)
     command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
     if not command:
         print(f"{prog}: no command given (try {prog} -h)", file=sys.stderr)
@@ -136,16 +152,14 @@ def hand_off(command: list[str], opts, say: Reporter) -> int | None:
     mnt = handoff.choose_mount(os.environ.get("PATH", ""), mountinfo.offloadfs_mounts())
     if mnt is None:
         return None
-    import socket
     log = None if opts.no_logging else job_log()   # a bad config fails before the job runs
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        try:
-            sock.connect(handoff.address(mnt))
-            _, uid, _ = handoff.peer(sock)
-        except OSError as exc:
-            say.debug(f"the mount {mnt} takes no hand-off ({exc.strerror}): connecting myself")
-            return None
+        sock = handoff.connect(handoff.address(mnt))
+    except OSError as exc:
+        say.debug(f"the mount {mnt} takes no hand-off ({exc.strerror}): connecting myself")
+        return None
+    try:
+        _, uid, _ = handoff.peer(sock)
         if uid != mountinfo.owner(mnt):
             say.debug(f"the hand-off socket of {mnt} belongs to uid {uid}, not to the "
                       f"mount's owner: connecting myself")
@@ -202,9 +216,12 @@ def _drop_pending(signals: set) -> None:
 
 def _terminal_settings(fds: tuple[int, ...]) -> list:
     """(fd, settings) of each terminal among ``fds``: put back if the mount dies mid-job."""
+    ttys = [fd for fd in dict.fromkeys(fds) if os.isatty(fd)]
+    if not ttys:
+        return []
     import termios
     saved = []
-    for fd in dict.fromkeys(fds):
+    for fd in ttys:
         try:
             saved.append((fd, termios.tcgetattr(fd)))
         except termios.error:

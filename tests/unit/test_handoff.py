@@ -160,3 +160,19 @@ def test_fallback_after_a_hand_off_follows_its_ending(monkeypatch):
                    "timings": {}})
         offld.fall_back(["true", "a"], opts, end, say)
     assert calls == [("/bin/true", ["true", "a"])]
+
+
+@pytest.mark.parametrize("argv", [["--", "true"], ["make", "-j8", "--", "x"], ["--"],
+                                  ["cc", "-o", "x"]])
+def test_an_argv_without_options_parses_as_the_parser_would(argv):
+    """offld's start without argparse (no option given) yields what the parser yields: every
+    option's default (offld.DEFAULTS, the parser's too) and the command."""
+    assert vars(offld.parse(argv)) == vars(offld.parser().parse_args(argv))
+
+
+def test_options_still_go_through_the_parser():
+    """An argv with an option is the parser's, errors and all."""
+    opts = offld.parse(["-q", "-t", "--", "true"])
+    assert (opts.quiet, opts.tty, opts.command) == (True, "force", ["--", "true"])
+    with pytest.raises(SystemExit):
+        offld.parse(["-t", "-T", "true"])

@@ -32,12 +32,12 @@ def _loaded(module: str) -> set[str]:
 
 
 def test_importing_offld_loads_no_zmq_and_only_the_hand_offs_modules():
-    """offld's start (the hand-off path) loads no zmq, no msgpack, no asyncio, and of the
-    package only HANDOFF_PATH."""
+    """offld's start (the hand-off path) loads no zmq, no msgpack, no asyncio, no argparse
+    (offld CMD without options needs no parser), and of the package only HANDOFF_PATH."""
     loaded = _loaded("offloadfs.offld")
     ours = {m for m in loaded if m == "offloadfs" or m.startswith("offloadfs.")}
     assert ours == HANDOFF_PATH
-    assert sorted(loaded.intersection({"zmq", "msgpack", *NOT_IMPORTED})) == []
+    assert sorted(loaded.intersection({"zmq", "msgpack", "argparse", *NOT_IMPORTED})) == []
 
 
 def test_importing_the_direct_path_imports_nothing_the_common_run_does_not_need():
