@@ -164,10 +164,11 @@ def hand_off(command: list[str], opts, say: Reporter) -> int | None:
             say.debug(f"the hand-off socket of {mnt} belongs to uid {uid}, not to the "
                       f"mount's owner: connecting myself")
             return None
-        out_fd = _output_fd(opts.output)
-        end = _handed(sock, command, opts, out_fd, mnt, say)
+        end = _handed(sock, command, opts, _output_fd(opts.output), mnt, say)
     finally:
         sock.close()
+    if end is None:
+        return None
     if end.error:
         fall_back(command, opts, end, say)
         say.error(end.error)
@@ -178,14 +179,19 @@ def hand_off(command: list[str], opts, say: Reporter) -> int | None:
 
 
 def _handed(sock, command: list[str], opts, out_fd: int, mnt: str, say: Reporter):
-    """Send the job with our stdio, then follow the agent's frames to the end; the forwarded
-    signals stay blocked meanwhile (pending: the agent sees them in /proc and forwards them).
-    A stop suspends us as the job did; a mount gone mid-job restores the terminal."""
+    """Send the job with our stdio, then follow the agent's frames to the end (None if the
+    job could not be sent: offld then connects itself); the forwarded signals stay blocked
+    meanwhile (pending: the agent sees them in /proc and forwards them). A stop suspends us
+    as the job did; a mount gone mid-job restores the terminal."""
     blocked = set(handoff.RELAYED)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     saved = _terminal_settings((0, out_fd, 2))
     try:
-        handoff.send(sock, handoff.Job.frame(command, opts.tty, opts.quiet), (0, out_fd, 2))
+        try:
+            handoff.send(sock, handoff.Job.frame(command, opts.tty, opts.quiet), (0, out_fd, 2))
+        except (OSError, handoff.HandoffError) as exc:   # not sent: nothing can have run
+            say.debug(f"the hand-off to {mnt} failed ({exc}): connecting myself")
+            return None
         reader = handoff.Reader(sock)
         while (frame := reader.next()) is not None:
             kind, fields = frame
