@@ -38,6 +38,13 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml daemon/_spawn.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	@# The editable install's import finder costs every Python start here ~20 ms of CPU (offld,
+	@# the shims' mount, the daemons; issue 16), and editable_mode=compat cannot map offloadd to
+	@# daemon/: a plain path entry instead, the root and a link offloadd -> daemon (new modules
+	@# are still seen at once).
+	mkdir -p $(VENV)/src && ln -sfn $(CURDIR)/daemon $(VENV)/src/offloadd
+	printf '%s\n' $(CURDIR) $(CURDIR)/$(VENV)/src > \
+		$$(ls $(VENV)/lib/python3*/site-packages/__editable__.offloadfs-*.pth)
 	touch $@
 
 demo: install

@@ -256,8 +256,9 @@ def thesis_overhead(results: dict) -> str | None:
     return (f"**Overhead per job**: the thesis's offload cost {low}-{high} ms per job (connect, "
             f"mount, unmount, disconnect). A no-op through the shim costs {shim:.1f} ms over "
             f"local at p50 ({low / shim:.0f}x less than the thesis's best case) and `offld` "
-            f"{o['offld_overhead_p50_ms']:.0f} ms (most of it Python start-up: `start` "
-            f"{o['stages_ms'].get('start', 0):.0f} ms), "
+            f"{o['offld_overhead_p50_ms']:.0f} ms through the mount's agent ("
+            f"{o.get('offld_direct_overhead_p50_ms', 0):.0f} ms on its own ZeroMQ path, most "
+            f"of it Python start-up: `start` {o['stages_ms'].get('start', 0):.0f} ms), "
             f"against {o['ssh_overhead_p50_ms']:.0f} ms for ssh with a new connection and "
             f"{o['ssh_cm_overhead_p50_ms']:.0f} ms over an ssh ControlMaster. Same machine for "
             "both ends here (loopback), so no network time is in ours.")

@@ -118,16 +118,21 @@ class Agent(ClientLoop):
         self.loop_ended = lambda: False   # set by the filesystem: libfuse's loop is ending
         self._last_signal_poll = 0.0
         self.recent: list[dict] = []
+        self.listener = None   # offld's hand-off (listener.Listener), set by the mount
 
     # --- any thread -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the agent thread."""
+        """Start the agent thread (and the hand-off listener, if the mount has one)."""
         self.thread.start()
+        if self.listener is not None:
+            self.listener.start()
 
     def stop(self) -> None:
         """Ask the agent thread to end and wait for it (running jobs are cancelled)."""
         self._stopping = True
+        if self.listener is not None:
+            self.listener.stop()
         self.poke()
         if self.thread.is_alive():
             self.thread.join(10)
@@ -362,11 +367,11 @@ class Agent(ClientLoop):
             if staged is None:
                 return
         c = request.caller
-        term = terminal.choose(request.stdio, c.pid)
+        term = terminal.choose(request.stdio, c.pid, request.tty)
         job = JobRun(link.channel, spec, request.stdio, self.wake_w, caller=c.pid,
                      staged=staged, as_caller=lambda: filesystem_ids(c.uid, c.gid),
                      terminal=term)
-        job.on_stop = lambda signum: request.emit(shim.reply_stopped(signum))
+        job.on_stop = request.stopped
         job.waits = self._notice(request, notice.place(link.endpoint,
                                                        link.endpoint in self.brokers))
         settings = term.stty() if term is not None and term.reads_keys else ""
@@ -439,7 +444,8 @@ class Agent(ClientLoop):
 
     def _notice(self, request: ShimRequest, where: str):
         """The waiting notice for the caller's stderr, if that is a terminal."""
-        return notice.at_terminal(request.stdio[2], "offloadfs", where, pid=request.caller.pid)
+        return notice.at_terminal(request.stdio[2], request.prog, where, request.quiet,
+                                  pid=request.caller.pid)
 
     def _contact(self, now: float, usable: bool = False) -> Contact:
         """The start-up rule (states.first_contact) over the links, bounded by the connect

@@ -12,13 +12,22 @@ import os
 from typing import TYPE_CHECKING
 
 from .export import ExportConfig
-from .settings import DEFAULT_PORT, ConfigError, host_endpoint, load_toml, section, typed
+from .settings import (  # noqa: F401  (CLIENT_CONFIG, state_dir: imported from here too)
+    CLIENT_CONFIG,
+    DEFAULT_PORT,
+    ConfigError,
+    host_endpoint,
+    job_log_of,
+    load_toml,
+    section,
+    state_dir,
+    typed,
+)
 from .tomlcheck import ANY
 
 if TYPE_CHECKING:
     from .keys import Keychain
 
-CLIENT_CONFIG = "/etc/offloadfs/offloadfs.toml"
 SCHEMA = {   # every table and key the VM's file may have (tomlcheck); ANY: names of one's own
     "client": {"hosts", "brokers", "connect_timeout", "heartbeat", "liveness", "job_log",
                "forget_after"},
@@ -31,12 +40,6 @@ SCHEMA = {   # every table and key the VM's file may have (tomlcheck); ANY: name
     "security": {"secret_key", "server_key"},
     "security.server_keys": ANY,
 }
-
-
-def state_dir() -> str:
-    """Where the VM side keeps its job log and state: $XDG_STATE_HOME/offloadfs."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "offloadfs")
 
 
 @dataclasses.dataclass
@@ -81,7 +84,7 @@ class ClientConfig:
         cfg.connect_timeout = float(typed(client, "connect_timeout", (int, float), 5.0))
         cfg.heartbeat = float(typed(client, "heartbeat", (int, float), 1.0))
         cfg.liveness = float(typed(client, "liveness", (int, float), 10.0))
-        cfg.job_log = typed(client, "job_log", str, "") or os.path.join(state_dir(), "jobs.jsonl")
+        cfg.job_log = job_log_of(data)
         cfg.env_pass = [str(x) for x in typed(section(data, "env"), "pass", list, [])]
         cfg.forget_after = float(typed(client, "forget_after", (int, float), 3600.0))
         commands = section(data, "commands")

@@ -30,6 +30,7 @@ import zmq
 
 from . import heap, notice, protocol, staging
 from .channel import Channel, OffloadError
+from .handoff import RELAYED
 from .protocol import Message
 from .states import IllegalTransition, JobState, advance
 from .terminal import Terminal, foreground
@@ -40,8 +41,7 @@ OUTPUT = protocol.accepted_by(protocol.CLIENT) & protocol.PAYLOAD_KINDS   # spen
 BEFORE_START = OUTPUT | {"stopped", "exit"}   # illegal before ``started`` (a job's state)
 STOP_SIGNALS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGSTOP})
 # The caller's signals a job gets: the protocol's forwarded ones, and a stop (handled apart).
-FORWARDED = tuple(signal.Signals["SIG" + name]
-                  for name in protocol.FORWARDED_SIGNALS + ("TSTP",))
+FORWARDED = RELAYED   # (handoff's: offld blocks them while the mount's agent runs its job)
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 SIGNAL_GRACE = 5.0   # seconds a host may stay silent after an ending signal was forwarded
 SINK_WAIT = 5.0   # seconds a stop waits for the terminal's output before it restores it

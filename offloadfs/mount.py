@@ -26,6 +26,7 @@ def mount(args) -> int:
     from .agent import Agent
     from .fs import ShimFS
     from .fusebinding import FUSE
+    from .listener import Listener
     from .registry import Registry
 
     logsetup.setup("offloadfs", args.debug, args.log)
@@ -39,8 +40,10 @@ def mount(args) -> int:
         cfg.keys.for_endpoint(endpoint)   # a host without a server key: say so now, not later
     registry = Registry(cfg.allow, cfg.deny, cfg.state_file)
     agent = Agent(cfg, registry, hosts, brokers(args, cfg))
+    fs = ShimFS(registry, agent, os.getuid(), mnt, args.debug)
+    agent.listener = Listener(agent, mnt, fs._dev)   # offld's hand-off (listener, handoff)
     log.info("mounting %s for %s", mnt, " ".join(agent.endpoints) or "(no hosts)")
-    FUSE(ShimFS(registry, agent, os.getuid(), mnt, args.debug), mnt, raw_fi=True,
+    FUSE(fs, mnt, raw_fi=True,
          foreground=args.foreground, nothreads=False, auto_unmount=True, fsname="offloadfs",
          subtype="offloadfs", attr_timeout=1, entry_timeout=1, **_allow_other())
     log.info("unmounted %s", mnt)

@@ -122,7 +122,8 @@ DATA_MODES = (DATA_STAGE, DATA_NFS)
 MAX_STAGE_BYTES = 2**40   # a staged job's announced input (``data.bytes``)
 # Signals a client relays to its job as they are (by name, as ``kill -l`` and ``trap`` spell
 # them); a stop (TSTP) is relayed too but handled apart, see "Terminals".
-FORWARDED_SIGNALS = ("INT", "TERM", "HUP", "QUIT", "USR1", "USR2", "WINCH")
+# (Defined in ``handoff``, which offld's fast path imports without this module.)
+from .handoff import FORWARDED_SIGNALS  # noqa: E402, F401
 
 
 class ProtocolError(Exception):

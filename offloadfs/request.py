@@ -102,7 +102,11 @@ class ShimRequest:
     before the hand-off, by the FUSE thread itself), which sets exactly one of ``outcome``
     (the job ran), ``local`` (run locally, with the reason) or ``refusal``. Before that, the
     agent may :meth:`emit` lines for the shim (the terminal's settings, a stop); the FUSE
-    thread hands them out in order from :meth:`next_line`."""
+    thread hands them out in order from :meth:`next_line`. ``prog``, ``quiet`` and ``tty``
+    are how the agent shows the queue notice and chooses the terminal (a hand-off from offld,
+    ``listener.HandedRequest``, sets its own)."""
+
+    prog, quiet, tty = "offloadfs", False, "auto"
 
     def __init__(self, name: str, args: list[bytes], caller: Caller, policy: str,
                  stdio: tuple[int, int, int] | None, debug: bool = False):
@@ -151,18 +155,28 @@ class ShimRequest:
         """Agent thread: a line for the shim before the last one."""
         self.lines.put(line)
 
+    def stopped(self, signum: int) -> None:
+        """Agent thread: the job stopped on the host; the caller stops likewise."""
+        self.emit(shim.reply_stopped(signum))
+
+    def next_event(self) -> bytes | None:
+        """The waiting thread: the next line before the last, or None once decided and the
+        caller's output is all written."""
+        line = self.lines.get()
+        if line is None and self.job is not None:
+            self.job.join()
+        return line
+
     def next_line(self) -> tuple[bytes, bool]:
         """FUSE thread: wait for the shim's next line; (line, True) for the last one, once the
         caller's output is all written."""
-        line = self.lines.get()
+        line = self.next_event()
         if line is not None:
             return line, False
-        if self.job is not None:
-            self.job.join()
         try:
             return self._reply(), True
         finally:
-            self._close()
+            self.close()
 
     def _reply(self) -> bytes:
         """The reply line, after any message of ours on the caller's stderr."""
@@ -197,7 +211,7 @@ class ShimRequest:
         if self.verbose:
             self._say(text)
 
-    def _close(self) -> None:
+    def close(self) -> None:
         """Close our duplicates of the caller's fds and its pidfd."""
         for fd in self.stdio or ():
             os.close(fd)

@@ -11,6 +11,19 @@ import os
 
 DEFAULT_PORT = 7788
 MAX_PORT = 65535
+CLIENT_CONFIG = "/etc/offloadfs/offloadfs.toml"   # the VM side's file (config.ClientConfig)
+
+
+def state_dir() -> str:
+    """Where the VM side keeps its job log and state: $XDG_STATE_HOME/offloadfs."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "offloadfs")
+
+
+def job_log_of(data: dict) -> str:
+    """The job log a VM config names (``[client] job_log``), else $XDG_STATE_HOME's."""
+    return typed(section(data, "client"), "job_log", str, "") or \
+        os.path.join(state_dir(), "jobs.jsonl")
 
 
 class ConfigError(Exception):

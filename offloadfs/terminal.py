@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import stat
 import struct
 import termios
 
 from . import protocol
+from .handoff import JOB_CONTROL  # noqa: F401  (stops a caller mirrors; one copy)
 
 DEFAULT_SIZE = (24, 80, 0, 0)   # a forced pty (offld -t) without a local terminal
-JOB_CONTROL = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)   # stops a caller mirrors
 
 
 def choose(stdio: tuple[int, int, int], pid: int, mode: str = "auto") -> Terminal | None:

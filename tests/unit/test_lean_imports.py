@@ -1,5 +1,7 @@
-"""offld starts lean (issue 16): ``import offloadfs.offld`` pulls in no module that only some
-runs need, and the channel's own monitor parsing reads what libzmq sends."""
+"""offld starts lean (issue 16): ``import offloadfs.offld`` (the hand-off to a mount's agent)
+loads the standard library and offld's few leaf modules only, no zmq; its direct path
+(``offloadfs.direct``) pulls in no module that only some runs need; and the channel's own
+monitor parsing reads what libzmq sends."""
 import subprocess
 import sys
 
@@ -16,13 +18,32 @@ NOT_IMPORTED = ("asyncio", "zmq.asyncio", "zmq.utils.monitor", "ssl", "concurren
                 "offloadfs.keys", "offloadfs.caller")
 
 
-def test_importing_offld_imports_nothing_the_common_run_does_not_need():
-    """A fresh interpreter that imports offloadfs.offld has none of NOT_IMPORTED loaded."""
-    done = subprocess.run([sys.executable, "-c", "import offloadfs.offld, sys; "
+# What offld's hand-off path may load of the package: offld itself and these leaves.
+HANDOFF_PATH = {"offloadfs", "offloadfs.offld", "offloadfs.handoff", "offloadfs.mountinfo",
+                "offloadfs.commandline", "offloadfs.settings"}
+
+
+def _loaded(module: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after importing ``module``."""
+    done = subprocess.run([sys.executable, "-c", f"import {module}, sys; "
                            "print('\\n'.join(sorted(sys.modules)))"],
                           capture_output=True, text=True, timeout=60, check=True)
-    loaded = set(done.stdout.split())
-    assert "offloadfs.offld" in loaded and "zmq" in loaded
+    return set(done.stdout.split())
+
+
+def test_importing_offld_loads_no_zmq_and_only_the_hand_offs_modules():
+    """offld's start (the hand-off path) loads no zmq, no msgpack, no asyncio, no argparse
+    (offld CMD without options needs no parser), and of the package only HANDOFF_PATH."""
+    loaded = _loaded("offloadfs.offld")
+    ours = {m for m in loaded if m == "offloadfs" or m.startswith("offloadfs.")}
+    assert ours == HANDOFF_PATH
+    assert sorted(loaded.intersection({"zmq", "msgpack", "argparse", *NOT_IMPORTED})) == []
+
+
+def test_importing_the_direct_path_imports_nothing_the_common_run_does_not_need():
+    """A fresh interpreter that imports offld's direct path has none of NOT_IMPORTED loaded."""
+    loaded = _loaded("offloadfs.direct")
+    assert "offloadfs.direct" in loaded and "zmq" in loaded
     assert sorted(loaded.intersection(NOT_IMPORTED)) == []
 
 
