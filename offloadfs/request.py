@@ -18,6 +18,7 @@ import dataclasses
 import enum
 import os
 import queue
+import time
 from typing import TYPE_CHECKING
 
 from . import shim
@@ -105,9 +106,12 @@ class ShimRequest:
     thread hands them out in order from :meth:`next_line`."""
 
     def __init__(self, name: str, args: list[bytes], caller: Caller, policy: str,
-                 stdio: tuple[int, int, int] | None, debug: bool = False):
+                 stdio: tuple[int, int, int] | None, debug: bool = False,
+                 stamps: dict[str, int] | None = None):
         """A request to run ``name`` with ``args`` for ``caller``, whose fds 0-2 we hold as
-        ``stdio`` (the request closes them when it is done); ``debug`` tells where it ran."""
+        ``stdio`` (the request closes them when it is done); ``debug`` tells where it ran;
+        ``stamps`` are its moments so far (:meth:`stamp`)."""
+        self.stamps = {} if stamps is None else stamps
         self.name, self.args, self.caller, self.policy = name, args, caller, policy
         self.verbose = debug or caller.debug()
         self.lines: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()   # None: decided
@@ -139,6 +143,7 @@ class ShimRequest:
 
     def decide_outcome(self, outcome: Outcome) -> None:
         """Agent thread: the job ended."""
+        self.stamp("decided")
         self.outcome = outcome
         self.lines.put(None)
 
@@ -157,12 +162,19 @@ class ShimRequest:
         line = self.lines.get()
         if line is not None:
             return line, False
+        self.stamp("woke")
         if self.job is not None:
             self.job.join()
         try:
             return self._reply(), True
         finally:
             self._close()
+            self.stamp("replied")
+
+    def stamp(self, moment: str) -> None:
+        """Any thread: note when ``moment`` happened (monotonic ns; the mount's status shows
+        them, bench overhead turns them into the shim's time breakdown)."""
+        self.stamps[moment] = time.monotonic_ns()
 
     def _reply(self) -> bytes:
         """The reply line, after any message of ours on the caller's stderr."""

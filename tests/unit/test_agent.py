@@ -183,7 +183,7 @@ def test_the_filesystem_decides_when_there_is_no_agent(stdio, policy, line, coun
     registry.policies["cat"] = policy
     fs = ShimFS(registry, None)
     session = types.SimpleNamespace(name="cat", caller=FakeCaller(), args=b"/m/cat\x000\x00",
-                                    take_stdio=stdio.dup)
+                                    take_stdio=stdio.dup, stamps={})
     request = fs._start(session)
     assert reply(request) == line and registry.stats["cat"].counts[count] == 1
     if policy == "always":
