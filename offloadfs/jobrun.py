@@ -100,13 +100,16 @@ class Sink(threading.Thread):
         self.broken = False
 
     def put(self, data: bytes) -> None:
-        """Queue a chunk for writing."""
+        """Queue a chunk for writing (the thread starts with the first: a job that writes
+        nothing, most no-ops, costs no thread)."""
         self.chunks.put(data)
+        if self.ident is None:
+            self.start()
 
     def then(self, action, wait: bool = False) -> None:
         """Run ``action()`` on the sink's thread after the chunks queued before it (a terminal
         mode change must not overtake output meant for the old mode); ``wait`` until done."""
-        if not self.is_alive():
+        if not self.is_alive():   # nothing queued before it (not started, or ended)
             action()
             return
         done = threading.Event()
@@ -211,9 +214,7 @@ class JobRun:
     # --- sending -------------------------------------------------------------------------------
 
     def submit(self) -> None:
-        """Send the job and start the sinks."""
-        for sink in self.sinks.values():
-            sink.start()
+        """Send the job (each sink starts with its first chunk)."""
         s = self.spec
         extra = {"data": s.data} if s.data else {}
         if self.terminal is not None:
