@@ -18,6 +18,7 @@ import ctypes
 import importlib
 import importlib.util
 import os
+import threading
 
 from .settings import ConfigError
 
@@ -136,6 +137,11 @@ if BINDING == "mfusepy":
                 if not (self.served and exc.args == (LOOP_FAILED,)):
                     raise
 
+        def _wrapper(self, func, *args, **kwargs):
+            """Every callback: mfusepy's, on a thread whose Python state is kept."""
+            _keep_thread_state()
+            return super()._wrapper(func, *args, **kwargs)
+
         def init_fuse_3(self, conn, config):
             """The mount is being served."""
             self.served = True
@@ -146,6 +152,22 @@ if BINDING == "mfusepy":
             return self.ftruncate(path, length, fip)
 else:
     _Fuse = _impl.FUSE
+
+
+_kept: set[int] = set()   # libfuse threads whose Python thread state lives on
+
+
+def _keep_thread_state() -> None:
+    """Keep the calling libfuse worker thread's Python thread state from one callback to the
+    next. ctypes wraps each callback of a thread Python did not start in PyGILState_Ensure and
+    Release, which make and destroy a thread state (and its 16 KiB frame stack, mmap and
+    munmap) every time; one Ensure more, never released, keeps it. Only where libfuse never
+    ends its idle threads (3.12+, given max_idle_threads; libfuse 2 ends them past 10 idle,
+    and a kept state would then leak)."""
+    ident = threading.get_ident()
+    if ident not in _kept and LIBFUSE >= (3, 12):
+        _kept.add(ident)
+        ctypes.pythonapi.PyGILState_Ensure()
 
 
 def FUSE(operations, mountpoint: str, **options) -> None:  # noqa: N802 (the bindings' name)
