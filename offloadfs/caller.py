@@ -109,8 +109,20 @@ def _identity(pid: int) -> tuple[int, int, list[int]]:
 
 def _status(pid: int) -> bytes:
     """/proc/PID/status (read whole: its lines are looked up, not walked)."""
-    with open(f"/proc/{pid}/status", "rb") as f:
-        return f.read()
+    return _read(f"/proc/{pid}/status")
+
+
+def _read(path: str) -> bytes:
+    """The whole of a /proc file, with plain reads (no buffered file: it would fstat, ask
+    whether the file is a terminal and seek, each a syscall, on every control open)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def _field(status: bytes, name: bytes) -> list[bytes]:
@@ -125,8 +137,7 @@ def _field(status: bytes, name: bytes) -> list[bytes]:
 
 def _environ(pid: int) -> dict[bytes, bytes]:
     """The environment ``pid`` was started with."""
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        data = f.read()
+    data = _read(f"/proc/{pid}/environ")
     env = {}
     for item in data.split(b"\0"):
         key, sep, value = item.partition(b"=")
