@@ -82,29 +82,41 @@ class Outcome:
     signal: int | None = None
 
 
-class Sink(threading.Thread):
+class Sink:
     """Writes one stream's chunks to a fd, blocking, off the loop thread.
 
-    The loop thread calls :meth:`put`, :meth:`end` and :meth:`take`; the sink thread writes
-    and pokes ``wake_fd`` after each chunk so that the loop returns credit promptly.
+    The loop thread calls :meth:`put`, :meth:`end` and :meth:`take`; the sink's thread (made
+    and started with the first chunk: a job that writes nothing on a stream, most no-ops,
+    costs no thread) writes and pokes ``wake_fd`` after each chunk so that the loop returns
+    credit promptly.
     """
 
     def __init__(self, name: str, fd: int, wake_fd: int, transform=None):
         """A sink for ``fd`` named after its stream; ``transform`` (if given) rewrites each
         chunk just before it is written."""
-        super().__init__(name=f"offloadfs-{name}-sink", daemon=True)
+        self.name = f"offloadfs-{name}-sink"
         self.fd, self.wake_fd, self.transform = fd, wake_fd, transform
         self.chunks: queue.SimpleQueue = queue.SimpleQueue()   # bytes, a callable, or None
         self.lock = threading.Lock()
         self.written = 0
         self.broken = False
+        self.thread: threading.Thread | None = None
 
     def put(self, data: bytes) -> None:
-        """Queue a chunk for writing (the thread starts with the first: a job that writes
-        nothing, most no-ops, costs no thread)."""
+        """Queue a chunk for writing (the first starts the sink's thread)."""
         self.chunks.put(data)
-        if self.ident is None:
-            self.start()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+            self.thread.start()
+
+    def is_alive(self) -> bool:
+        """True while the sink's thread runs."""
+        return self.thread is not None and self.thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the sink's thread (if it ever started) to end."""
+        if self.thread is not None:
+            self.thread.join(timeout)
 
     def then(self, action, wait: bool = False) -> None:
         """Run ``action()`` on the sink's thread after the chunks queued before it (a terminal
