@@ -76,8 +76,8 @@ PARTS = (
     ("the arguments' write, the first read, parse and policy", "opened", "submitted"),
     ("hand-off to the agent thread (queue, wake pipe, poll)", "submitted", "dispatch"),
     ("agent: the job built and sent", "dispatch", "sent"),
-    ("ZeroMQ round trip and the daemon's messaging (submit to exit, less the host's stages)",
-     "sent", "finished"),
+    ("the daemon outside its stages, and the ZeroMQ round trip (submit to exit, less the "
+     "host's stages)", "sent", "finished"),
     ("the host's queue, attach, run, drain (as the daemon reports them)", None, None),
     ("agent concludes, the FUSE thread wakes", "finished", "woke"),
     ("the reply line built (sinks joined)", "woke", "replied"),
