@@ -376,6 +376,8 @@ class Agent(ClientLoop):
         if settings:
             request.emit(shim.reply_settings(settings))
         request.job = job
+        if not self.requests:   # the first look at its signals a poll interval from now, not
+            self._last_signal_poll = time.monotonic()   # in this round (early ones: below)
         self.requests[job.id] = request
         link.in_flight += 1
         job.submit()
