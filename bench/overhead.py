@@ -24,23 +24,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from offloadfs import protocol
 
 from .common import (
+    START_DEADLINE,
+    XATTR_STATUS,
     BenchError,
     Daemon,
     Distccd,
     Shims,
     Sshd,
+    cpu_seconds,
     daemon,
     distccd,
     machine_info,
     md_table,
+    median,
     median_by_key,
     parse_profile,
     percentile,
@@ -60,6 +67,29 @@ RUNS, QUICK_RUNS = 200, 30
 WARMUP, QUICK_WARMUP = 5, 3
 DAEMON_COMMANDS = {"true": "/bin/true", "gcc": "/usr/bin/gcc"}
 THESIS_BAND_MS = (50, 350)
+BREAKDOWN_RUNS, QUICK_BREAKDOWN_RUNS = 50, 20   # at most the 50 jobs the mount's status keeps
+ROUND_TRIPS = 200          # listxattr calls timed for the cost of one FUSE request
+SHIM_TARGET_MS, SHIM_P99_TARGET_MS = 3.0, 6.0   # issue 16: over local true, p50 and p99
+# The shim's no-op, part by part: (label, from, to) between the moments the mount stamps on
+# each job (ShimRequest.stamp; "t0"/"t1": the bench starting the shim and seeing it end); the
+# host's own stages come out of the ZeroMQ part.
+PARTS = (
+    ("spawn, dash start, the script up to its control open", "t0", "open"),
+    ("control open: the caller's /proc, pidfd_getfd of its stdio", "open", "opened"),
+    ("the arguments' write, the first read, parse and policy", "opened", "submitted"),
+    ("hand-off to the agent thread (queue, wake pipe, poll)", "submitted", "dispatch"),
+    ("agent: the job built and sent", "dispatch", "sent"),
+    ("the daemon outside its stages, and the ZeroMQ round trip (submit to exit, less the "
+     "host's stages)", "sent", "finished"),
+    ("the host's queue, attach, run, drain (as the daemon reports them)", None, None),
+    ("agent concludes, the FUSE thread wakes", "finished", "woke"),
+    ("the reply line built (sinks joined)", "woke", "replied"),
+    ("the shim reads the rest of the reply (dash reads a byte per read)", "replied",
+     "read_last"),
+    ("the shim closes its control file and exits, the bench sees it end", "read_last", "t1"),
+)
+HOST_PART = PARTS[6][0]
+HOST_STAGES = ("queue", "attach", "run", "drain")
 STAGES = tuple(s for s in protocol.STAGES if s != "total")   # start: interpreter, imports
 CURVE_TARGET_SHARE = 0.10   # CURVE may add at most this share of the shim's overhead
 COMPARE = (("shim", "ssh"), ("shim", "ssh_cm"), ("offld", "ssh"), ("shim_gcc", "distcc"),
@@ -244,9 +274,12 @@ def run(opts) -> dict:
             raise BenchError(f"distccd logged {s.distcc.compiled()} compiles of {total}:\n"
                              + s.distcc.log.read_text(errors="replace")[-2000:])
         identical = same_objects(s.tmp)
+        breakdown = shim_breakdown(s.d, s.m, QUICK_BREAKDOWN_RUNS if opts.quick
+                                   else BREAKDOWN_RUNS)
     result = results(measured, samples, profiles, warmup)
     result["shim_stages_mean_ms"] = {k: shim_stats["mean_ms"][k] for k in STAGES
                                      if k in shim_stats["mean_ms"]}
+    result["shim_breakdown_ms"] = breakdown
     result["gcc_objects_identical"] = identical
     result["curve"] = curve_figures(result) if s.curve else {"skipped": s.curve_skipped}
     result["small_c"] = SMALL_C
@@ -267,6 +300,108 @@ def measure(measured: list[JobPath], runs: int, warmup: int, env: dict[str, str]
                 samples[p.name].append(ms)
                 profiles[p.name] += [stages] if stages else []
     return samples, profiles
+
+
+def shim_breakdown(d: Daemon, m: Shims, runs: int) -> dict:
+    """Where a no-op through the shim spends its time: ``runs`` shim runs (each after a
+    local ``true``, the reference), the moments the mount stamped on each job, the host's
+    stages, the FUSE callbacks per run, and what one FUSE request (listxattr) and one ZeroMQ
+    round trip (an echo) cost."""
+    env = d.client_env()
+    ops_before = fuse_ops(m)
+    cpu_before = cpu_seconds(m.proc.pid, children=False)
+    local, bounds = [], []
+    for _ in range(runs):
+        local.append(timed_run(["/bin/true"], env)[0])
+        t0 = time.monotonic_ns()
+        timed_run([m.shim("true")], env)
+        bounds.append((t0, time.monotonic_ns()))
+    ops_after = fuse_ops(m)
+    mount_cpu_ms = (cpu_seconds(m.proc.pid, children=False) - cpu_before) * 1000 / runs
+    jobs = json.loads(os.getxattr(str(m.path), XATTR_STATUS))["jobs"][-runs:]
+    parts = [job_parts(job, t0, t1) for job, (t0, t1) in zip(jobs, bounds, strict=True)]
+    per_run = {op: round((n - ops_before.get(op, (0, 0))[0]) / runs, 2)
+               for op, (n, _) in ops_after.items() if op not in ("getxattr", "listxattr")}
+    callback_ms = {op: round((ns - ops_before.get(op, (0, 0))[1]) / runs / 1e6, 3)
+                   for op, (_, ns) in ops_after.items() if op in per_run}
+    return {"runs": runs, "parts": {k: round(median([p[k] for p in parts]), 3)
+                                    for k in parts[0]},
+            "total_ms": round(median([p["total"] for p in parts]), 3),
+            "local_true_ms": round(median(local), 3),
+            "fuse_callbacks_per_run": {k: v for k, v in per_run.items() if v},
+            "fuse_requests_per_run": round(sum(per_run.values()), 2),
+            "fuse_callback_ms_per_run": {k: v for k, v in callback_ms.items() if per_run[k]},
+            "mount_cpu_ms_per_run": round(mount_cpu_ms, 3),
+            "fuse_round_trip_ms": fuse_round_trip(m),
+            "zmq_round_trip_ms": zmq_round_trip()}
+
+
+def job_parts(job: dict, t0: int, t1: int) -> dict[str, float]:
+    """One job's parts (ms, PARTS), and its ``total`` from the bench's own clock."""
+    stamps = {**job["stamps"], "t0": t0, "t1": t1}
+    host = 1000 * sum(job.get(k, 0.0) for k in HOST_STAGES)
+    out = {}
+    for label, start, end in PARTS:
+        if start is None:
+            out[label] = host
+            continue
+        out[label] = (stamps[end] - stamps[start]) / 1e6
+    out[PARTS[5][0]] -= host
+    out["total"] = (t1 - t0) / 1e6
+    return out
+
+
+def fuse_ops(m: Shims) -> dict[str, tuple[int, int]]:
+    """The mount's FUSE callbacks so far: {op: (calls, ns spent in them)}."""
+    ops = json.loads(os.getxattr(str(m.path), XATTR_STATUS)).get("fuse_ops", {})
+    return {op: (v["calls"], v["ns"]) for op, v in ops.items()}
+
+
+def fuse_round_trip(m: Shims) -> float:
+    """The median time (ms) of one FUSE request from here to the mount and back: a
+    listxattr of a shim, which no cache answers."""
+    times = []
+    for _ in range(ROUND_TRIPS):
+        start = time.perf_counter_ns()
+        os.listxattr(m.shim("true"))
+        times.append((time.perf_counter_ns() - start) / 1e6)
+    return round(median(times), 3)
+
+
+ECHO = """import sys, zmq
+s = zmq.Context().socket(zmq.ROUTER)
+port = s.bind_to_random_port("tcp://127.0.0.1")
+print(port, flush=True)
+while True:
+    s.send_multipart(s.recv_multipart())
+"""
+
+
+def zmq_round_trip() -> float:
+    """The median time (ms) of a message and its echo between a DEALER here and a ROUTER in
+    another Python process over loopback (pyzmq both ends, as agent and daemon): the floor of
+    the shim's ZeroMQ part."""
+    import zmq
+
+    echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.connect(f"tcp://127.0.0.1:{int(echo.stdout.readline())}")
+        times = []
+        for _ in range(ROUND_TRIPS + 5):
+            start = time.perf_counter_ns()
+            sock.send(b"x" * 200)
+            if not sock.poll(START_DEADLINE * 1000):
+                raise BenchError("the ZeroMQ echo process did not answer")
+            sock.recv()
+            times.append((time.perf_counter_ns() - start) / 1e6)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        echo.kill()
+        echo.wait()
+    return round(median(times[5:]), 3)
 
 
 def same_objects(tmp: Path) -> bool:
@@ -357,6 +492,31 @@ def stage_rows(r: dict) -> list[list]:
     return rows
 
 
+def breakdown_rows(r: dict) -> list[list]:
+    """The shim's no-op part by part (median ms of each over the breakdown's runs)."""
+    b = r["shim_breakdown_ms"]
+    return [[label, ms] for label, ms in b["parts"].items() if label != "total"] + \
+        [["total (median of the runs' totals)", b["total_ms"]],
+         ["local `/bin/true`, the same loop", b["local_true_ms"]]]
+
+
+def breakdown_lines(r: dict) -> list[str]:
+    """The counts and costs under the breakdown table, and the issue's target."""
+    b = r["shim_breakdown_ms"]
+    ops = ", ".join(f"{op} {n:g}" for op, n in sorted(b["fuse_callbacks_per_run"].items()))
+    over, over99 = r["shim_p50_ms"] - r["local_p50_ms"], r["shim_p99_ms"] - r["local_p99_ms"]
+    met = over <= SHIM_TARGET_MS and over99 <= SHIM_P99_TARGET_MS
+    return [f"FUSE requests per run: {b['fuse_requests_per_run']:g} ({ops}); one FUSE request "
+            f"(listxattr) takes {b['fuse_round_trip_ms']:.3f} ms from a caller and back; a "
+            f"ZeroMQ message and its echo between two Python processes "
+            f"{b['zmq_round_trip_ms']:.3f} ms; the mount process spent "
+            f"{b['mount_cpu_ms_per_run']:.2f} ms of CPU per run. "
+            f"Medians of {b['runs']} runs each, so the parts need not add up to the total.",
+            f"Issue 16's target, the shim within {SHIM_TARGET_MS:g} ms of local `true` at p50 "
+            f"and {SHIM_P99_TARGET_MS:g} ms at p99: +{over:.2f} ms and +{over99:.2f} ms, "
+            f"{'met' if met else 'missed'}."]
+
+
 def report(measured: list[JobPath], r: dict) -> None:
     """Print the per-path table, the comparisons and the stage breakdown."""
     print()
@@ -370,6 +530,10 @@ def report(measured: list[JobPath], r: dict) -> None:
           + ", ".join(f"{k} {v:.1f} ms" for k, v in r["shim_stages_mean_ms"].items())
           + f"; the other {r['shim_p50_ms'] - daemon_ms:.1f} ms of its p50 are sh, FUSE, the "
           "mount's agent and the round trip")
+    print(f"\nshim no-op, part by part (median of {r['shim_breakdown_ms']['runs']} runs):")
+    print_table(["part", "ms"], breakdown_rows(r))
+    for line in breakdown_lines(r):
+        print(line)
     if "skipped" in r["curve"]:
         print(f"\nCURVE: skipped ({r['curve']['skipped']})")
     else:
@@ -400,8 +564,18 @@ def markdown(r: dict) -> list[str]:
               "The shim's jobs as the daemon timed them (mean): "
               + ", ".join(f"{k} {v:.2f} ms" for k, v in r["shim_stages_mean_ms"].items())
               + f"; the rest of its {r['shim_p50_ms']:.1f} ms are sh, FUSE, the mount's agent "
-              "and the loopback round trip."]
+              "and the loopback round trip.", "",
+              *(breakdown_section(r) if "shim_breakdown_ms" in r else [])]
     return lines
+
+
+def breakdown_section(r: dict) -> list[str]:
+    """The shim's breakdown in RESULTS.md: the table and what is under it."""
+    return [f"The shim's no-op part by part, from the moments the mount stamps on each job "
+            f"(`stamps` in `user.offload.status`), the host's stages and the bench's own "
+            f"clock around each run ({r['shim_breakdown_ms']['runs']} runs after the "
+            f"interleaved ones, each after a local `true`):", "",
+            md_table(["part", "ms"], breakdown_rows(r)), "", *breakdown_lines(r)]
 
 
 # --- the plot -------------------------------------------------------------------------------

@@ -139,6 +139,7 @@ class Agent(ClientLoop):
 
     def submit(self, request: ShimRequest) -> None:
         """Hand a shim's request to the agent thread."""
+        request.stamp("submitted")
         self.inbox.put(request)
         self.poke()
 
@@ -305,6 +306,7 @@ class Agent(ClientLoop):
     def finished(self, job: JobRun) -> None:
         """A shim's job ended: its shim gets its answer, whatever goes wrong in the books."""
         request = self.requests.pop(job.id)
+        request.stamp("finished")
         try:
             self._conclude(request, job)
         except Exception:
@@ -335,6 +337,7 @@ class Agent(ClientLoop):
     def _dispatch(self, request: ShimRequest, waits=notice.SILENT) -> None:
         """Send a request to a host, or decide to run it locally or refuse it; or let it wait
         for a host's first answer (``waits``: the notice its caller sees meanwhile)."""
+        request.stamp("dispatch")
         link = self._pick(request.name)
         now = time.monotonic()
         contact = self._contact(now, usable=link is not None)
@@ -378,9 +381,12 @@ class Agent(ClientLoop):
         if settings:
             request.emit(shim.reply_settings(settings))
         request.job = job
+        if not self.requests:   # the first look at its signals a poll interval from now, not
+            self._last_signal_poll = time.monotonic()   # in this round (early ones: below)
         self.requests[job.id] = request
         link.in_flight += 1
         job.submit()
+        request.stamp("sent")
         self.add(job)
         for signum in request.early_signals:  # caught by the shim before it asked
             job.signal(signum)
@@ -529,13 +535,15 @@ class Agent(ClientLoop):
         hosts = [{"endpoint": link.endpoint, "host": link.name, "state": link.state.value,
                   "commands": list(link.commands), "in_flight": link.in_flight,
                   **_load(link.channel.welcome)} for link in list(self.links)]
-        return {"hosts": hosts, "jobs": list(self.recent)}
+        jobs = [{**job, "stamps": dict(job["stamps"])} for job in list(self.recent)]
+        return {"hosts": hosts, "jobs": jobs}
 
     def _remember(self, request: ShimRequest, where: str, why: str, status: int,
                   timings: dict) -> None:
         """Keep the last jobs for status: where each ran, why, and its stage timings."""
         entry = {"command": request.name, "where": where, "why": why, "status": status,
-                 "uid": request.caller.uid, **{k: round(v, 6) for k, v in timings.items()}}
+                 "uid": request.caller.uid, **{k: round(v, 6) for k, v in timings.items()},
+                 "stamps": request.stamps}   # still filling in: copied by status()
         self.recent = (self.recent + [entry])[-50:]
 
 

@@ -90,38 +90,54 @@ class Caller:
 def pending_signals(pid: int) -> set[int]:
     """Signals pending for ``pid`` (process-wide and its main thread's); empty if gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            text = f.read()
-    except OSError:
+        status = _status(pid)
+        mask = int(_field(status, b"SigPnd")[0], 16) | int(_field(status, b"ShdPnd")[0], 16)
+    except (OSError, ValueError, IndexError):
         return set()
-    mask = 0
-    for line in text.splitlines():
-        if line.startswith(("SigPnd:", "ShdPnd:")):
-            mask |= int(line.split()[1], 16)
     return {n for n in range(1, 65) if mask & (1 << (n - 1))}
 
 
 def _identity(pid: int) -> tuple[int, int, list[int]]:
     """(uid, gid, groups) of ``pid``: the real ids from /proc/PID/status."""
-    uid = gid = None
-    groups: list[int] = []
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Uid:"):
-                uid = int(line.split()[1])
-            elif line.startswith("Gid:"):
-                gid = int(line.split()[1])
-            elif line.startswith("Groups:"):
-                groups = [int(g) for g in line.split()[1:]]
-    if uid is None or gid is None:
-        raise ValueError("no Uid/Gid line")
-    return uid, gid, groups
+    status = _status(pid)
+    try:
+        uid, gid = int(_field(status, b"Uid")[0]), int(_field(status, b"Gid")[0])
+    except IndexError:
+        raise ValueError("no Uid/Gid line") from None
+    return uid, gid, [int(g) for g in _field(status, b"Groups")]
+
+
+def _status(pid: int) -> bytes:
+    """/proc/PID/status (read whole: its lines are looked up, not walked)."""
+    return _read(f"/proc/{pid}/status")
+
+
+def _read(path: str) -> bytes:
+    """The whole of a /proc file, with plain reads (no buffered file: it would fstat, ask
+    whether the file is a terminal and seek, each a syscall, on every control open)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _field(status: bytes, name: bytes) -> list[bytes]:
+    """The words of line ``name`` of a /proc status text (none if it has no such line)."""
+    start = status.find(b"\n" + name + b":")
+    if start < 0:
+        return []
+    start += len(name) + 2
+    end = status.find(b"\n", start)
+    return status[start:end if end >= 0 else len(status)].split()
 
 
 def _environ(pid: int) -> dict[bytes, bytes]:
     """The environment ``pid`` was started with."""
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        data = f.read()
+    data = _read(f"/proc/{pid}/environ")
     env = {}
     for item in data.split(b"\0"):
         key, sep, value = item.partition(b"=")

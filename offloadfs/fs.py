@@ -9,6 +9,7 @@ agent (another thread) has decided. Errors are raised as FuseOSError with a spec
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -40,6 +41,7 @@ class Session:
 
     def __init__(self, name: str, pid: int, dev: int):
         """A session for shim ``name`` opened by ``pid``; ``dev`` is this filesystem's device."""
+        self.stamps = {"open": time.monotonic_ns()}   # its moments (ShimRequest.stamp)
         self.name = name
         self.args = bytearray()
         self.out = bytearray()        # the reply lines so far
@@ -53,6 +55,7 @@ class Session:
             self.stdio = _outside(self.caller.stdio(), dev)
         except CallerGone:
             self.caller = None
+        self.stamps["opened"] = time.monotonic_ns()
 
     def take_stdio(self) -> tuple[int, int, int] | None:
         """Hand the captured fds over (the taker closes them)."""
@@ -63,6 +66,42 @@ class Session:
         """Close captured fds nobody took."""
         for fd in self.take_stdio() or ():
             os.close(fd)
+
+
+class OpCounts:
+    """How many FUSE callbacks of each kind ran and the time they took in here (any FUSE
+    thread adds; the mount's status shows them)."""
+
+    def __init__(self):
+        """No calls yet."""
+        self.lock = threading.Lock()
+        self.counts: dict[str, list[int]] = {}
+
+    def add(self, op: str, ns: int) -> None:
+        """One call of ``op`` that took ``ns``."""
+        with self.lock:
+            entry = self.counts.setdefault(op, [0, 0])
+            entry[0] += 1
+            entry[1] += ns
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """{op: {"calls": n, "ns": total}}."""
+        with self.lock:
+            return {op: {"calls": n, "ns": ns} for op, (n, ns) in self.counts.items()}
+
+
+def counted(method):
+    """A FUSE callback that counts its calls and their time in ``self.ops``."""
+    op = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        start = time.perf_counter_ns()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.ops.add(op, time.perf_counter_ns() - start)
+    return wrapper
 
 
 def _outside(fds: tuple[int, int, int], dev: int) -> tuple[int, int, int] | None:
@@ -91,6 +130,7 @@ class ShimFS(Operations):
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.mounted = time.time_ns()
+        self.ops = OpCounts()
 
     # --- lifecycle (libfuse's thread) -----------------------------------------------------------
 
@@ -109,6 +149,7 @@ class ShimFS(Operations):
 
     # --- the directory --------------------------------------------------------------------------
 
+    @counted
     def getattr(self, path, fh=None):
         """A 0555 directory, a 0555 regular file per shim, and the hidden control directory
         ``.ctl`` with a 0666 control file per shim."""
@@ -133,12 +174,14 @@ class ShimFS(Operations):
         return {"st_mode": mode, "st_size": size, "st_nlink": nlink, "st_uid": 0, "st_gid": 0,
                 "st_atime": t, "st_mtime": t, "st_ctime": t}
 
+    @counted
     def readdir(self, path, fh):
         """The shims (the control directory lists the same names)."""
         if path not in ("/", CTL_DIR):
             raise FuseOSError(errno.ENOTDIR)
         return [".", ".."] + self.registry.names()
 
+    @counted
     def access(self, path, amode):
         """Reading and running shims is allowed to all; writing only to control files."""
         if path.startswith(CTL_DIR + "/"):
@@ -165,6 +208,7 @@ class ShimFS(Operations):
 
     # --- files ----------------------------------------------------------------------------------
 
+    @counted
     def open(self, path, fi):
         """Shims open read-only (their script); control files read-write (a shim asking
         for its job)."""
@@ -187,6 +231,7 @@ class ShimFS(Operations):
         fi.fh, fi.direct_io = fh, 1
         return 0
 
+    @counted
     def read(self, path, size, offset, fi):
         """The script, or (control open) the next reply line, once the agent has one."""
         if fi.fh == 0:
@@ -198,8 +243,10 @@ class ShimFS(Operations):
                 session.out += line
             data = bytes(session.out[session.pos:session.pos + size])
             session.pos += len(data)
+        session.stamps["read_last"] = time.monotonic_ns()
         return data
 
+    @counted
     def write(self, path, data, offset, fi):
         """A shim writes its NUL-terminated arguments to its control open; later, ``c`` when
         it runs again after stopping with its job."""
@@ -212,9 +259,11 @@ class ShimFS(Operations):
             return len(data)
         if len(session.args) + len(data) > MAX_ARGS:
             raise FuseOSError(errno.E2BIG)
+        session.stamps.setdefault("args", time.monotonic_ns())
         session.args += data
         return len(data)
 
+    @counted
     def release(self, path, fi):
         """Forget a control open."""
         with self._lock:
@@ -265,6 +314,7 @@ class ShimFS(Operations):
 
     def _start(self, session: Session) -> ShimRequest | None:
         """Hand a shim's request to the agent, or decide it here; None if it is malformed."""
+        session.stamps["read"] = time.monotonic_ns()
         policy = self.registry.policy(session.name)
         if session.caller is None:
             return None
@@ -274,7 +324,7 @@ class ShimFS(Operations):
             log.warning("%s: bad request from pid %d: %s", session.name, session.caller.pid, exc)
             return None
         request = ShimRequest(session.name, args, session.caller, policy,
-                              session.take_stdio(), self.debug)
+                              session.take_stdio(), self.debug, session.stamps)
         request.early_signals = early
         decision = rules.decide(policy, stdio=request.stdio is not None,
                                 agent=self.agent is not None and self.agent.thread.is_alive())
@@ -294,19 +344,22 @@ class ShimFS(Operations):
 
     # --- xattrs ---------------------------------------------------------------------------------
 
+    @counted
     def getxattr(self, path, name, position=0):
         """user.offload.policy, .hosts, .stats on shims; user.offload.status on the root
         (hosts and recent jobs, JSON); ENODATA for any other name."""
         if path == "/":
             if name != XATTR_STATUS or self.agent is None:
                 raise FuseOSError(errno.ENODATA)
-            return json.dumps(self.agent.status(), sort_keys=True).encode()
+            status = {**self.agent.status(), "fuse_ops": self.ops.snapshot()}
+            return json.dumps(status, sort_keys=True).encode()
         shim_name = self._name(path)
         try:
             return self.registry.xattr(shim_name, name)
         except KeyError:
             raise FuseOSError(errno.ENODATA) from None
 
+    @counted
     def listxattr(self, path):
         """The three offload attributes of a shim; the status of the root."""
         return list(reg.XATTRS) if path != "/" and self._name(path) else [XATTR_STATUS]

@@ -120,22 +120,6 @@ def mount_options(options: dict, libfuse: tuple[int, int] = LIBFUSE) -> dict:
     return adapted
 
 
-_ensure_gil = ctypes.pythonapi.PyGILState_Ensure
-_ensure_gil.restype, _ensure_gil.argtypes = ctypes.c_int, []
-_pinned = threading.local()
-
-
-def keep_thread_state() -> None:
-    """Keep the calling libfuse worker thread's Python thread state from one callback to the
-    next: ctypes makes a thread state for each callback on a thread Python did not start and
-    frees it after (its frame stack mmapped and munmapped, threading's bookkeeping redone),
-    unless the thread already holds one; an extra PyGILState_Ensure, never released, makes it
-    hold one (freed with the interpreter). Only from a callback, with the GIL held."""
-    if not getattr(_pinned, "kept", False):
-        _ensure_gil()
-        _pinned.kept = True
-
-
 if BINDING == "mfusepy":
     class _Fuse(_impl.FUSE):
         """mfusepy's FUSE (mounts and serves in its constructor, on the calling thread), with
@@ -156,8 +140,8 @@ if BINDING == "mfusepy":
                     raise
 
         def _wrapper(self, func, *args, **kwargs):
-            """Every callback: its thread's state kept (keep_thread_state), then mfusepy's."""
-            keep_thread_state()
+            """Every callback: mfusepy's, on a thread whose Python state is kept."""
+            _keep_thread_state()
             return super()._wrapper(func, *args, **kwargs)
 
         def init_fuse_3(self, conn, config):
@@ -181,6 +165,22 @@ if BINDING == "mfusepy":
                                         size, offset, fh, ctypes.cast(buf, ctypes.c_void_p).value)
 else:
     _Fuse = _impl.FUSE
+
+
+_kept: set[int] = set()   # libfuse threads whose Python thread state lives on
+
+
+def _keep_thread_state() -> None:
+    """Keep the calling libfuse worker thread's Python thread state from one callback to the
+    next. ctypes wraps each callback of a thread Python did not start in PyGILState_Ensure and
+    Release, which make and destroy a thread state (and its 16 KiB frame stack, mmap and
+    munmap) every time; one Ensure more, never released, keeps it. Only where libfuse never
+    ends its idle threads (3.12+, given max_idle_threads; libfuse 2 ends them past 10 idle,
+    and a kept state would then leak)."""
+    ident = threading.get_ident()
+    if ident not in _kept and LIBFUSE >= (3, 12):
+        _kept.add(ident)
+        ctypes.pythonapi.PyGILState_Ensure()
 
 
 def FUSE(operations, mountpoint: str, **options) -> None:  # noqa: N802 (the bindings' name)

@@ -82,32 +82,47 @@ class Outcome:
     signal: int | None = None
 
 
-class Sink(threading.Thread):
+class Sink:
     """Writes one stream's chunks to a fd, blocking, off the loop thread.
 
-    The loop thread calls :meth:`put`, :meth:`end` and :meth:`take`; the sink thread writes
-    and pokes ``wake_fd`` after each chunk so that the loop returns credit promptly.
+    The loop thread calls :meth:`put`, :meth:`end` and :meth:`take`; the sink's thread (made
+    and started with the first chunk: a job that writes nothing on a stream, most no-ops,
+    costs no thread) writes and pokes ``wake_fd`` after each chunk so that the loop returns
+    credit promptly.
     """
 
     def __init__(self, name: str, fd: int, wake_fd: int, transform=None):
         """A sink for ``fd`` named after its stream; ``transform`` (if given) rewrites each
         chunk just before it is written."""
-        super().__init__(name=f"offloadfs-{name}-sink", daemon=True)
+        self.name = f"offloadfs-{name}-sink"
         self.fd, self.wake_fd, self.transform = fd, wake_fd, transform
         self.chunks: queue.SimpleQueue = queue.SimpleQueue()   # bytes, a callable, or None
         self.lock = threading.Lock()
         self.written = 0
         self.broken = False
+        self.thread: threading.Thread | None = None
 
     def put(self, data: bytes) -> None:
-        """Queue a chunk for writing."""
+        """Queue a chunk for writing (the first starts the sink's thread)."""
         heap.keep_stream_buffers()
         self.chunks.put(data)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+            self.thread.start()
+
+    def is_alive(self) -> bool:
+        """True while the sink's thread runs."""
+        return self.thread is not None and self.thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the sink's thread (if it ever started) to end."""
+        if self.thread is not None:
+            self.thread.join(timeout)
 
     def then(self, action, wait: bool = False) -> None:
         """Run ``action()`` on the sink's thread after the chunks queued before it (a terminal
         mode change must not overtake output meant for the old mode); ``wait`` until done."""
-        if not self.is_alive():
+        if not self.is_alive():   # nothing queued before it (not started, or ended)
             action()
             return
         done = threading.Event()
@@ -213,9 +228,7 @@ class JobRun:
     # --- sending -------------------------------------------------------------------------------
 
     def submit(self) -> None:
-        """Send the job and start the sinks."""
-        for sink in self.sinks.values():
-            sink.start()
+        """Send the job (each sink starts with its first chunk)."""
         s = self.spec
         extra = {"data": s.data} if s.data else {}
         if self.terminal is not None:

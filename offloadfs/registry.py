@@ -60,6 +60,7 @@ class Registry:
         self.offers: dict[str, set[str]] = {}      # host -> commands
         self.policies: dict[str, str] = self._load()
         self.stats: dict[str, Stats] = {}
+        self._verdicts: dict[str, bool] = {}   # _allowed's answers (the lists never change)
 
     # --- hosts (agent thread) -----------------------------------------------------------------
 
@@ -139,8 +140,13 @@ class Registry:
     # --- helpers ------------------------------------------------------------------------------
 
     def _allowed(self, name: str) -> bool:
-        """True if the VM's config lets ``name`` be offloaded."""
-        return environ.matches(name, self.allow) and not environ.matches(name, self.deny)
+        """True if the VM's config lets ``name`` be offloaded (asked only for names a host
+        offers or a policy names, so the answers kept stay few)."""
+        verdict = self._verdicts.get(name)
+        if verdict is None:
+            verdict = environ.matches(name, self.allow) and not environ.matches(name, self.deny)
+            self._verdicts[name] = verdict
+        return verdict
 
     def _load(self) -> dict[str, str]:
         """Policies saved by an earlier mount (bad entries are ignored)."""

@@ -18,6 +18,7 @@ import dataclasses
 import enum
 import os
 import queue
+import time
 from typing import TYPE_CHECKING
 
 from . import shim
@@ -109,9 +110,12 @@ class ShimRequest:
     prog, quiet, tty = "offloadfs", False, "auto"
 
     def __init__(self, name: str, args: list[bytes], caller: Caller, policy: str,
-                 stdio: tuple[int, int, int] | None, debug: bool = False):
+                 stdio: tuple[int, int, int] | None, debug: bool = False,
+                 stamps: dict[str, int] | None = None):
         """A request to run ``name`` with ``args`` for ``caller``, whose fds 0-2 we hold as
-        ``stdio`` (the request closes them when it is done); ``debug`` tells where it ran."""
+        ``stdio`` (the request closes them when it is done); ``debug`` tells where it ran;
+        ``stamps`` are its moments so far (:meth:`stamp`)."""
+        self.stamps = {} if stamps is None else stamps
         self.name, self.args, self.caller, self.policy = name, args, caller, policy
         self.verbose = debug or caller.debug()
         self.lines: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()   # None: decided
@@ -143,6 +147,7 @@ class ShimRequest:
 
     def decide_outcome(self, outcome: Outcome) -> None:
         """Agent thread: the job ended."""
+        self.stamp("decided")
         self.outcome = outcome
         self.lines.put(None)
 
@@ -163,8 +168,10 @@ class ShimRequest:
         """The waiting thread: the next line before the last, or None once decided and the
         caller's output is all written."""
         line = self.lines.get()
-        if line is None and self.job is not None:
-            self.job.join()
+        if line is None:
+            self.stamp("woke")
+            if self.job is not None:
+                self.job.join()
         return line
 
     def next_line(self) -> tuple[bytes, bool]:
@@ -177,6 +184,12 @@ class ShimRequest:
             return self._reply(), True
         finally:
             self.close()
+            self.stamp("replied")
+
+    def stamp(self, moment: str) -> None:
+        """Any thread: note when ``moment`` happened (monotonic ns; the mount's status shows
+        them, bench overhead turns them into the shim's time breakdown)."""
+        self.stamps[moment] = time.monotonic_ns()
 
     def _reply(self) -> bytes:
         """The reply line, after any message of ours on the caller's stderr."""

@@ -5,6 +5,7 @@ of :class:`~offloadfs.client.ClientLoop`) as the agent thread would.
 """
 from __future__ import annotations
 
+import json
 import signal
 import time
 import types
@@ -12,6 +13,7 @@ import types
 import pytest
 
 from offloadfs import export
+from offloadfs import fs as fsmod
 from offloadfs.agent import Agent
 from offloadfs.channel import OffloadError
 from offloadfs.config import ClientConfig
@@ -85,6 +87,29 @@ def test_a_job_runs_and_its_shim_gets_the_status(agent, stdio):
     assert reply(request) == b"4\n" and stdio.read(stdio.out) == b"out\n"
     assert counts(agent) == {"jobs": 1} and agent.links[0].in_flight == 0
     assert agent.status()["jobs"][-1]["where"] == "h1"
+
+
+def test_a_jobs_moments_are_in_the_status_in_order(agent, stdio):
+    """The mount's status shows when each step of a shim's job happened (bench overhead's
+    breakdown reads them): handed over, dispatched, sent, finished, decided, replied."""
+    request = submit(agent, stdio)
+    agent.channel.feed("started", request.job.id, host="h1", pid=7, window=0)
+    agent.channel.feed("exit", request.job.id, status=0, **EXIT)
+    agent.step(0)
+    assert reply(request) == b"0\n"
+    stamps = agent.status()["jobs"][-1]["stamps"]
+    order = ["submitted", "dispatch", "sent", "finished", "decided", "woke", "replied"]
+    assert [stamps[k] for k in order] == sorted(stamps[k] for k in order)
+
+
+def test_the_status_counts_the_fuse_callbacks(agent):
+    """The root's status says how many FUSE callbacks of each kind the mount served."""
+    fs = ShimFS(Registry(), agent)
+    fs.getattr("/")
+    fs.getattr("/.ctl")
+    fs.readdir("/", 0)
+    ops = json.loads(fs.getxattr("/", fsmod.XATTR_STATUS))["fuse_ops"]
+    assert {op: v["calls"] for op, v in ops.items()} == {"getattr": 2, "readdir": 1}
 
 
 @pytest.mark.parametrize("policy,line,err,count", [
@@ -183,7 +208,7 @@ def test_the_filesystem_decides_when_there_is_no_agent(stdio, policy, line, coun
     registry.policies["cat"] = policy
     fs = ShimFS(registry, None)
     session = types.SimpleNamespace(name="cat", caller=FakeCaller(), args=b"/m/cat\x000\x00",
-                                    take_stdio=stdio.dup)
+                                    take_stdio=stdio.dup, stamps={})
     request = fs._start(session)
     assert reply(request) == line and registry.stats["cat"].counts[count] == 1
     if policy == "always":
