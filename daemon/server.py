@@ -678,9 +678,20 @@ class Server:
         """Tell the client that its job stopped (it then stops itself, as at a terminal)."""
         for event, signum in job.process.changes():
             if event == "stopped":   # its client stops too, and may be silent a while
+                if not self._flush_output(job):
+                    return
                 job.suspended = job.suspended or time.monotonic()
                 log.info("%s stopped by signal %d", job.describe(), signum)
                 self.send(job.peer, protocol.encode("stopped", job.id, signal=signum))
+
+    def _flush_output(self, job: HostJob) -> bool:
+        """Send what the job wrote before it stopped (its terminal's echo of ^Z is in the pty
+        already when the stop is seen), so that the client shows it before it stops too; False
+        if that ended the job (its output passed the limit)."""
+        for name in protocol.STREAMS:
+            if job.process.is_open(name):
+                self._pump_output(job, name)
+        return self.jobs.get((job.peer, job.id)) is job
 
     def _pump_output(self, job: HostJob, name: str) -> None:
         """Send what the job wrote on ``name`` (``JobStreams.pump``); a job whose output
