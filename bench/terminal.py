@@ -279,7 +279,7 @@ class Session:
 
 def started_jobs(d: Daemon) -> int:
     """How many ``cat`` jobs the daemon has logged started."""
-    return len(JOB_STARTED.findall(d.log.read_bytes()))
+    return len(JOB_STARTED.findall(d.log_path.read_bytes()))
 
 
 def ssh_logins(s: Sshd) -> int:
