@@ -27,6 +27,7 @@ offld to the agent:
 the agent to offld:
 
     Z  stop       {"signal": N}: the job stopped on the host; stop your process group so
+                  (the shell shows it Stopped), then send ``C`` once continued
     E  end        {"status": int, "signal": int|null, "host": str, "ending": one of
                    request.Ending's values, "error": str ("" when it ran to its exit),
                    "timings": {str: number}}: the last frame; the agent closes after it.
@@ -51,7 +52,8 @@ JOB, CONTINUED, STOP, END = b"J", b"C", b"Z", b"E"
 KINDS = frozenset({JOB, CONTINUED, STOP, END})
 STDIO_FDS = 3
 TTY_MODES = ("auto", "force", "never")
-ENDINGS = ("exited", "never ran", "may have run", "cancelled")   # request.Ending's values
+# request.Ending's values (offld must not import request: test_handoff checks they agree)
+ENDINGS = ("exited", "never ran", "may have run", "cancelled")
 PREFIX = b"\0offloadfs-handoff:"
 MAX_ADDRESS = 107              # sun_path's 108 bytes, the abstract name's NUL included
 # Signals a client relays to its job as they are, by name (``protocol.FORWARDED_SIGNALS``:

@@ -149,6 +149,12 @@ def test_a_config_in_the_environment_or_a_command_path_is_not_handed_off(monkeyp
     assert handoff.reason_not(_opts(), ["/bin/true"]) == "a command given by its path"
 
 
+def test_the_hand_offs_endings_are_the_requests():
+    """An ``E`` frame's endings are exactly request.Ending's values, in its order."""
+    from offloadfs.request import Ending
+    assert handoff.ENDINGS == tuple(e.value for e in Ending)
+
+
 def test_fallback_after_a_hand_off_follows_its_ending(monkeypatch):
     """--fallback runs the command here only if the agent says the job never ran."""
     calls = []
