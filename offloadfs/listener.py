@@ -51,7 +51,7 @@ class HandedRequest(ShimRequest):
         out = self.outcome
         if out is None:   # refused (or, never under POLICY, local): it never ran
             text = f"{self.name}: {self.refusal or self.local}"   # as a shim's caller reads it
-            return handoff.End.frame(255, None, NO_HOST, rules.Ending.NEVER_RAN.value, text, {})
+            return never_ran(text)
         return handoff.End.frame(out.status, out.signal, out.host, rules.ending(out.error).value,
                                  str(out.error) if out.error else "", out.timings)
 
@@ -108,9 +108,8 @@ class Listener:
                 threading.Event().wait(0.1)   # out of fds: do not spin
                 continue
             if not self.slots.acquire(blocking=False):
-                _send_quietly(conn, handoff.End.frame(
-                    255, None, NO_HOST, rules.Ending.NEVER_RAN.value,
-                    f"the mount's agent serves {MAX_CONNECTIONS} hand-offs already", {}))
+                _send_quietly(conn, never_ran(f"the mount's agent serves {MAX_CONNECTIONS} "
+                                          f"hand-offs already"))
                 conn.close()
                 continue
             pid = handoff.peer(conn)[0]
@@ -148,10 +147,7 @@ class Listener:
             for fd in reader.fds:
                 os.close(fd)
             log.warning("hand-off from pid %d (uid %d) refused: %s", pid, uid, exc)
-            _send_quietly(conn, handoff.End.frame(255, None, NO_HOST,
-                                                  rules.Ending.NEVER_RAN.value,
-                                                  f"the mount's agent refused the hand-off: "
-                                                  f"{exc}", {}))
+            _send_quietly(conn, never_ran(f"the mount's agent refused the hand-off: {exc}"))
             return None, None
         conn.settimeout(None)
         stdio = _outside(tuple(reader.fds), self.dev())
@@ -177,6 +173,11 @@ class Listener:
             _send_quietly(conn, request.end_frame())
         finally:
             request.close()
+
+
+def never_ran(text: str) -> bytes:
+    """The ``E`` frame of a job no host took: status 255, ``text`` the caller's line."""
+    return handoff.End.frame(255, None, NO_HOST, rules.Ending.NEVER_RAN.value, text, {})
 
 
 def _caller(pid: int, uid: int, gid: int) -> Caller:
