@@ -53,6 +53,7 @@ class ClientConfig:
     liveness: float = 10.0
     env_pass: list[str] = dataclasses.field(default_factory=list)
     job_log: str = ""
+    job_log_given: str = ""        # the file's own [client] job_log ("" when it names none)
     forget_after: float = 3600.0
     allow: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     deny: list[str] = dataclasses.field(default_factory=list)
@@ -85,6 +86,7 @@ class ClientConfig:
         cfg.heartbeat = float(typed(client, "heartbeat", (int, float), 1.0))
         cfg.liveness = float(typed(client, "liveness", (int, float), 10.0))
         cfg.job_log = job_log_of(data)
+        cfg.job_log_given = typed(client, "job_log", str, "")
         cfg.env_pass = [str(x) for x in typed(section(data, "env"), "pass", list, [])]
         cfg.forget_after = float(typed(client, "forget_after", (int, float), 3600.0))
         commands = section(data, "commands")

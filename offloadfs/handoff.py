@@ -30,7 +30,12 @@ the agent to offld:
                   (the shell shows it Stopped), then send ``C`` once continued
     E  end        {"status": int, "signal": int|null, "host": str, "ending": one of
                    request.Ending's values, "error": str ("" when it ran to its exit),
-                   "timings": {str: number}}: the last frame; the agent closes after it.
+                   "timings": {str: number}, and optionally "log": str, the job log's line
+                   for this job (``joblog.line``, made by the agent from the caller's cwd),
+                   with "job_log": str, the file the mount's config names for it ("" for
+                   the caller's default, $XDG_STATE_HOME's)}: the last frame; the agent
+                   closes after it. Without "log" (a refusal before the job was read),
+                   offld makes the line and finds the file itself.
 
 A peer's bad input (a short or oversized frame, an unknown kind, bad JSON, missing or mistyped
 fields, a wrong fd count) raises :class:`HandoffError` with one line; the agent answers it with
@@ -40,11 +45,14 @@ agent forwards them as it does a waiting shim's.
 """
 from __future__ import annotations
 
-import _socket  # socket's C half: the socket module's enums cost offld ~3 ms of its start
-import json
+# The C halves of socket, signal, struct and json only: their Python modules (enum, re and
+# what these import) cost offld about 20 ms of each start on a slow VM, more than its job
+# (issue 16). Signals here are plain ints.
+import _json
+import _signal
+import _socket
+import _struct
 import os
-import signal
-import struct
 
 VERSION = 1
 MAX_FRAME = 4 * 1024 * 1024    # an argv up to ARG_MAX (2 MiB) and its JSON escapes
@@ -60,9 +68,10 @@ MAX_ADDRESS = 107              # sun_path's 108 bytes, the abstract name's NUL i
 # the shim's traps, offld's handlers, and what offld blocks while the agent runs its job).
 FORWARDED_SIGNALS = ("INT", "TERM", "HUP", "QUIT", "USR1", "USR2", "WINCH")
 # ... and a stop (TSTP), handled apart: every signal a client gives its job (jobrun.FORWARDED).
-RELAYED = tuple(signal.Signals["SIG" + name] for name in FORWARDED_SIGNALS + ("TSTP",))
-JOB_CONTROL = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)   # stops a caller mirrors
-_HEADER = struct.Struct(">I")
+RELAYED = tuple(getattr(_signal, "SIG" + name) for name in FORWARDED_SIGNALS + ("TSTP",))
+JOB_CONTROL = (_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU)   # stops a caller mirrors
+_HEADER = _struct.Struct(">I")
+_CREDS = _struct.Struct("3i")    # struct ucred: pid, uid, gid
 
 
 class HandoffError(Exception):
@@ -106,9 +115,47 @@ def reason_not(opts, command: list[str]) -> str | None:
     return None
 
 
+def _not_json(value):
+    """The encoder's answer to a value JSON has no form for (json.dumps's TypeError)."""
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+class _Syntax:
+    """What ``_json.make_scanner`` reads of a decoder: json.loads's defaults."""
+
+    strict, object_hook, object_pairs_hook, parse_float, parse_int = True, None, None, float, int
+    parse_constant = {"NaN": float("nan"), "Infinity": float("inf"),
+                      "-Infinity": float("-inf")}.__getitem__
+
+
+_ENCODE = _json.make_encoder(None, _not_json, _json.encode_basestring_ascii, None, ":", ",",
+                             False, False, True)
+_SCAN = _json.make_scanner(_Syntax)
+_BLANK = " \t\n\r"
+
+
+def dumps(value) -> str:
+    """``json.dumps(value, separators=(",", ":"))``, by json's own C encoder (test_handoff
+    checks that they agree)."""
+    return "".join(_ENCODE(value, 0))
+
+
+def loads(text: str):
+    """``json.loads(text)`` by json's own C scanner; ValueError if ``text`` is not one JSON
+    value (json.JSONDecodeError, a ValueError, for an error inside it)."""
+    start, end = len(text) - len(text.lstrip(_BLANK)), len(text.rstrip(_BLANK))
+    try:
+        value, stop = _SCAN(text, start)
+    except StopIteration as exc:
+        raise ValueError(f"Expecting value at char {exc.value}") from None
+    if stop != end:
+        raise ValueError(f"Extra data at char {stop}")
+    return value
+
+
 def encode(kind: bytes, **fields) -> bytes:
     """One frame: length, kind, the fields as JSON."""
-    body = kind + json.dumps(fields, separators=(",", ":")).encode()
+    body = kind + dumps(fields).encode()
     if len(body) > MAX_FRAME:
         raise HandoffError(f"a {kind.decode()} frame of {len(body)} bytes is over "
                            f"{MAX_FRAME}")
@@ -144,7 +191,7 @@ def _frame(body: bytes) -> tuple[bytes, dict]:
     if kind not in KINDS:
         raise HandoffError(f"unknown frame kind {kind!r}")
     try:
-        fields = json.loads(body[1:])
+        fields = loads(body[1:].decode())
     except (ValueError, UnicodeDecodeError) as exc:
         raise HandoffError(f"a {kind.decode()} frame that is not JSON: {exc}") from None
     if not isinstance(fields, dict):
@@ -205,6 +252,8 @@ class End:
         timings = _field(fields, "timings", dict, "end")
         self.timings = {k: v for k, v in timings.items() if isinstance(v, (int, float))
                         and not isinstance(v, bool)}
+        self.log = _optional(fields, "log", "end")          # None: offld makes its own
+        self.job_log = _optional(fields, "job_log", "end") or ""
 
     def __str__(self) -> str:
         """The error line (empty for a job that ran to its exit)."""
@@ -212,10 +261,18 @@ class End:
 
     @staticmethod
     def frame(status: int, signum: int | None, host: str, ending: str, error: str,
-              timings: dict) -> bytes:
-        """The ``E`` frame the agent sends last."""
+              timings: dict, log: str | None = None, job_log: str = "") -> bytes:
+        """The ``E`` frame the agent sends last (with the job log line, when it made one)."""
+        extra = {} if log is None else {"log": log, "job_log": job_log}
         return encode(END, status=status, signal=signum, host=host, ending=ending,
-                      error=error, timings=timings)
+                      error=error, timings=timings, **extra)
+
+
+def _optional(fields: dict, name: str, kind: str) -> str | None:
+    """``fields[name]``, a string, or None when absent; HandoffError if it is not a string."""
+    if fields.get(name) is None:
+        return None
+    return _field(fields, name, str, kind)
 
 
 def stop_signal(fields: dict) -> int:
@@ -242,15 +299,14 @@ def connect(address: bytes):
 def peer(sock) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end, as the kernel recorded it at
     connect (or listen) time."""
-    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)
+    return _CREDS.unpack(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _CREDS.size))
 
 
 def send(sock, frame: bytes, fds: tuple[int, ...] = ()) -> None:
     """Send one frame (with ``fds`` on its first byte)."""
     view = memoryview(frame)
     if fds:
-        ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _struct.pack(f"{len(fds)}i", *fds))]
         view = view[sock.sendmsg([view], ancillary):]
     if view:   # (an empty send to a peer that answered and closed would be EPIPE)
         sock.sendall(view)
@@ -275,7 +331,7 @@ class Reader:
             for level, kind, payload in ancillary:
                 if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                     usable = len(payload) - len(payload) % 4
-                    self.fds += struct.unpack(f"{usable // 4}i", payload[:usable])
+                    self.fds += _struct.unpack(f"{usable // 4}i", payload[:usable])
             if flags & _socket.MSG_CTRUNC:
                 raise HandoffError("more fds than a job has")
             if not data:
@@ -291,14 +347,14 @@ def suspend(signum: int) -> None:
     ``signum`` if it is a job-control stop, else SIGSTOP; returns once we are continued.
     offld does this for a job it drives itself and for one the agent drives."""
     if signum not in JOB_CONTROL:
-        signum = signal.SIGSTOP
-    old = None if signum == signal.SIGSTOP else signal.signal(signum, signal.SIG_DFL)
-    if signum != signal.SIGSTOP:
-        signal.sigtimedwait({signum}, 0)   # one still pending here (blocked) is the same stop
-    unblocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+        signum = _signal.SIGSTOP
+    old = None if signum == _signal.SIGSTOP else _signal.signal(signum, _signal.SIG_DFL)
+    if signum != _signal.SIGSTOP:
+        _signal.sigtimedwait({signum}, 0)   # one still pending here (blocked) is the same stop
+    unblocked = _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {signum})
     try:
         os.kill(0, signum)    # returns once we are continued
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, unblocked)
         if old is not None:
-            signal.signal(signum, old)
+            _signal.signal(signum, old)

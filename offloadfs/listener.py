@@ -16,9 +16,10 @@ import logging
 import os
 import socket
 import threading
+import typing
 from collections.abc import Callable
 
-from . import handoff
+from . import handoff, joblog
 from . import request as rules
 from .caller import Caller, CallerGone
 from .fs import _outside  # the shim's rule: stdio on the mount itself is refused
@@ -38,6 +39,7 @@ class HandedRequest(ShimRequest):
     settings line is not sent: offld keeps its own copy to put back if the mount dies."""
 
     prog = "offld"
+    job_log = ""   # the mount's config's [client] job_log, for offld's log line
 
     def stopped(self, signum: int) -> None:
         """Agent thread: offld stops its process group likewise (a ``Z`` frame)."""
@@ -47,13 +49,30 @@ class HandedRequest(ShimRequest):
         """Agent thread: the terminal's settings line, which offld needs not."""
 
     def end_frame(self) -> bytes:
-        """The ``E`` frame for offld, once decided."""
+        """The ``E`` frame for offld, once decided, with the job log's line (offld would
+        have to load the VM's config and json to make it: ms of each start)."""
         out = self.outcome
         if out is None:   # refused (or, never under POLICY, local): it never ran
             text = f"{self.name}: {self.refusal or self.local}"   # as a shim's caller reads it
-            return never_ran(text)
-        return handoff.End.frame(out.status, out.signal, out.host, rules.ending(out.error).value,
-                                 str(out.error) if out.error else "", out.timings)
+            end = Ended(255, None, NO_HOST, rules.Ending.NEVER_RAN.value, text, {})
+        else:
+            end = Ended(out.status, out.signal, out.host, rules.ending(out.error).value,
+                        str(out.error) if out.error else "", out.timings)
+        command = [self.name] + [os.fsdecode(a) for a in self.args]
+        line = joblog.line(command, end, os.fsdecode(self.caller.cwd))
+        return handoff.End.frame(*end, log=line, job_log=self.job_log)
+
+
+class Ended(typing.NamedTuple):
+    """What an ``E`` frame says (``handoff.End.frame``'s arguments), as ``joblog.entry``
+    reads an outcome."""
+
+    status: int
+    signal: int | None
+    host: str
+    ending: str
+    error: str
+    timings: dict
 
 
 class Listener:
@@ -154,6 +173,7 @@ class Listener:
         reader.fds = []
         request = HandedRequest(os.fsdecode(job.argv[0]), job.argv[1:], caller, POLICY, stdio)
         request.quiet, request.tty = job.quiet, job.tty
+        request.job_log = self.agent.config.job_log_given
         decision = rules.decide(POLICY, stdio=stdio is not None,
                                 agent=self.agent.thread.is_alive())
         if decision.route == rules.REMOTE:

@@ -11,12 +11,11 @@ direct path's modules load when it is taken.
 """
 from __future__ import annotations
 
+import _signal  # signal's C half (the module's enums cost each start ms: see handoff)
 import os
-import signal
 import sys
 
 from . import handoff, mountinfo, settings
-from .commandline import add_version
 from .settings import DEFAULT_PORT, ConfigError
 
 OFFLOAD_ERROR = 255
@@ -30,6 +29,8 @@ DEFAULTS = {"config": None, "profile": False, "host": None, "load_balancer": Non
 def parser(prog: str = "offld"):
     """The thesis's options, ``--`` ending them (an argparse.ArgumentParser)."""
     import argparse  # here: offld CMD, without options, needs no parser (parse)
+
+    from .commandline import add_version
     p = argparse.ArgumentParser(prog=prog, description="Run COMMAND on a compute host.",
                                 usage=f"{prog} [options] [--] COMMAND [ARGS...]")
     p.add_argument("-c", "--config", metavar="FILE", help="read settings from FILE")
@@ -59,13 +60,25 @@ def parser(prog: str = "offld"):
     return p
 
 
+# The options offld reads without the parser: flags without a value, each spelled whole and
+# given once (``offld -q CMD``); test_handoff checks each against the parser.
+FLAGS = {"-q": ("quiet", True), "--quiet": ("quiet", True), "-Q": ("no_logging", True),
+         "--no-logging": ("no_logging", True), "-t": ("tty", "force"), "-T": ("tty", "never")}
+
+
 def parse(argv: list[str], prog: str = "offld"):
-    """The options of ``argv``: :data:`DEFAULTS` and the command when it has none (``offld
-    CMD ...``, ``offld -- CMD ...``: argparse and what it imports cost a few ms of each
-    start), else what the parser makes of it."""
-    if argv and (argv[0] == "--" or not argv[0].startswith("-")):
+    """The options of ``argv``: :data:`DEFAULTS`, its leading :data:`FLAGS` and the command
+    when it has no other option (``offld CMD ...``, ``offld -q -- CMD ...``: argparse and
+    what it imports cost ms of each start, more than the job), else the parser's."""
+    fields, i = dict(DEFAULTS), 0
+    while i < len(argv) and argv[i] in FLAGS and fields[FLAGS[argv[i]][0]] == \
+            DEFAULTS[FLAGS[argv[i]][0]]:
+        dest, value = FLAGS[argv[i]]
+        fields[dest], i = value, i + 1
+    rest = argv[i:]
+    if rest and (rest[0] == "--" or not rest[0].startswith("-")):
         import types
-        return types.SimpleNamespace(**DEFAULTS, command=list(argv))
+        return types.SimpleNamespace(**fields, command=list(rest))
     return parser(prog).parse_args(argv)
 
 
@@ -152,7 +165,6 @@ def hand_off(command: list[str], opts, say: Reporter) -> int | None:
     mnt = handoff.choose_mount(os.environ.get("PATH", ""), mountinfo.offloadfs_mounts())
     if mnt is None:
         return None
-    log = None if opts.no_logging else job_log()   # a bad config fails before the job runs
     try:
         sock = handoff.connect(handoff.address(mnt))
     except OSError as exc:
@@ -172,10 +184,23 @@ def hand_off(command: list[str], opts, say: Reporter) -> int | None:
     if end.error:
         fall_back(command, opts, end, say)
         say.error(end.error)
-    if log is not None:
-        from . import joblog
-        joblog.append(log, command, end)
+    if not opts.no_logging:
+        log_handed(command, end, say)
     return end.status
+
+
+def log_handed(command: list[str], end: handoff.End, say: Reporter) -> None:
+    """The job log's entry of a handed-off job: the line the agent made, in the file the
+    mount's config names (else ours, $XDG_STATE_HOME's); without one (the agent refused the
+    job before reading it), our own line in the file our config names."""
+    from . import joblog
+    if end.log is not None:
+        joblog.write(end.job_log or settings.job_log_of({}), end.log)
+        return
+    try:
+        joblog.append(job_log(), command, end)
+    except ConfigError as exc:   # the job is over: its log entry is not worth its status
+        say.debug(f"no job log entry: {exc}")
 
 
 def _handed(sock, command: list[str], opts, out_fd: int, mnt: str, say: Reporter):
@@ -184,7 +209,7 @@ def _handed(sock, command: list[str], opts, out_fd: int, mnt: str, say: Reporter
     meanwhile (pending: the agent sees them in /proc and forwards them). A stop suspends us
     as the job did; a mount gone mid-job restores the terminal."""
     blocked = set(handoff.RELAYED)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    old = _signal.pthread_sigmask(_signal.SIG_BLOCK, blocked)
     saved = _terminal_settings((0, out_fd, 2))
     try:
         try:
@@ -206,7 +231,7 @@ def _handed(sock, command: list[str], opts, out_fd: int, mnt: str, say: Reporter
         why = f"the offloadfs mount's agent failed: {exc}"
     finally:
         _drop_pending(blocked)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
     _restore_terminal(saved)
     return handoff.End({"status": OFFLOAD_ERROR, "host": mnt, "ending": "may have run",
                         "error": f"{why} while the job ran; the job may have run, its "
@@ -216,7 +241,7 @@ def _handed(sock, command: list[str], opts, out_fd: int, mnt: str, say: Reporter
 def _drop_pending(signals: set) -> None:
     """Take the blocked signals still pending (the agent forwarded them to the job), so that
     unblocking them does not act on them here again."""
-    while signals and signal.sigtimedwait(signals, 0) is not None:
+    while signals and _signal.sigtimedwait(signals, 0) is not None:
         pass
 
 

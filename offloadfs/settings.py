@@ -6,7 +6,6 @@ daemon's ``config`` can all build on it without an import cycle. Rules only, but
 """
 from __future__ import annotations
 
-import json
 import os
 
 DEFAULT_PORT = 7788
@@ -103,6 +102,7 @@ def typed(table: dict, key: str, kind: type | tuple, default):
                                             (kind if isinstance(kind, tuple) else (kind,)))
     if value is not default and wrong:
         words = TYPE_WORDS.get(kind) or getattr(kind, "__name__", str(kind))
+        import json  # here: offld's start loads this module, and json costs it ms
         shown = json.dumps(value, default=str)   # as TOML spells it: "x", true, [1, 2]
         if isinstance(table, Table):
             raise ConfigError(f"{table.where(key)}{table.label(key)} = {shown}: expected {words}")

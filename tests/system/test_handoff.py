@@ -92,9 +92,27 @@ def test_options_through_the_mount(mounted, work):
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(e["command"], e["status"]) for e in entries] == [(["sh", "-c", "echo to-file; "
                                                                "echo err >&2"], 0)]
+    assert entries[0]["cwd"] == str(work) and entries[0]["host"] not in ("", "offloadfs mount")
     r = offld(mount, "true", cwd=work, opts=["-Q", "-q"])
     assert r.returncode == 0 and len(log.read_text().splitlines()) == 1
     assert len(handed_jobs(mount)) == 2
+
+
+def test_the_job_log_the_mounts_config_names(daemon, start_mount, work, tmp_path):
+    """With ``[client] job_log`` in the mount's config, a handed-off job's entry goes to that
+    file (the agent made it; offld read no config), and a refused one's too."""
+    log = tmp_path / "named" / "jobs.jsonl"
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[client]\njob_log = "{log}"\n[commands]\ndeny = ["false"]\n')
+    mount = start_mount(hosts=[daemon.hostport], config=str(config), wait_for_shim="sh")
+    assert offld(mount, "sh", "-c", "exit 4", cwd=work).returncode == 4
+    refused = offld(mount, "false", cwd=work)
+    assert refused.returncode == 255 and b"false" in refused.stderr, refused.stderr
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["command"], e["status"], e["cwd"]) for e in entries] == \
+        [(["sh", "-c", "exit 4"], 4, str(work)), (["false"], 255, str(work))]
+    assert entries[1]["error"] and not entries[0]["error"]
+    assert not (Path(os.environ["XDG_STATE_HOME"]) / "offloadfs" / "jobs.jsonl").exists()
 
 
 def test_nothing_ran_then_fallback_or_255_as_direct(start_mount, work):

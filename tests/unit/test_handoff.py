@@ -2,9 +2,13 @@
 mount, and which offld runs may go through a mount's agent."""
 from __future__ import annotations
 
+import json
+import math
 import types
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from offloadfs import handoff, offld
 from offloadfs.handoff import Decoder, End, HandoffError, Job
@@ -149,6 +153,49 @@ def test_a_config_in_the_environment_or_a_command_path_is_not_handed_off(monkeyp
     assert handoff.reason_not(_opts(), ["/bin/true"]) == "a command given by its path"
 
 
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                    | st.text(), lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(), inner, max_size=4), max_leaves=12)
+
+
+@given(JSON)
+def test_the_codec_is_jsons(value):
+    """handoff.dumps and loads (json's C halves, no json module at offld's start) write and
+    read exactly what json.dumps and json.loads do, lone surrogates (surrogateescape) too."""
+    text = json.dumps(value, separators=(",", ":"))
+    assert handoff.dumps(value) == text
+    assert handoff.loads(text) == json.loads(text)
+    spaced = json.dumps(value, indent=1)
+    assert handoff.loads(f" {spaced}\n") == json.loads(f" {spaced}\n")
+
+
+@given(st.text(max_size=12) | st.sampled_from(["", " ", "{", "[1] 2", "\ufeff{}", "{\"a\":}",
+                                                 "NaN", "[Infinity]", "01", "\"\\x\"", "{} {}"]))
+def test_the_codec_refuses_what_json_refuses(text):
+    """Any text: loads gives json.loads's value, or a ValueError where json.loads raises."""
+    try:
+        expected = json.loads(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            handoff.loads(text)
+        return
+    got = handoff.loads(text)
+    assert got == expected or (isinstance(got, float) and math.isnan(got) and math.isnan(expected))
+
+
+def test_an_end_carries_the_job_logs_line():
+    """The agent's end frame may carry the job log's line and file; offld reads them, and an
+    end without them (an older agent, a refusal) still reads."""
+    frame = End.frame(0, None, "h1", "exited", "", {}, log='{"host":"h1"}', job_log="/l")
+    (_, fields), = Decoder().feed(frame)
+    end = End(fields)
+    assert (end.log, end.job_log) == ('{"host":"h1"}', "/l")
+    (_, fields), = Decoder().feed(End.frame(0, None, "h1", "exited", "", {}))
+    assert (End(fields).log, End(fields).job_log) == (None, "")
+    with pytest.raises(HandoffError, match="'log'"):
+        End({**fields, "log": 3})
+
+
 def test_the_hand_offs_endings_are_the_requests():
     """An ``E`` frame's endings are exactly request.Ending's values, in its order."""
     from offloadfs.request import Ending
@@ -174,6 +221,36 @@ def test_an_argv_without_options_parses_as_the_parser_would(argv):
     """offld's start without argparse (no option given) yields what the parser yields: every
     option's default (offld.DEFAULTS, the parser's too) and the command."""
     assert vars(offld.parse(argv)) == vars(offld.parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [
+    ["-q", "true"], ["-Q", "--", "true"], ["--quiet", "-T", "cc", "-q"], ["-t", "-Q", "-q", "x"],
+    ["--no-logging", "--", "--"], ["-T", "-Q", "--quiet", "--", "a", "-t"]])
+def test_leading_flags_parse_as_the_parser_would(argv):
+    """offld's start without argparse also reads its value-less flags (offld.FLAGS), as the
+    parser does."""
+    fast = offld.parse(argv)
+    assert type(fast).__name__ == "SimpleNamespace"
+    assert vars(fast) == vars(offld.parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [["-q", "-q", "x"], ["-t", "-T", "x"], ["-q"], ["-qQ", "x"],
+                                  ["--qui", "x"], ["-q", "-H", "h", "x"], ["-Q", "-"]])
+def test_other_flag_uses_are_the_parsers(argv):
+    """A flag given twice, combined, abbreviated, followed by another option or by no
+    command is the parser's to read (its errors and all)."""
+    try:
+        expected = vars(offld.parser().parse_args(argv))
+    except SystemExit:
+        expected = SystemExit
+    try:
+        got = offld.parse(argv)
+    except SystemExit:
+        got = SystemExit
+    else:
+        assert type(got).__name__ == "Namespace"
+        got = vars(got)
+    assert got == expected
 
 
 def test_options_still_go_through_the_parser():

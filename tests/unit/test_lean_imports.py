@@ -20,7 +20,12 @@ NOT_IMPORTED = ("asyncio", "zmq.asyncio", "zmq.utils.monitor", "ssl", "concurren
 
 # What offld's hand-off path may load of the package: offld itself and these leaves.
 HANDOFF_PATH = {"offloadfs", "offloadfs.offld", "offloadfs.handoff", "offloadfs.mountinfo",
-                "offloadfs.commandline", "offloadfs.settings"}
+                "offloadfs.settings"}
+# ... and of the standard library, none of these Python modules (their C halves, _json,
+# _signal, _struct, _socket, serve it): enum alone, which re, signal and socket load, is
+# ms of each start on a slow VM; the job log's line comes made from the agent.
+HANDOFF_STDLIB_NOT = ("enum", "re", "json", "signal", "struct", "tomllib", "datetime",
+                      "types", "functools", "collections")
 
 
 def _loaded(module: str) -> set[str]:
@@ -33,11 +38,13 @@ def _loaded(module: str) -> set[str]:
 
 def test_importing_offld_loads_no_zmq_and_only_the_hand_offs_modules():
     """offld's start (the hand-off path) loads no zmq, no msgpack, no asyncio, no argparse
-    (offld CMD without options needs no parser), and of the package only HANDOFF_PATH."""
+    (offld CMD without options needs no parser), of the package only HANDOFF_PATH, and none
+    of HANDOFF_STDLIB_NOT."""
     loaded = _loaded("offloadfs.offld")
     ours = {m for m in loaded if m == "offloadfs" or m.startswith("offloadfs.")}
     assert ours == HANDOFF_PATH
-    assert sorted(loaded.intersection({"zmq", "msgpack", "argparse", *NOT_IMPORTED})) == []
+    assert sorted(loaded.intersection({"zmq", "msgpack", "argparse", *NOT_IMPORTED,
+                                       *HANDOFF_STDLIB_NOT})) == []
 
 
 def test_importing_the_direct_path_imports_nothing_the_common_run_does_not_need():
