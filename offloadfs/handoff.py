@@ -87,9 +87,12 @@ def address(mountpoint: str) -> bytes:
     return PREFIX + b"sha256:" + hashlib.sha256(os.fsencode(mountpoint)).hexdigest().encode()
 
 
-def choose_mount(path: str, mounts: list[str]) -> str | None:
-    """The mount whose agent takes the job: the first offloadfs mount on ``path`` (a PATH
-    value), else the first of ``mounts``; None without any."""
+def choose_mount(path: str, owners: dict[str, int | None], uid: int) -> str | None:
+    """The mount whose agent takes the job of ``uid``: of the mounts in ``owners`` (mount
+    point: the uid that mounted it) that root or ``uid`` mounted, the first on ``path`` (a
+    PATH value), else the first; None without any. Another user's agent could not read the
+    caller's /proc (so it would refuse the job); it is not asked."""
+    mounts = [m for m, owner in owners.items() if owner in (0, uid)]
     for entry in path.split(":"):
         for mount in mounts:
             if entry and os.path.normpath(entry) == mount:

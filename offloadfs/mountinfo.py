@@ -58,12 +58,37 @@ def device(mount_point: str, path: str = MOUNTINFO) -> int | None:
 def owner(mount_point: str, path: str = MOUNTINFO) -> int | None:
     """The uid that mounted the FUSE filesystem at ``mount_point`` (its ``user_id=``
     super option), None if unknown."""
-    fields = _last_at(mount_point, path) or []
+    return _owner(_last_at(mount_point, path) or [])
+
+
+def _owner(fields: list[str]) -> int | None:
+    """The ``user_id=`` super option of a mountinfo line's fields, None if it has none."""
     after = fields[fields.index("-") + 1:] if "-" in fields else []
     for option in (after[2] if len(after) > 2 else "").split(","):
         if option.startswith("user_id=") and option[8:].isdigit():
             return int(option[8:])
     return None
+
+
+def offloadfs_owners(path: str = MOUNTINFO) -> dict[str, int | None]:
+    """The offloadfs mount points this process sees, in mountinfo's order, each with the uid
+    that mounted it (the last mount at a point is the one seen), in one read."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    owners: dict[str, int | None] = {}
+    for line in lines:
+        fields = line.split()
+        after = fields[fields.index("-") + 1:] if "-" in fields else []
+        if len(fields) < 5 or not after:
+            continue
+        point = _unescape(fields[4])
+        owners.pop(point, None)   # mounted over: the last mount at a point is the one seen
+        if after[0] == FSTYPE:
+            owners[point] = _owner(fields)
+    return owners
 
 
 def offloadfs_mounts(path: str = MOUNTINFO) -> list[str]:

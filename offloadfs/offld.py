@@ -162,7 +162,8 @@ class Reporter:
 def hand_off(command: list[str], opts, say: Reporter) -> int | None:
     """Run the job through the agent of the offloadfs mount on PATH (else the first one);
     its exit status, or None when no mount's agent takes it (then offld connects itself)."""
-    mnt = handoff.choose_mount(os.environ.get("PATH", ""), mountinfo.offloadfs_mounts())
+    owners = mountinfo.offloadfs_owners()
+    mnt = handoff.choose_mount(os.environ.get("PATH", ""), owners, os.getuid())
     if mnt is None:
         return None
     try:
@@ -172,7 +173,7 @@ def hand_off(command: list[str], opts, say: Reporter) -> int | None:
         return None
     try:
         _, uid, _ = handoff.peer(sock)
-        if uid != mountinfo.owner(mnt):
+        if uid != owners[mnt]:
             say.debug(f"the hand-off socket of {mnt} belongs to uid {uid}, not to the "
                       f"mount's owner: connecting myself")
             return None

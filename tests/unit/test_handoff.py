@@ -114,10 +114,21 @@ def test_the_address_is_abstract_short_and_one_per_mount():
 
 def test_the_mount_on_path_is_chosen_first():
     """The first offloadfs mount on PATH, else the first mount; none without mounts."""
-    mounts = ["/mnt/a", "/opt/offload"]
-    assert handoff.choose_mount("/usr/bin:/opt/offload/:/mnt/a", mounts) == "/opt/offload"
-    assert handoff.choose_mount("/usr/bin:/bin", mounts) == "/mnt/a"
-    assert handoff.choose_mount("::/usr/bin", []) is None
+    mounts = {"/mnt/a": 0, "/opt/offload": 0}
+    assert handoff.choose_mount("/usr/bin:/opt/offload/:/mnt/a", mounts, 1000) == "/opt/offload"
+    assert handoff.choose_mount("/usr/bin:/bin", mounts, 1000) == "/mnt/a"
+    assert handoff.choose_mount("::/usr/bin", {}, 1000) is None
+
+
+def test_only_roots_and_the_callers_own_mounts_are_asked():
+    """Another user's mount (its agent could not read our /proc) is passed over, on PATH
+    or not; so is a mount whose owner mountinfo does not say."""
+    mounts = {"/home/b/offload": 1001, "/mnt/unknown": None, "/home/a/offload": 1000,
+              "/opt/offload": 0}
+    path = "/home/b/offload:/mnt/unknown:/home/a/offload:/opt/offload"
+    assert handoff.choose_mount(path, mounts, 1000) == "/home/a/offload"
+    assert handoff.choose_mount(path, mounts, 1002) == "/opt/offload"
+    assert handoff.choose_mount("/usr/bin", {"/home/b/offload": 1001}, 1000) is None
 
 
 def _opts(**given):

@@ -61,3 +61,14 @@ def test_owner_is_the_user_id_of_the_visible_mount(tmp_path):
     assert mountinfo.owner("/opt/offload", str(info)) == 1000
     assert mountinfo.owner("/mnt/with space", str(info)) is None
     assert mountinfo.owner("/nowhere", str(info)) is None
+
+
+def test_the_owners_of_the_offloadfs_mounts_seen(tmp_path):
+    """One read gives each visible offloadfs mount with the uid that mounted it: a mount
+    over another at the same point is the one seen, whatever its type."""
+    info = tmp_path / "mountinfo"
+    info.write_text(SAMPLE + "43 40 0:38 / /opt/offload rw shared:5 - fuse.offloadfs o "
+                    "rw,user_id=1000,group_id=1000\n"
+                    "44 41 0:39 / /mnt/with\\040space rw - tmpfs tmpfs rw\nshort line\n")
+    assert mountinfo.offloadfs_owners(str(info)) == {"/opt/offload": 1000}
+    assert mountinfo.offloadfs_owners(str(tmp_path / "none")) == {}
