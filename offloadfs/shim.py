@@ -7,7 +7,9 @@ see docs/shim.md). Run as ``convert in.png out.png`` it:
    from the FUSE request, the shim's pid; from then on the agent knows the caller (credentials,
    cwd, environment from /proc, stdio through pidfd_getfd). Not the shim file itself: the
    kernel refuses to exec a file open for writing, so a second run of the same command would
-   fail with ETXTBSY while the first waits;
+   fail with ETXTBSY while the first waits. An open that fails (the mount died after the exec)
+   ends the shim with 255 and the shell's line saying why (``command exec``: a plain ``exec``
+   whose redirection fails ends dash with 2 before ``|| exit 255`` runs);
 2. writes its path, the number of its arguments and the arguments, each followed by a NUL
    byte, then the name of a signal it caught before now, if any;
 3. reads reply lines, each read blocking until the mount has one; the last comes when the
@@ -53,7 +55,7 @@ TEMPLATE = """#!/bin/sh
 s='' t=''
 {traps}
 trap : TSTP
-exec 3<>{ctl} || exit 255
+command exec 3<>{ctl} || exit 255
 printf '%s\\0' "$0" $# "$@" >&3
 [ -z "$s" ] || printf '%s\\0' "$s" >&3
 while read -r st arg <&3; do

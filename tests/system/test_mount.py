@@ -344,6 +344,21 @@ def test_killed_mount_leaves_commands_working_locally(mount, marker, work):
     assert got.returncode == 0 and got.stdout == b"vm\n"
 
 
+def test_a_shim_whose_mount_died_before_its_control_open_exits_255_with_one_line(mount,
+                                                                                tmp_path):
+    """The mount dies between a shim's exec and its control open: 255 (an offload error;
+    dash alone would end with 2 on the failed ``exec`` redirection) and the shell's one line
+    naming why; nothing ran."""
+    copy = tmp_path / "sleep-shim"
+    copy.write_bytes((mount.path / "sleep").read_bytes())   # the script, as dash read it
+    os.kill(mount.proc.pid, signal.SIGKILL)
+    mount.proc.wait(10)
+    wait_for(lambda: str(mount.path) not in fuse_mounts(), 10, "the kernel to drop the mount")
+    done = subprocess.run(["/bin/sh", str(copy), "5"], capture_output=True, timeout=30)
+    assert done.returncode == 255 and done.stdout == b""
+    assert len(done.stderr.splitlines()) == 1 and b".ctl/sleep" in done.stderr, done.stderr
+
+
 def test_mounting_over_a_stale_mount_works(start_mount, host, config, tmp_path, work):
     """A dead FUSE mount (ENOTCONN) at the mount point is cleared and replaced."""
     stale = tmp_path / "stale"

@@ -37,7 +37,7 @@ def test_script_names_its_command_and_starts_with_a_shebang():
     """The shim is a /bin/sh script that resets its own variables before anything else."""
     text = shim.script("convert", "/opt/off load").decode()
     assert text.startswith("#!/bin/sh\n") and "shim for convert" in text
-    assert "exec 3<>'/opt/off load/.ctl/convert'" in text
+    assert "command exec 3<>'/opt/off load/.ctl/convert' || exit 255" in text
     assert text.splitlines()[2] == "s='' t=''"
 
 
