@@ -19,7 +19,6 @@ from . import (
     export,
     handoff,
     joblog,
-    mountinfo,
     notice,
     protocol,
     reach,
@@ -134,11 +133,13 @@ def _stop_here(job: JobRun, signum: int, say: Reporter) -> None:
 
 @contextlib.contextmanager
 def exported(cfg: ClientConfig, say: Reporter):
-    """The VM's export for this job: the mount's (if an offloadfs mount runs, its export is
-    up) or, with none, one started for this job alone (the thesis's slow path)."""
+    """The VM's export for this job: the one up already (the mount's: ``serving``), else
+    one started for this job alone (the thesis's slow path). Whether some offloadfs mount
+    runs says nothing: it may be another user's, with another export (offld then sent jobs
+    to an export nobody served)."""
     exp = export.make(cfg.export)
-    if isinstance(exp, export.NfsExport) and not mountinfo.offloadfs_mounts():
-        say.debug(f"no offloadfs mount: exporting {cfg.export.root} for this job")
+    if isinstance(exp, export.NfsExport) and not exp.serving():
+        say.debug(f"the export of {cfg.export.root} is not up: exporting it for this job")
         try:
             exp.start()
         except export.ExportError as exc:

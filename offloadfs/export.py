@@ -113,6 +113,10 @@ class NfsExport(Export):
 
     NONCES = ".offloadfs"
 
+    def serving(self) -> bool:
+        """True if this export is up already (started by the mount); each backend says how."""
+        return False
+
     def descriptor(self, cwd: str) -> dict | None:
         """server, export, the cwd below the root and a fresh nonce (whose file this writes);
         KeyError if ``cwd`` is outside the root. :meth:`finish` removes the nonce file."""
@@ -170,19 +174,26 @@ class GaneshaExport(NfsExport):
         """Where ganesha logs."""
         return os.path.join(self.dir, "ganesha.log")
 
+    def serving(self) -> bool:
+        """True if a server accepts connections at the export's address already (the
+        mount's ganesha: offld alone then uses it rather than start its own)."""
+        import socket  # see the imports at the top
+        try:
+            socket.create_connection(self.cfg.address(), timeout=0.5).close()
+        except OSError:
+            return False
+        return True
+
     def _wait_listening(self, timeout: float) -> None:
         """Return once the NFS port accepts connections; ExportError if ganesha dies first."""
-        import socket  # see the imports at the top
         host, port = self.cfg.address()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ExportError(f"ganesha.nfsd exited {self.proc.returncode}: {self._tail()}")
-            try:
-                socket.create_connection((host, port), timeout=0.5).close()
+            if self.serving():
                 return
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.stop()
         raise ExportError(f"ganesha.nfsd did not listen on {host}:{port} within {timeout:g}s")
 
@@ -216,6 +227,23 @@ class KernelExport(NfsExport):
     """The kernel's nfsd: ``exportfs -i`` adds the export for each client, removes it at stop."""
 
     OPTIONS = "rw,sync,no_subtree_check,no_root_squash,insecure"
+
+    ETAB = "/var/lib/nfs/etab"   # the kernel's exports now: "PATH\tCLIENT(OPTIONS)" lines
+
+    def serving(self) -> bool:
+        """True if the kernel exports the root to every client already (the mount added it:
+        offld alone then leaves it as it is, and does not remove it after its job)."""
+        try:
+            with open(self.ETAB, encoding="utf-8", errors="surrogateescape") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return False
+        pairs = set()
+        for line in lines:
+            path, _, who = line.partition("\t")
+            pairs.add((path, who.split("(")[0]))
+        return bool(self.cfg.clients) and all((self.cfg.root, client) in pairs
+                                              for client in self.cfg.clients)
 
     def start(self) -> None:
         """Add the export for every client."""

@@ -11,6 +11,8 @@ import pytest
 import zmq
 
 from offloadfs import protocol
+from offloadfs.config import ClientConfig
+from offloadfs.export import GaneshaExport
 
 from ..harness import OFFLD, alive, convert_both_ways, free_port, test_user, wait_for
 
@@ -211,6 +213,26 @@ def test_offld_alone_exports_for_one_job(host, vm, vm_config):
                          timeout=120)
     assert got.returncode == 0, got.stderr
     assert (vm / "work" / "o.txt").read_text() == "via-nfs\n"
+
+
+def test_offld_alone_exports_for_one_job_beside_another_mount(host, vm, vm_config,
+                                                               start_mount):
+    """Another offloadfs mount (no export of this tree) does not stop offld alone from
+    exporting the tree for its job; with the export up (the mount's), offld uses it."""
+    start_mount(hosts=[host.hostport], wait_for_shim="sh")   # another user's, say: no export
+    test_offld_alone_exports_for_one_job(host, vm, vm_config)
+    export = GaneshaExport(ClientConfig.load(vm_config).export)
+    export.start()
+    try:
+        assert export.serving()
+        got = subprocess.run([OFFLD, "-d", "-c", vm_config, "-H", host.hostport, "--", "sh",
+                              "-c", "echo again > o.txt"], cwd=vm / "work",
+                             capture_output=True, timeout=120)
+        assert got.returncode == 0 and b"exporting it for this job" not in got.stderr, \
+            got.stderr
+        assert (vm / "work" / "o.txt").read_text() == "again\n"
+    finally:
+        export.stop()
 
 
 def _nfs_client_pid(vm) -> int:

@@ -35,6 +35,19 @@ def test_exportfs_commands_name_each_client_only():
         ["exportfs", "-u", "10.0.0.0/24:/home"]
 
 
+def test_the_kernels_export_is_up_when_etab_lists_every_client(tmp_path, monkeypatch):
+    """offld alone leaves the kernel export alone (and does not remove it after its job) when
+    the kernel's etab exports the root to each configured client; otherwise it adds its own."""
+    etab = tmp_path / "etab"
+    monkeypatch.setattr(export.KernelExport, "ETAB", str(etab))
+    exp = export.make(cfg(backend="exportfs", root="/home", clients=["10.0.0.0/24", "h1"]))
+    assert not exp.serving()   # no etab: no nfsd
+    etab.write_text("/home\t10.0.0.0/24(rw,sync,wdelay)\n/srv\th1(rw)\n")
+    assert not exp.serving()   # h1 gets /srv, not /home
+    etab.write_text("/home\t10.0.0.0/24(rw,sync)\n/home\th1(rw,insecure)\n")
+    assert exp.serving()
+
+
 def test_ganesha_config_exports_the_root_to_the_clients_over_nfs4(tmp_path):
     """The generated config: NFSv4 only, the port, the root, the clients, no grace period."""
     text = export.ganesha_config(cfg(backend="ganesha", root=str(tmp_path),
