@@ -15,11 +15,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from offloadfs import handoff
+from offloadfs import offld as offld_module
 from offloadfs.settings import DEFAULT_PORT
 
 from ..harness import (
@@ -115,6 +117,22 @@ def test_the_job_log_the_mounts_config_names(daemon, start_mount, work, tmp_path
     assert not (Path(os.environ["XDG_STATE_HOME"]) / "offloadfs" / "jobs.jsonl").exists()
 
 
+def test_a_job_frame_that_cannot_be_sent_leaves_offld_to_connect_itself():
+    """The agent's end closed before offld sent its job (EPIPE): nothing can have run, so
+    offld takes its own path (None), with its signals unblocked as before."""
+    import signal
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.close()
+    opts = types.SimpleNamespace(tty="auto", quiet=True)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        assert offld_module._handed(ours, ["true"], opts, 1, "/m",
+                                    offld_module.Reporter("offld", True, False)) is None
+    finally:
+        ours.close()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
 def test_nothing_ran_then_fallback_or_255_as_direct(start_mount, work):
     """A mount whose host never answers: offld through it says the job never ran (255, one
     line), and --fallback runs the command here, as offld's own path does."""
@@ -162,6 +180,7 @@ def test_a_user_who_cannot_read_the_vm_key_offloads_through_the_mount(start_daem
 CLAIMING = """
 import os, socket, sys
 from offloadfs import handoff
+from offloadfs import offld as offld_module
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(handoff.address(sys.argv[1]))
 frame = handoff.encode(handoff.JOB, v=handoff.VERSION, argv=["sh", "-c", "id -u; id -g"],
@@ -256,6 +275,7 @@ def test_garbage_on_the_socket_is_refused_and_the_agent_keeps_serving(mounted, w
 SQUATTER = """
 import socket, sys
 from offloadfs import handoff
+from offloadfs import offld as offld_module
 s = socket.socket(socket.AF_UNIX)
 s.bind(handoff.address(sys.argv[1]))
 s.listen()
