@@ -385,8 +385,8 @@ class Broker:
     def _do_queued(self, a: rules_mod.Queued) -> None:
         """Tell the client where its job waits (the rules say it when the job queues, then
         at each tick where its place changed)."""
-        client, job_id = a.job
-        self._to_client(client, protocol.encode("queued", job_id, position=a.position))
+        client, job_id = a.job   # our own numbers: packed without encode's check
+        self._to_client(client, protocol.pack("queued", job_id, None, {"position": a.position}))
 
     def _do_host_lost(self, a: rules_mod.HostLost) -> None:
         """The job's host died while it ran: exit 255 with one line on the client."""

@@ -504,7 +504,7 @@ class Rules:
         free = sum(h.free for h in self.hosts.values())
         actions = []
         stuck: set[tuple] = set()     # kinds that found no free slot; slots only get fewer
-        for job in list(self.queue.values()):
+        for job in self.queue.values():   # no copy of the queue: removed after the walk
             if not free:
                 break
             if job.kind in stuck:
@@ -513,11 +513,12 @@ class Rules:
             if host is None:
                 stuck.add(job.kind)
                 continue
-            del self.queue[job.key]
             job.state = advance(job.state, "started")
             job.host = host.id
             actions.append(Dispatch(job.key, host.id, host.take(job.key)))
             free -= 1
+        for action in actions:
+            del self.queue[action.job]
         return actions
 
     def _best_host(self, job: _Job) -> _Host | None:
