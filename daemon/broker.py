@@ -57,7 +57,7 @@ def command_of(submit: Message) -> str:
     return os.path.basename(os.fsdecode(submit["argv"][0]))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class BrokerJob:
     """A client's job as the broker keeps it."""
 
@@ -67,7 +67,6 @@ class BrokerJob:
     command: str                # argv[0]'s base name
     host: bytes | None = None
     host_name: str = ""         # the host's name at dispatch, for error lines
-    told: bool = False
     vm: str | None = None
     cost: int = 0               # what its spec holds of the budget (limits.cost)
     ended: bool = False         # counted in the metrics and the recent jobs (once)
@@ -98,7 +97,6 @@ class Broker:
         self.wires: dict[str, tuple[bytes, str]] = {}
         self.life = os.urandom(6).hex()   # this process's prefix of wire ids
         self.ids = itertools.count(1)
-        self.positions = router.Positions()
         self.done = self.failed = 0
         self.recent: collections.deque[tuple] = collections.deque(maxlen=RECENT)   # for status
         self.now = time.monotonic()   # the time of the poll round being handled
@@ -322,16 +320,17 @@ class Broker:
         job = self.jobs.get(key) if key else None
         if job is None or job.host != host:
             return
-        self._to_client(job.key[0], protocol.pack(msg.kind, job.key[1], msg.payload,
+        kind = msg.kind
+        if kind == "exit":   # counted first: a scrape after the client's exit sees it
+            self._finish(job, metrics.exit_outcome(msg["status"], msg.get("signal")),
+                         msg["status"], msg.get("timings"))
+        elif kind == "error":
+            self._finish(job, metrics.error_outcome(msg.get("started", True)))
+        self._to_client(job.key[0], protocol.pack(kind, job.key[1], msg.payload,
                                                   msg.header or msg.fields))
-        if msg.kind == "stopped":   # its client stops too, maybe before its suspend leaves
+        if kind == "stopped":   # its client stops too, maybe before its suspend leaves
             self._act(self.rules.suspend(key, now))
-        if msg.kind in ("exit", "error"):
-            if msg.kind == "exit":
-                self._finish(job, metrics.exit_outcome(msg["status"], msg.get("signal")),
-                             msg["status"], dict(msg.get("timings", {})))
-            else:
-                self._finish(job, metrics.error_outcome(msg.get("started", True)))
+        elif kind == "exit" or kind == "error":
             self._act(self.rules.slot_freed(host, key))
             self._forget(key)
 
@@ -362,7 +361,6 @@ class Broker:
         r = self.rules
         self.metrics.load(r.slots, r.busy, len(r.queue))
         self._act(r.tick(now))
-        self._flush_positions()
 
     # --- actions -------------------------------------------------------------------------------
 
@@ -377,29 +375,18 @@ class Broker:
         job.host = a.host_id
         host = self.rules.hosts.get(a.host_id)
         job.host_name = host.name if host is not None else repr(a.host_id)
-        fields = {k: v for k, v in job.submit.fields.items() if k != "vm"}   # never the client's
-        if job.vm:
-            fields["vm"] = job.vm
+        fields = job.submit.fields   # pack copies it
+        if job.vm or "vm" in fields:   # never the client's vm
+            fields = {k: v for k, v in fields.items() if k != "vm"}
+            if job.vm:
+                fields["vm"] = job.vm
         self._send(self.back, a.host_id, protocol.pack("submit", job.wire, None, fields))
 
     def _do_queued(self, a: rules_mod.Queued) -> None:
-        """Tell the client where its job waits: at once the first time, then at most once a
-        heartbeat (re-telling every waiting job each time one leaves the queue cost O(n^2)
-        messages: at 64 waiting clients, 45% of the broker's time)."""
-        job = self.jobs.get(a.job)
-        if job is None:
-            return
-        if job.told:
-            self.positions.later(a.job, a.position)
-            return
-        job.told = True
-        client, job_id = a.job
-        self._to_client(client, protocol.encode("queued", job_id, position=a.position))
-
-    def _flush_positions(self) -> None:
-        """Send the latest queue position of each job still waiting (``router.Positions``)."""
-        self.positions.flush(self._to_client, lambda key: key in self.jobs
-                             and self.jobs[key].host is None)
+        """Tell the client where its job waits (the rules say it when the job queues, then
+        at each tick where its place changed)."""
+        client, job_id = a.job   # our own numbers: packed without encode's check
+        self._to_client(client, protocol.pack("queued", job_id, None, {"position": a.position}))
 
     def _do_host_lost(self, a: rules_mod.HostLost) -> None:
         """The job's host died while it ran: exit 255 with one line on the client."""
@@ -446,10 +433,10 @@ class Broker:
             self.failed += 1
         else:
             self.done += 1
+        timings = timings or {}
         self.metrics.job_ended(metrics.command_label(command, self.rules.commands), outcome,
-                               timings or {})
-        self.recent.append((job_id, submit["argv"][0][:RECENT_ARGV0], status, host,
-                            metrics.stage_times(timings or {})))
+                               timings)
+        self.recent.append((job_id, submit["argv"][0][:RECENT_ARGV0], status, host, timings))
 
     def _do_commands_changed(self, a: rules_mod.CommandsChanged) -> None:
         """VMs see the new command set at their next hello."""

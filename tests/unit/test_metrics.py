@@ -48,3 +48,35 @@ def test_a_recent_job_names_its_host():
     """status's record of a job: id, command, status (-1: none), host, stage times."""
     assert metrics.ended_record("7", b"/bin/sh", None, "h1", {"run": 0.1234567, "x": 1}) == {
         "job": "7", "command": "/bin/sh", "status": -1, "host": "h1", "run": 0.123457}
+
+
+def test_the_tally_exports_what_prometheus_clients_own_metrics_would():
+    """Jobs and stage times counted in plain ints read, when scraped, line for line as
+    prometheus_client's Counter and Histogram fed the same jobs (bucket bounds included: a
+    time equal to a bound is in that bucket, one past the last bound only in +Inf)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    ours = metrics.Metrics("broker")
+    theirs = CollectorRegistry()
+    counter = Counter("offload_broker_jobs", "Jobs ended, by command and outcome (done, failed, "
+                      "signal, refused, error, lost, cancelled)", ["command", "outcome"],
+                      registry=theirs)
+    histogram = Histogram("offload_broker_stage_seconds", "Time jobs spent in each stage",
+                          ["stage"], buckets=metrics.STAGE_BUCKETS, registry=theirs)
+    jobs = [("sh", metrics.DONE, {"run": 0.25, "queue": 0.001}),
+            ("sh", metrics.DONE, {"run": 5, "drain": 0.0, "bogus": 3.0}),
+            ("(other)", metrics.REFUSED, {}), ("sh", metrics.FAILED, {"run": 1e9})]
+    for command, outcome, timings in jobs:
+        ours.job_ended(command, outcome, timings)
+        counter.labels(command, outcome).inc()
+        for stage, seconds in metrics.stage_times(timings).items():
+            histogram.labels(stage).observe(seconds)
+
+    def lines(registry, prefix):
+        return sorted(line for line in generate_latest(registry).decode().splitlines()
+                      if line.removeprefix("# HELP ").removeprefix("# TYPE ").startswith(prefix)
+                      and "_created" not in line)
+
+    for prefix in ("offload_broker_jobs", "offload_broker_stage_seconds"):
+        assert lines(ours.registry, prefix) == lines(theirs, prefix)
+    assert 'offload_broker_stage_seconds_bucket{le="0.001",stage="queue"} 1.0' in \
+        lines(ours.registry, "offload_broker_stage_seconds")
