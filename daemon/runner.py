@@ -189,11 +189,8 @@ class Process:
         """Up to ``n`` bytes of ``name`` (stdout or stderr) as they are ready, read into one
         buffer (the parts a writer wrote one by one are never joined: no copy); b"" at EOF,
         None if none ready."""
-        fd = self.fds[name]
-        ready = _readable(fd)
-        if ready is not None and 2 * ready < n:   # a little (or the end): a buffer its size,
-            n = max(ready, 1)                     # not a megabyte zeroed for each poll
-        buf, got = memoryview(bytearray(n)), 0
+        fd, buf = self.fds[name], memoryview(bytearray(n))
+        got = 0
         while got < n:
             try:
                 k = os.readv(fd, [buf[got:]])
@@ -452,14 +449,6 @@ def _grow_pipe(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
         pass
-
-
-def _readable(fd: int) -> int | None:
-    """How many bytes pipe or pty ``fd`` holds now (FIONREAD), or None if it cannot say."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-    except OSError:
-        return None
 
 
 def _exited(pid: int) -> bool:

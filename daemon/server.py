@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -44,7 +45,7 @@ FEATURES = [protocol.STDIN_NULL]   # what our welcome offers beyond the protocol
 ENDED_KEPT = 1024   # ended jobs whose clients' late messages are dropped without an error
 # A job's ``started`` waits this long for the job's next message (its output, its exit), so
 # that a quick job's started and exit leave together: one wake-up of its client, not two.
-START_HOLD = 0.003
+START_HOLD = 0.001
 
 
 @dataclasses.dataclass
@@ -234,7 +235,7 @@ class Server:
         while not self.wakeup.stopping:
             poller = self._poller()
             timeout = max(0.0, min(next_beat, start_by or next_beat) - time.monotonic())
-            for what, _ in poller.poll(timeout * 1000):
+            for what, _ in poller.poll(math.ceil(timeout * 1000)):   # pyzmq truncates ms
                 self._polled(what)
             start_by = self._starts_due(time.monotonic())
             if time.monotonic() >= next_beat:
@@ -454,9 +455,9 @@ class Server:
             self.metrics.job_ended(self._command_label(msg), metrics.REFUSED, {})
             self._refuse(peer, msg.job, exc.kind, str(exc), False)
             return
-        job = HostJob(peer, msg.job, msg, path=path, cost=cost)
-        job.streams = JobStreams(msg.job, msg["window"], lambda frames: self._say(job, frames),
-                                 self.config.limits.get("output"))
+        job = HostJob(peer, msg.job, msg, path=path, cost=cost, streams=JobStreams(
+            msg.job, msg["window"], lambda frames: self._say_to(key, frames),
+            self.config.limits.get("output")))
         self.jobs[key] = job
         data = msg.get("data") or {}
         try:
@@ -663,7 +664,6 @@ class Server:
             self._fail(job, getattr(exc, "kind", "spawn"), str(exc))
             return
         job.state = advance(job.state, "started")
-        log.info("%s started, pid %d, slot %d", job.describe(), job.process.pid, job.slot)
         job.unstarted = protocol.encode("started", job.id, host=self.hostname,
                                         pid=job.process.pid, window=protocol.WINDOW)
         job.start_by = time.monotonic() + START_HOLD
@@ -674,12 +674,30 @@ class Server:
         self._send_started(job)
         self.send(job.peer, frames)
 
-    def _send_started(self, job: HostJob) -> None:
-        """Send the job's ``started`` if it is still held back."""
+    def _say_to(self, key: tuple[bytes, str], frames: list) -> None:
+        """:meth:`_say` for the job of ``key`` (its streams' sends: a lambda holding the job
+        itself would make a cycle, and a refused job's spec would wait for the collector)."""
+        job = self.jobs.get(key)
+        if job is not None:
+            self._send_started(job)
+        self.send(key[0], frames)
+
+    def _send_started(self, job: HostJob, quiet: bool = False) -> bool:
+        """Send the job's ``started`` if it is still held back, and log it (unless
+        ``quiet``: the caller logs it after what it sends next); True if it went now."""
         frames, job.unstarted = job.unstarted, None
         self.holding.pop(job.key, None)
-        if frames is not None:
-            self.send(job.peer, frames)
+        if frames is None:
+            return False
+        self.send(job.peer, frames)
+        if not quiet:
+            self._log_started(job)
+        return True
+
+    @staticmethod
+    def _log_started(job: HostJob) -> None:
+        """The log's line for a job's start."""
+        log.info("%s started, pid %d, slot %d", job.describe(), job.process.pid, job.slot)
 
     def _starts_due(self, now: float) -> float | None:
         """Send the held-back starteds whose time came; the earliest still held, or None."""
@@ -750,12 +768,18 @@ class Server:
         proc = job.process
         if proc is None or not proc.finished or job.key not in self.jobs:
             return
-        if job.stage is not None and not job.streams.send_files(job.stage.outbox()):
-            return
+        if job.stage is not None:
+            if not job.streams.send_files(job.stage.outbox()):
+                return
+            job.stage.close()   # before the exit: its client finds nothing of it left here
+            job.stage = None
         job.timings["drain"] = time.monotonic() - proc.ended
+        quick = self._send_started(job, quiet=True)   # with the exit: both logged after it
         self._say(job, protocol.encode(
             "exit", job.id, status=proc.status, signal=proc.term_signal, rusage=proc.rusage,
             timings=job.timings))
+        if quick:
+            self._log_started(job)
         log.info("%s exited %d in %.3fs", job.describe(), proc.status, job.timings["run"])
         self._retire(job, metrics.exit_outcome(proc.status, proc.term_signal), proc.status)
 
