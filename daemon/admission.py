@@ -11,6 +11,7 @@ path, the working directory, the nonce in a mounted export), nothing else.
 from __future__ import annotations
 
 import os
+import select
 
 from offloadfs import keys, mountinfo, protocol
 from offloadfs.protocol import Message, ProtocolError
@@ -19,16 +20,57 @@ from . import limits, policy
 from .config import ServeConfig
 
 
+class OffloadfsMounts:
+    """The offloadfs mounts this process sees (``mountinfo.offloadfs_mounts``), read again
+    only after its mount table changed: the kernel marks an open /proc/self/mountinfo
+    POLLPRI then, so a submit costs one poll, not a read and parse of the table. The
+    server's loop thread owns it."""
+
+    def __init__(self, path: str = mountinfo.MOUNTINFO):
+        """Watch the mount table ``path`` (read at the first :meth:`get`)."""
+        self.path = path
+        self.mounts: list[str] | None = None
+        self.poller = select.poll()
+        self.fd = -1   # not procfs's (only its mount tables say they changed): read each time
+        if path == mountinfo.MOUNTINFO:
+            try:
+                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+            else:
+                self.poller.register(self.fd, select.POLLPRI)
+
+    def get(self) -> list[str]:
+        """The mount points, as of now."""
+        if self.mounts is None or self.fd < 0 or self.poller.poll(0):
+            self.mounts = mountinfo.offloadfs_mounts(self.path)
+        return self.mounts
+
+    def loops(self, path: str) -> bool:
+        """True if ``path`` (after symlinks) lies in an offloadfs mount: running it would
+        offload again (``mountinfo.resolves_into_offloadfs``'s rule, on the mounts kept)."""
+        mounts = self.get()
+        return bool(mounts) and (mountinfo.inside(os.path.abspath(path), mounts)
+                                 or mountinfo.inside(os.path.realpath(path), mounts))
+
+    def close(self) -> None:
+        """Stop watching."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def check(config: ServeConfig, msg: Message, allow: policy.Allowlist, ring: keys.Keyring | None,
-          vm_key: str | None, hostname: str) -> str:
+          vm_key: str | None, hostname: str, mounts: OffloadfsMounts | None = None) -> str:
     """Apply the host's policy to a submit; the command's path, or Refused. With keys
-    (``ring``), ``vm_key`` is the VM's key: its CURVE key, or the one its broker vouches for."""
+    (``ring``), ``vm_key`` is the VM's key: its CURVE key, or the one its broker vouches for;
+    ``mounts`` keeps the offloadfs mounts between submits (without: the table is read)."""
     path = allow.resolve(msg["argv"][0])
     policy.check_identity(msg["uid"], msg["gid"], config.allow_root, os.getuid(),
                           msg["groups"])
     if ring is not None:
         check_vm(config, msg, ring, vm_key, hostname)
-    if mountinfo.resolves_into_offloadfs(path):
+    if mounts.loops(path) if mounts is not None else mountinfo.resolves_into_offloadfs(path):
         raise policy.Refused("loop", f"{path} lies in an offloadfs mount on {hostname}; "
                                      f"running it would offload again")
     return path

@@ -66,24 +66,28 @@ class Process:
     def __init__(self, path: str, argv: list[bytes], cwd: bytes | str, env: dict[bytes, bytes],
                  ids: tuple[int, int, list[int]] | None, root: str | None = None,
                  limits: list[tuple[int, int, int]] = (), tty: dict | None = None,
-                 records=None, label: str = ""):
+                 records=None, label: str = "", stdin_null: bool = False):
         """Start ``path`` with ``argv`` in ``cwd``, which must be ``root`` or below it (if
         given); ``ids`` = (uid, gid, groups) to switch to; ``limits`` from :func:`rlimits`;
-        ``tty`` (a submit's) gives it a terminal. ``records`` (a ``warden.Records``) keeps
-        its process groups while it runs, under ``label``."""
+        ``tty`` (a submit's) gives it a terminal; ``stdin_null``: its stdin is /dev/null, not
+        a pipe (unless it is the terminal). ``records`` (a ``warden.Records``) keeps its
+        process groups while it runs, under ``label``."""
         self.started = time.monotonic()
         self.ended: float | None = None
         self.tty = Terminal(tty, ids) if tty else None
         self.job_pid: int | None = None       # the job's group (with a terminal: not ours)
         self.early: list[int] = []            # signals for a job whose pid is not known yet
         self.stopped_by: int | None = None    # the signal a client asked to stop it with
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) if stdin_null else None
         try:
-            self.popen = self._start(path, argv, env, ids, cwd, root, limits)
+            self.popen = self._start(path, argv, env, ids, cwd, root, limits, null)
         except BaseException:
             if self.tty is not None:
                 self.tty.discard()
             raise
         finally:
+            if null is not None:
+                os.close(null)
             if self.tty is not None:
                 self.tty.spawned()
         self.pid = self.popen.pid
@@ -108,16 +112,21 @@ class Process:
         self.term_signal: int | None = None
         self.rusage: dict = {}
 
-    def _start(self, path, argv, env, ids, cwd, root, limits) -> subprocess.Popen:
-        """Popen the job, or (with a terminal) its session leader, ptyleader.py."""
+    def _start(self, path, argv, env, ids, cwd, root, limits, null) -> subprocess.Popen:
+        """Popen the job, or (with a terminal) its session leader, ptyleader.py; ``null``
+        (an fd of /dev/null, or None) is its stdin where that would be a pipe."""
         if self.tty is None:
-            return _spawn(path, argv, env, ids, Confined(cwd, root, limits))
+            stdio = (subprocess.PIPE if null is None else null,) + (subprocess.PIPE,) * 2
+            return _spawn(path, argv, env, ids, Confined(cwd, root, limits), stdio)
         t = self.tty
+        stdio = t.stdio()
+        if null is not None and stdio[0] == subprocess.PIPE:
+            stdio = (null,) + stdio[1:]
         leader = [os.fsencode(sys.executable), b"-I", b"-S", os.fsencode(LEADER),
                   b"%d" % t.report_w, b"%d" % t.control_r, b"1" if t.foreground else b"0",
                   os.fsencode(path)] + list(argv)
         return _spawn(sys.executable, leader, env, ids,
-                      Confined(cwd, root, limits, t.slave_at, signal.SIGTERM), t.stdio(),
+                      Confined(cwd, root, limits, t.slave_at, signal.SIGTERM), stdio,
                       (t.report_w, t.control_r))
 
     # --- a terminal's job: signals, stops, window -----------------------------------------------

@@ -12,7 +12,9 @@ credit (``streams.JobStreams``), a staged job's scratch directory (``hoststage.H
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -39,6 +41,12 @@ from .worker import BrokerLink
 
 log = logging.getLogger("offloadd")
 
+FEATURES = [protocol.STDIN_NULL]   # what our welcome offers beyond the protocol's kinds
+ENDED_KEPT = 1024   # ended jobs whose clients' late messages are dropped without an error
+# A job's ``started`` waits this long for the job's next message (its output, its exit), so
+# that a quick job's started and exit leave together: one wake-up of its client, not two.
+START_HOLD = 0.001
+
 
 @dataclasses.dataclass
 class HostJob:
@@ -61,6 +69,8 @@ class HostJob:
     cost: int = 0               # what its spec holds of the budget (limits.cost)
     suspended: float | None = None   # since when its client is stopped (it said ``suspend``)
     spawned: bool = False       # a process may have been started for it (it may have run)
+    unstarted: list | None = None   # its ``started``, held back until START_HOLD passes or
+    start_by: float = 0.0           # another message about it goes (then both go at once)
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -85,6 +95,8 @@ class Server:
         self.rlimits = rlimits(config.limits)
         self.hostname = config.name or socket.gethostname()
         self.jobs: dict[tuple[bytes, str], HostJob] = {}
+        self.ended: dict[tuple[bytes, str], None] = {}   # the last ENDED_KEPT jobs' keys
+        self.holding: dict[tuple[bytes, str], HostJob] = {}   # jobs whose started waits
         self.peers: dict[bytes, float] = {}
         self.fdmap: dict[int, tuple[HostJob, str]] = {}
         self.done = self.failed = 0
@@ -93,6 +105,7 @@ class Server:
         if config.metrics:   # first: if its port is taken, nothing else is open yet
             self.metrics.serve(config.metrics)
         self.peer_gate = router.PeerGate(self.metrics.dropped.inc)
+        self.offloadfs_mounts = admission.OffloadfsMounts()   # what a command may not be in
         self.budget = limits.budget()
         self._peers_cap = limits.MAX_PEERS
         self.positions = router.Positions()
@@ -192,6 +205,7 @@ class Server:
             log.info("taking jobs from broker %s", link.endpoint)
             link.send(self._announcement())
         self._start_warden()
+        gc.freeze()   # what start-up made lives on: no collection walks it again (p99)
         old = signal.signal(signal.SIGCHLD, _child_changed)   # wakes the loop: see _polled
         try:
             with stopping_on_signals(self.stop, self.wakeup.w):
@@ -217,12 +231,13 @@ class Server:
 
     def _loop(self) -> None:
         """Poll and dispatch until stopped."""
-        next_beat = time.monotonic()
+        next_beat, start_by = time.monotonic(), None
         while not self.wakeup.stopping:
             poller = self._poller()
-            timeout = max(0.0, next_beat - time.monotonic())
-            for what, _ in poller.poll(timeout * 1000):
+            timeout = max(0.0, min(next_beat, start_by or next_beat) - time.monotonic())
+            for what, _ in poller.poll(math.ceil(timeout * 1000)):   # pyzmq truncates ms
                 self._polled(what)
+            start_by = self._starts_due(time.monotonic())
             if time.monotonic() >= next_beat:
                 self._heartbeat()
                 self.mounts.tick(time.monotonic())
@@ -393,12 +408,14 @@ class Server:
             return
         self.send(peer, protocol.encode(
             "welcome", host=self.hostname, commands=self.allow.names(), slots=self.config.slots,
-            tags=list(self.config.tags), busy=self.sched.busy, queued=len(self.sched.queue)))
+            tags=list(self.config.tags), busy=self.sched.busy, queued=len(self.sched.queue),
+            features=FEATURES))
 
     def _on_ping(self, peer: bytes, msg: Message) -> None:
         """A heartbeat: jobs the client believes live but we do not know get an error (each
         once, within the rate limit; the client's next ping names the rest again)."""
-        router.refuse_unknown(msg.get("jobs", []), lambda job_id: (peer, job_id) in self.jobs,
+        router.refuse_unknown(msg.get("jobs", []), lambda job_id: (peer, job_id) in self.jobs
+                              or (peer, job_id) in self.ended,
                               lambda job_id: self._refuse(peer, job_id, "unknown-job",
                                                           self._unknown(job_id), True))
 
@@ -430,7 +447,7 @@ class Server:
         try:
             vm_key = msg.get("vm") if peer in self.links else self.sender_key
             path = admission.check(self.config, msg, self.allow, self.ring, vm_key,
-                                   self.hostname)
+                                   self.hostname, self.offloadfs_mounts)
             cost = admission.admit(self.budget, peer, msg, self.hostname)
         except policy.Refused as exc:
             self.peer_gate.refused(peer, msg, self._client(peer, msg), str(exc))
@@ -439,7 +456,7 @@ class Server:
             self._refuse(peer, msg.job, exc.kind, str(exc), False)
             return
         job = HostJob(peer, msg.job, msg, path=path, cost=cost, streams=JobStreams(
-            msg.job, msg["window"], lambda frames: self.send(peer, frames),
+            msg.job, msg["window"], lambda frames: self._say_to(key, frames),
             self.config.limits.get("output")))
         self.jobs[key] = job
         data = msg.get("data") or {}
@@ -567,9 +584,12 @@ class Server:
                                 f"{self.hostname} killed it", job.spawned)
 
     def _job(self, peer: bytes, msg: Message) -> HostJob | None:
-        """The job a message names, or None after telling the client it is unknown."""
+        """The job a message names, or None after telling the client it is unknown. A job
+        that just ended is not unknown: the client sent this before our exit reached it (a
+        ``stdin-eof`` for a job that was quicker, a ``credit``, a signal): it is dropped
+        without a word."""
         job = self.jobs.get((peer, msg.job))
-        if job is None:
+        if job is None and (peer, msg.job) not in self.ended:
             self._refuse(peer, msg.job, "unknown-job", self._unknown(msg.job), True)
         return job
 
@@ -637,15 +657,57 @@ class Server:
             env, ids = self._env(spec, job.slot), self._ids(spec)
             job.spawned = True   # from the fork on, it may run (unless SpawnError says not)
             job.process = Process(job.path, spec["argv"], cwd, env, ids, root, self.rlimits,
-                                  spec.get("tty"), self.records, job.describe())
+                                  spec.get("tty"), self.records, job.describe(),
+                                  spec.get("stdin_null", False))
         except (SpawnError, policy.Refused) as exc:   # nothing of the command ran
             job.spawned = False
             self._fail(job, getattr(exc, "kind", "spawn"), str(exc))
             return
         job.state = advance(job.state, "started")
+        job.unstarted = protocol.encode("started", job.id, host=self.hostname,
+                                        pid=job.process.pid, window=protocol.WINDOW)
+        job.start_by = time.monotonic() + START_HOLD
+        self.holding[job.key] = job
+
+    def _say(self, job: HostJob, frames: list) -> None:
+        """Send a message about ``job`` to its client, after its held-back ``started``."""
+        self._send_started(job)
+        self.send(job.peer, frames)
+
+    def _say_to(self, key: tuple[bytes, str], frames: list) -> None:
+        """:meth:`_say` for the job of ``key`` (its streams' sends: a lambda holding the job
+        itself would make a cycle, and a refused job's spec would wait for the collector)."""
+        job = self.jobs.get(key)
+        if job is not None:
+            self._send_started(job)
+        self.send(key[0], frames)
+
+    def _send_started(self, job: HostJob, quiet: bool = False) -> bool:
+        """Send the job's ``started`` if it is still held back, and log it (unless
+        ``quiet``: the caller logs it after what it sends next); True if it went now."""
+        frames, job.unstarted = job.unstarted, None
+        self.holding.pop(job.key, None)
+        if frames is None:
+            return False
+        self.send(job.peer, frames)
+        if not quiet:
+            self._log_started(job)
+        return True
+
+    @staticmethod
+    def _log_started(job: HostJob) -> None:
+        """The log's line for a job's start."""
         log.info("%s started, pid %d, slot %d", job.describe(), job.process.pid, job.slot)
-        self.send(job.peer, protocol.encode("started", job.id, host=self.hostname,
-                                            pid=job.process.pid, window=protocol.WINDOW))
+
+    def _starts_due(self, now: float) -> float | None:
+        """Send the held-back starteds whose time came; the earliest still held, or None."""
+        soonest = None
+        for job in list(self.holding.values()):
+            if job.start_by <= now:
+                self._send_started(job)
+            elif soonest is None or job.start_by < soonest:
+                soonest = job.start_by
+        return soonest
 
     def _env(self, spec: Message, slot: int) -> dict[bytes, bytes]:
         """The job's environment from the host's base, the pass list and the slot."""
@@ -682,7 +744,7 @@ class Server:
                     return
                 job.suspended = job.suspended or time.monotonic()
                 log.info("%s stopped by signal %d", job.describe(), signum)
-                self.send(job.peer, protocol.encode("stopped", job.id, signal=signum))
+                self._say(job, protocol.encode("stopped", job.id, signal=signum))
 
     def _flush_output(self, job: HostJob) -> bool:
         """Send what the job wrote before it stopped (its terminal's echo of ^Z is in the pty
@@ -706,12 +768,18 @@ class Server:
         proc = job.process
         if proc is None or not proc.finished or job.key not in self.jobs:
             return
-        if job.stage is not None and not job.streams.send_files(job.stage.outbox()):
-            return
+        if job.stage is not None:
+            if not job.streams.send_files(job.stage.outbox()):
+                return
+            job.stage.close()   # before the exit: its client finds nothing of it left here
+            job.stage = None
         job.timings["drain"] = time.monotonic() - proc.ended
-        self.send(job.peer, protocol.encode(
+        quick = self._send_started(job, quiet=True)   # with the exit: both logged after it
+        self._say(job, protocol.encode(
             "exit", job.id, status=proc.status, signal=proc.term_signal, rusage=proc.rusage,
             timings=job.timings))
+        if quick:
+            self._log_started(job)
         log.info("%s exited %d in %.3fs", job.describe(), proc.status, job.timings["run"])
         self._retire(job, metrics.exit_outcome(proc.status, proc.term_signal), proc.status)
 
@@ -719,6 +787,7 @@ class Server:
         """End a job with an error the client reports as exit 255 (saying whether it may have
         run: then it must never be run again, anywhere)."""
         log.info("%s failed: %s", job.describe(), text)
+        self._send_started(job)
         self._job_error(job.peer, job.id, kind, text, job.spawned)
         self._retire(job, metrics.error_outcome(job.spawned))
 
@@ -733,6 +802,10 @@ class Server:
         exited)."""
         if self.jobs.pop(job.key, None) is None:
             return
+        self.holding.pop(job.key, None)   # a started not sent by now need not go
+        self.ended[job.key] = None
+        if len(self.ended) > ENDED_KEPT:
+            del self.ended[next(iter(self.ended))]
         self.budget.give(job.peer, job.cost)
         if job.process:
             job.process.kill()
@@ -831,6 +904,7 @@ class Server:
             self.jobs.pop(job.key, None)
         self._stop_warden()
         self.mounts.close()
+        self.offloadfs_mounts.close()
         self.metrics.close()
         if self.gate is not None:
             self.gate.close()

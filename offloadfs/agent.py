@@ -10,6 +10,7 @@ queue, the wake-up pipe and each request's queue of lines.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -156,6 +157,7 @@ class Agent(ClientLoop):
         self._start_export()
         self.ctx = zmq.Context()
         self.links = [HostLink(self.ctx, e, self.config.keys) for e in self.endpoints]
+        gc.freeze()   # the mount's start-up lives on: no collection walks it again (p99)
         try:
             while not self._stopping:
                 self._step_safely()

@@ -45,6 +45,7 @@ FORWARDED = RELAYED   # (handoff's: offld blocks them while the mount's agent ru
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 SIGNAL_GRACE = 5.0   # seconds a host may stay silent after an ending signal was forwarded
 SINK_WAIT = 5.0   # seconds a stop waits for the terminal's output before it restores it
+DEV_NULL = os.makedev(1, 3)   # the device number of /dev/null on Linux
 
 
 @dataclasses.dataclass
@@ -201,6 +202,7 @@ class JobRun:
         self.terminal = terminal
         self.caller = os.getpid() if caller is None else caller
         self.stdin_fd = stdio[0] if self._reads_stdin(stdio[0]) else None
+        self.eof_sent = False       # the daemon knows stdin's end (stdin-eof, or stdin_null)
         for fd in {self.stdin_fd, stdio[1]}:   # stderr rarely carries bulk
             _grow_pipe(fd)
         self.sinks = {"stdout": Sink("stdout", stdio[1], wake_fd),
@@ -233,6 +235,8 @@ class JobRun:
         extra = {"data": s.data} if s.data else {}
         if self.terminal is not None:
             extra["tty"] = self.terminal.spec()
+        if self._no_stdin() and protocol.STDIN_NULL in self._features():
+            extra["stdin_null"] = self.eof_sent = True   # no stdin-eof to send, nor to lose
         self.submitted = self.last_ping = self.listed = time.monotonic()
         sent = self.channel.send(protocol.encode(
             "submit", self.id, argv=s.argv, cwd=s.cwd, uid=s.uid, gid=s.gid, groups=s.groups,
@@ -240,6 +244,17 @@ class JobRun:
         if not sent:
             self.fail(OffloadError(f"cannot reach {self.channel.host}; the job never ran",
                                    "no-host", False))
+
+    def _no_stdin(self) -> bool:
+        """True if the job gets no stdin from us: none relayed (/dev/null, or withheld),
+        and not the host's terminal's."""
+        return self.stdin_fd is None and not (self.terminal and self.terminal.mask
+                                              & protocol.TTY_STDIN)
+
+    def _features(self) -> list[str]:
+        """What the daemon's welcome offers (through a broker: the broker's)."""
+        welcome = self.channel.welcome
+        return welcome.get("features", []) if welcome is not None else []
 
     def may_have_started(self) -> bool:
         """True from the moment a host could have received the submit: the rule that a job
@@ -366,6 +381,7 @@ class JobRun:
             self.send("stdin", payload=data)
         else:
             self.stdin_fd = None
+            self.eof_sent = True
             self.send("stdin-eof")
 
     def woken(self) -> None:
@@ -496,9 +512,9 @@ class JobRun:
         self.credit = msg["window"]
         self.ran_on = msg["host"]   # through a broker: the host it chose
         self.debug(f"started on {msg['host']} as pid {msg['pid']}")
-        if self.stdin_fd is None and not (self.terminal and self.terminal.mask
-                                          & protocol.TTY_STDIN):
-            self.send("stdin-eof")   # withheld: the job sees end of file, as from /dev/null
+        if self._no_stdin() and not self.eof_sent:   # withheld or /dev/null: end of file
+            self.eof_sent = True
+            self.send("stdin-eof")
         if self.terminal is not None and self.terminal.foreground():
             self._raw(True)
 
@@ -588,12 +604,13 @@ def _grow_pipe(fd: int | None) -> None:
 
 
 def _readable_fd(fd: int, caller: int) -> bool:
-    """True if ``fd`` is open and worth reading: not a terminal in whose background the
-    ``caller`` is (reading it would stop us with SIGTTIN, or take another job's keys)."""
+    """True if ``fd`` is open and worth reading: not /dev/null (its end needs no message
+    even), nor a terminal in whose background the ``caller`` is (reading it would stop us
+    with SIGTTIN, or take another job's keys)."""
     try:
-        mode = os.fstat(fd).st_mode
+        st = os.fstat(fd)
     except OSError:
         return False
-    if stat.S_ISCHR(mode) and os.isatty(fd):
-        return foreground(caller)
+    if stat.S_ISCHR(st.st_mode):
+        return st.st_rdev != DEV_NULL and (not os.isatty(fd) or foreground(caller))
     return True

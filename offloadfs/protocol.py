@@ -16,12 +16,16 @@ version; a peer speaking another version gets an ``error`` of kind ``version``.
 Messages, by stage (C = client, D = daemon or broker on the client's behalf)::
 
     C->D hello        {}                                    ask who is there
-    D->C welcome      {host, commands, slots, tags, busy, queued}
+    D->C welcome      {host, commands, slots, tags, busy, queued, features[str]?}
+                      (``features``: what this daemon takes beyond the kinds below, e.g.
+                      ``stdin-null``; a client uses one only when its peer names it)
     C->D submit       job, argv[bin], cwd bin, uid, gid, groups[int], env{bin:bin},
                       window int (output credit granted up front), tags[str]?, data map?,
                       vm str? (only broker->host: the z85 CURVE key the broker authenticated
                       the client by; a daemon ignores it from anyone but its brokers),
-                      tty map? (the job gets a pseudo-terminal, see "Terminals" below)
+                      tty map? (the job gets a pseudo-terminal, see "Terminals" below),
+                      stdin_null bool? (feature ``stdin-null``: the job's stdin is /dev/null
+                      on the host; the client sends no stdin and no stdin-eof)
     D->C queued       job, position int (1 = next to start)
     D->C started      job, host str, pid int, window int (stdin credit granted up front)
     C->D file         job, name bin, mode int, last bool + payload   staging (-n): an input
@@ -119,6 +123,8 @@ TTY_STDIN, TTY_STDOUT, TTY_STDERR = 1, 2, 4   # bits of a tty's ``fds``
 DATA_STAGE = "stage"   # the files travel as ``file`` messages, the job runs in a scratch dir
 DATA_NFS = "nfs"       # the host mounts the caller's export (server, export, path, nonce)
 DATA_MODES = (DATA_STAGE, DATA_NFS)
+# What a daemon's welcome may name in ``features`` (a client uses one only if named there).
+STDIN_NULL = "stdin-null"   # a submit's ``stdin_null``: the job's stdin is /dev/null
 MAX_STAGE_BYTES = 2**40   # a staged job's announced input (``data.bytes``)
 # Signals a client relays to its job as they are (by name, as ``kill -l`` and ``trap`` spell
 # them); a stop (TSTP) is relayed too but handled apart, see "Terminals".
@@ -351,10 +357,11 @@ _CMDS = _list(_str(255), 4096)
 SCHEMA: dict[str, tuple[bool, dict, dict]] = {
     "hello": (False, {}, {}),
     "welcome": (False, {"host": _str(255), "commands": _CMDS, "slots": _POS},
-                {"tags": _TAGS, "busy": _POS, "queued": _POS}),
+                {"tags": _TAGS, "busy": _POS, "queued": _POS, "features": _TAGS}),
     "submit": (True, {"argv": _argv, "cwd": _path, "uid": _ID, "gid": _ID,
                       "groups": _list(_ID, MAX_GROUPS), "env": _env, "window": _int(1, 2**30)},
-               {"tags": _TAGS, "data": _opt(_any_map), "vm": _str(40), "tty": _tty}),
+               {"tags": _TAGS, "data": _opt(_any_map), "vm": _str(40), "tty": _tty,
+                "stdin_null": _bool}),
     "queued": (True, {"position": _POS}, {}),
     "started": (True, {"host": _str(255), "pid": _int(0, 2**31), "window": _int(0, 2**30)}, {}),
     "file": (True, {"name": _relpath, "mode": _int(0, 0o7777), "last": _bool}, {}),

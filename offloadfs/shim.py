@@ -20,7 +20,9 @@ see docs/shim.md). Run as ``convert in.png out.png`` it:
        z <signal>        the job stopped on the host: stop the caller's process group with
                          this signal (the shell shows it Stopped); once continued, write
                          ``c`` NUL and read on
-       <status>          exit with this status (the job's, or 255 for an offload error)
+       <status>          exit with this status (the job's, or 255 for an offload error);
+                         an empty line is status 0: dash reads a byte per read(2), each a
+                         FUSE request, so the commonest reply is one byte, one request
        s <signal>        the job died of this signal: die of it too
        x <path>          run locally: exec this command (the next one on PATH after the mount)
 
@@ -64,7 +66,7 @@ t) t=$arg ;;
 z) trap - TSTP; kill -s "$arg" 0; trap : TSTP; printf 'c\\0' >&3 ;;
 x) exec 3<&-; trap - {signals} TSTP; [ -z "$s" ] || kill -s "$s" $$; exec "$arg" "$@" ;;
 s) exec 3<&-; trap - "$arg"; kill -s "$arg" $$; exit 255 ;;
-*) exec 3<&-; exit "$st" ;;
+*) exec 3<&-; exit "${{st:-0}}" ;;
 esac
 done
 [ -z "$t" ] || command -p stty "$t" 2>/dev/null
@@ -109,8 +111,9 @@ def _signum(name: bytes) -> int:
 
 
 def reply_status(status: int) -> bytes:
-    """Reply: exit with ``status``."""
-    return f"{status & 0xFF}\n".encode()
+    """Reply: exit with ``status`` (0: an empty line, one byte for the shim to read)."""
+    status &= 0xFF
+    return f"{status}\n".encode() if status else b"\n"
 
 
 def reply_signal(signum: int) -> bytes:

@@ -351,3 +351,26 @@ def test_the_sweep_spares_live_daemons_and_reused_pids(tmp_path):
                 pass
         for p in (alive_leader, other):
             p.wait()
+
+
+# --- (v) the end of a job: stdin on /dev/null, the client's messages that cross the exit ------
+
+def test_a_job_on_dev_null_and_the_late_words_of_its_client(start_daemon, wire_to, work):
+    """The welcome offers stdin-null; a submit with it runs the job on /dev/null (cat ends at
+    once, with no stdin-eof sent), started comes before its output; messages the client
+    sends about it after its exit (a stdin-eof, a credit, a signal, a ping naming it) get
+    no error, while a job never known still does."""
+    daemon = start_daemon()
+    wire = wire_to(daemon)
+    wire.sock.send_multipart(protocol.encode("hello"))
+    assert protocol.STDIN_NULL in wire.until(None, "welcome")["features"]
+    wire.submit("j", [b"sh", b"-c", b"cat; echo done"], work, stdin_null=True)
+    out = wire.until("j", "stdout")
+    assert out.payload == b"done\n" and [m.kind for m in wire.kept] == ["started"]
+    assert wire.until("j", "exit")["status"] == 0
+    for kind, fields in (("stdin-eof", {}), ("credit", {"n": 5}), ("signal", {"signum": 2})):
+        wire.sock.send_multipart(protocol.encode(kind, "j", **fields))
+    wire.sock.send_multipart(protocol.encode("ping", jobs=["j", "never"]))
+    err = wire.until("never", "error")
+    assert (err["kind"], err["started"]) == ("unknown-job", True), err
+    assert not [m for m in wire.kept if m.kind == "error"], wire.kept

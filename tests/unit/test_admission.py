@@ -1,5 +1,7 @@
 """Unit tests for offloadd.admission: a submit's checks and its working directory."""
 import os
+import subprocess
+import sys
 
 import pytest
 from offloadd import admission, limits, policy
@@ -79,3 +81,33 @@ def test_nfs_cwd_needs_the_nonce_and_stays_in_the_export(tmp_path):
     assert admission.nfs_cwd(mnt, data, "h") == os.path.join(mnt, "sub")
     with pytest.raises(policy.Refused, match="leaves the export"):
         admission.nfs_cwd(mnt, data | {"path": "out"}, "h")
+
+
+WATCH = """
+import os, subprocess, sys, tempfile
+from offloadd import admission
+from offloadfs import mountinfo
+reads = []
+real = mountinfo.offloadfs_mounts
+mountinfo.offloadfs_mounts = lambda path=mountinfo.MOUNTINFO: reads.append(path) or real(path)
+watch = admission.OffloadfsMounts()
+watch.get(), watch.get(), watch.loops("/bin/true")
+before = len(reads)
+with tempfile.TemporaryDirectory() as where:
+    subprocess.run(["mount", "-t", "tmpfs", "none", where], check=True)
+    watch.get(), watch.get()
+    subprocess.run(["umount", where], check=True)
+watch.close()
+print(before, len(reads))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a mount namespace of its own")
+def test_the_mount_table_is_read_again_only_after_it_changed():
+    """A submit's loop check reads the offloadfs mounts once, then again only when a mount
+    came or went (the kernel's POLLPRI on /proc/self/mountinfo): in a mount namespace of
+    its own, a tmpfs mounted makes one read more, not one per submit."""
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c",
+                           WATCH], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "2"], done.stdout

@@ -259,3 +259,29 @@ def test_a_loop_round_routes_and_a_bad_frame_fails_the_channels_jobs(stdio, wake
         for c in (bad, good):
             c.close()
         loop.close()
+
+
+@pytest.mark.parametrize("features,submitted,after_start", [
+    ([protocol.STDIN_NULL], True, []),   # the daemon runs it on /dev/null: nothing to say
+    ([], None, ["stdin-eof"]),           # an older daemon: its pipe is closed at the start
+])
+def test_a_stdin_of_dev_null_is_never_relayed(stdio, wake, features, submitted, after_start):
+    """With /dev/null as stdin, the job's stdin is /dev/null on a host whose welcome offers
+    ``stdin-null`` (no stdin-eof ever goes), else its end is said once, at the start."""
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    channel = FakeChannel("h1")
+    channel.welcome = channel.feed("welcome", host="h1", commands=["cat"], slots=1,
+                                   features=features)
+    channel.incoming.clear()
+    spec = JobSpec(argv=[b"cat"], cwd=b"/", uid=0, gid=0, groups=[], env={})
+    job = JobRun(channel, spec, (null, stdio.fds[1], stdio.fds[2]), wake)
+    try:
+        job.submit()
+        assert job.stdin_fd is None and channel.sent[0].get("stdin_null") is submitted
+        start(job, channel)
+        feed(job, channel, "exit", status=0, signal=None, rusage={}, timings={})
+        assert channel.kinds()[1:] == after_start and job.outcome.status == 0
+    finally:
+        job.join()
+        channel.close()
+        os.close(null)

@@ -50,3 +50,10 @@ def test_the_forwarded_signals_are_the_protocols():
     assert shim.parse_request(b"/m/cat\x000\x00WINCH\x00") == ([], [signal.SIGWINCH])
     names = [signal.Signals(s).name[3:] for s in jobrun.FORWARDED]   # plain ints (handoff)
     assert names == list(protocol.FORWARDED_SIGNALS) + ["TSTP"]
+
+
+def test_the_commonest_reply_is_one_byte():
+    """Exit status 0 is an empty line (dash reads a byte per FUSE request); the script's
+    ``exit`` turns it into 0."""
+    assert shim.reply_status(0) == b"\n" and shim.reply_status(256) == b"\n"
+    assert 'exit "${st:-0}"' in shim.script("true", "/opt/offload").decode()
