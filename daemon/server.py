@@ -43,9 +43,6 @@ log = logging.getLogger("offloadd")
 
 FEATURES = [protocol.STDIN_NULL]   # what our welcome offers beyond the protocol's kinds
 ENDED_KEPT = 1024   # ended jobs whose clients' late messages are dropped without an error
-# A job's ``started`` waits this long for the job's next message (its output, its exit), so
-# that a quick job's started and exit leave together: one wake-up of its client, not two.
-START_HOLD = 0.001
 
 
 @dataclasses.dataclass
@@ -69,8 +66,6 @@ class HostJob:
     cost: int = 0               # what its spec holds of the budget (limits.cost)
     suspended: float | None = None   # since when its client is stopped (it said ``suspend``)
     spawned: bool = False       # a process may have been started for it (it may have run)
-    unstarted: list | None = None   # its ``started``, held back until START_HOLD passes or
-    start_by: float = 0.0           # another message about it goes (then both go at once)
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -96,7 +91,6 @@ class Server:
         self.hostname = config.name or socket.gethostname()
         self.jobs: dict[tuple[bytes, str], HostJob] = {}
         self.ended: dict[tuple[bytes, str], None] = {}   # the last ENDED_KEPT jobs' keys
-        self.holding: dict[tuple[bytes, str], HostJob] = {}   # jobs whose started waits
         self.peers: dict[bytes, float] = {}
         self.fdmap: dict[int, tuple[HostJob, str]] = {}
         self.done = self.failed = 0
@@ -231,13 +225,12 @@ class Server:
 
     def _loop(self) -> None:
         """Poll and dispatch until stopped."""
-        next_beat, start_by = time.monotonic(), None
+        next_beat = time.monotonic()
         while not self.wakeup.stopping:
             poller = self._poller()
-            timeout = max(0.0, min(next_beat, start_by or next_beat) - time.monotonic())
+            timeout = max(0.0, next_beat - time.monotonic())
             for what, _ in poller.poll(math.ceil(timeout * 1000)):   # pyzmq truncates ms
                 self._polled(what)
-            start_by = self._starts_due(time.monotonic())
             if time.monotonic() >= next_beat:
                 self._heartbeat()
                 self.mounts.tick(time.monotonic())
@@ -456,7 +449,7 @@ class Server:
             self._refuse(peer, msg.job, exc.kind, str(exc), False)
             return
         job = HostJob(peer, msg.job, msg, path=path, cost=cost, streams=JobStreams(
-            msg.job, msg["window"], lambda frames: self._say_to(key, frames),
+            msg.job, msg["window"], lambda frames: self.send(peer, frames),
             self.config.limits.get("output")))
         self.jobs[key] = job
         data = msg.get("data") or {}
@@ -664,50 +657,9 @@ class Server:
             self._fail(job, getattr(exc, "kind", "spawn"), str(exc))
             return
         job.state = advance(job.state, "started")
-        job.unstarted = protocol.encode("started", job.id, host=self.hostname,
-                                        pid=job.process.pid, window=protocol.WINDOW)
-        job.start_by = time.monotonic() + START_HOLD
-        self.holding[job.key] = job
-
-    def _say(self, job: HostJob, frames: list) -> None:
-        """Send a message about ``job`` to its client, after its held-back ``started``."""
-        self._send_started(job)
-        self.send(job.peer, frames)
-
-    def _say_to(self, key: tuple[bytes, str], frames: list) -> None:
-        """:meth:`_say` for the job of ``key`` (its streams' sends: a lambda holding the job
-        itself would make a cycle, and a refused job's spec would wait for the collector)."""
-        job = self.jobs.get(key)
-        if job is not None:
-            self._send_started(job)
-        self.send(key[0], frames)
-
-    def _send_started(self, job: HostJob, quiet: bool = False) -> bool:
-        """Send the job's ``started`` if it is still held back, and log it (unless
-        ``quiet``: the caller logs it after what it sends next); True if it went now."""
-        frames, job.unstarted = job.unstarted, None
-        self.holding.pop(job.key, None)
-        if frames is None:
-            return False
-        self.send(job.peer, frames)
-        if not quiet:
-            self._log_started(job)
-        return True
-
-    @staticmethod
-    def _log_started(job: HostJob) -> None:
-        """The log's line for a job's start."""
         log.info("%s started, pid %d, slot %d", job.describe(), job.process.pid, job.slot)
-
-    def _starts_due(self, now: float) -> float | None:
-        """Send the held-back starteds whose time came; the earliest still held, or None."""
-        soonest = None
-        for job in list(self.holding.values()):
-            if job.start_by <= now:
-                self._send_started(job)
-            elif soonest is None or job.start_by < soonest:
-                soonest = job.start_by
-        return soonest
+        self.send(job.peer, protocol.encode("started", job.id, host=self.hostname,
+                                            pid=job.process.pid, window=protocol.WINDOW))
 
     def _env(self, spec: Message, slot: int) -> dict[bytes, bytes]:
         """The job's environment from the host's base, the pass list and the slot."""
@@ -744,7 +696,7 @@ class Server:
                     return
                 job.suspended = job.suspended or time.monotonic()
                 log.info("%s stopped by signal %d", job.describe(), signum)
-                self._say(job, protocol.encode("stopped", job.id, signal=signum))
+                self.send(job.peer, protocol.encode("stopped", job.id, signal=signum))
 
     def _flush_output(self, job: HostJob) -> bool:
         """Send what the job wrote before it stopped (its terminal's echo of ^Z is in the pty
@@ -774,12 +726,9 @@ class Server:
             job.stage.close()   # before the exit: its client finds nothing of it left here
             job.stage = None
         job.timings["drain"] = time.monotonic() - proc.ended
-        quick = self._send_started(job, quiet=True)   # with the exit: both logged after it
-        self._say(job, protocol.encode(
+        self.send(job.peer, protocol.encode(
             "exit", job.id, status=proc.status, signal=proc.term_signal, rusage=proc.rusage,
             timings=job.timings))
-        if quick:
-            self._log_started(job)
         log.info("%s exited %d in %.3fs", job.describe(), proc.status, job.timings["run"])
         self._retire(job, metrics.exit_outcome(proc.status, proc.term_signal), proc.status)
 
@@ -787,7 +736,6 @@ class Server:
         """End a job with an error the client reports as exit 255 (saying whether it may have
         run: then it must never be run again, anywhere)."""
         log.info("%s failed: %s", job.describe(), text)
-        self._send_started(job)
         self._job_error(job.peer, job.id, kind, text, job.spawned)
         self._retire(job, metrics.error_outcome(job.spawned))
 
@@ -802,7 +750,6 @@ class Server:
         exited)."""
         if self.jobs.pop(job.key, None) is None:
             return
-        self.holding.pop(job.key, None)   # a started not sent by now need not go
         self.ended[job.key] = None
         if len(self.ended) > ENDED_KEPT:
             del self.ended[next(iter(self.ended))]
