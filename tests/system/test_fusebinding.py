@@ -74,10 +74,13 @@ def test_the_shim_mount_works_under_each_binding(variant, start_daemon, start_mo
     waiting.stdin.flush()
     assert waiting.stdout.readline() == b"up\n"   # its job runs; the shim waits in its read
     mount.proc.send_signal(signal.SIGTERM)       # as systemd stops it
-    waiting.communicate(timeout=30)              # answered at once (loop_ended_probe)
-    # 255; its "offloadfs: ..." line is missing now and then, with fusepy too (the agent's
-    # shutdown, not the binding: test_terminal checks it)
-    assert waiting.returncode == 255
+    # answered at once (loop_ended_probe): 255 and its line. Its stdin stays open until then
+    # (communicate() would close it first: cat's EOF, and a clean exit 0, could win the race)
+    assert waiting.wait(timeout=30) == 255
+    waiting.stdin.close()
+    assert b"offloadfs" in waiting.stderr.read()
+    waiting.stdout.close()
+    waiting.stderr.close()
     assert mount.proc.wait(20) == 0, mount.log()  # libfuse 3's fuse_main says 8 here
 
 
