@@ -49,9 +49,7 @@ class OffloadfsMounts:
     def loops(self, path: str) -> bool:
         """True if ``path`` (after symlinks) lies in an offloadfs mount: running it would
         offload again (``mountinfo.resolves_into_offloadfs``'s rule, on the mounts kept)."""
-        mounts = self.get()
-        return bool(mounts) and (mountinfo.inside(os.path.abspath(path), mounts)
-                                 or mountinfo.inside(os.path.realpath(path), mounts))
+        return mountinfo.resolves_into(path, self.get())
 
     def close(self) -> None:
         """Stop watching."""

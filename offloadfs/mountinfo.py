@@ -108,7 +108,11 @@ def inside(path: str, mounts: list[str]) -> bool:
 
 def resolves_into_offloadfs(path: str, mountinfo: str = MOUNTINFO) -> bool:
     """True if ``path`` (after symlinks) or its directory lies in an offloadfs mount."""
-    mounts = offloadfs_mounts(mountinfo)
+    return resolves_into(path, offloadfs_mounts(mountinfo))
+
+
+def resolves_into(path: str, mounts: list[str]) -> bool:
+    """True if ``path`` (after symlinks) or its directory lies in one of ``mounts``."""
     if not mounts:
         return False
     return inside(os.path.abspath(path), mounts) or inside(os.path.realpath(path), mounts)
