@@ -7,7 +7,9 @@ VENV   := .venv
 # fusermount), the real ImageMagick, attr (getfattr/setfattr), shellcheck and systemd-analyze
 # for the hooks, nfs-ganesha (the VM's userspace NFS server) and libnfs (the host's userspace
 # NFS client, through ctypes), gcc, libc6-dev and python3-dev (the venv's install builds
-# daemon/_spawn.c, the job's spawn by vfork; without them offloadd starts jobs by fork).
+# daemon/_spawn.c, the job's spawn by vfork, and offloadfs/_shim.c, the shim program, static
+# with libc6-dev's libc.a; without them offloadd starts jobs by fork, and mounts serve sh
+# scripts).
 APT_PKGS := python3-venv fuse3 libfuse3-3 libfuse2 imagemagick attr shellcheck systemd nfs-ganesha nfs-ganesha-vfs libnfs13 libnfs-utils gcc libc6-dev python3-dev
 # What the guest scenarios of `make test` also need (tests/system/test_guest.py, scripts/vm):
 # QEMU, qemu-img, mmdebstrap (the guest image from Debian's packages), socat (guestfwd relays).
@@ -34,7 +36,7 @@ apt:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg setup.py pyproject.toml daemon/_spawn.c
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml daemon/_spawn.c offloadfs/_shim.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,bench]'

@@ -8,7 +8,7 @@ import signal
 import sys
 
 from . import BENCHMARKS, report
-from .common import BenchError, compile_package
+from .common import BenchError, compile_package, mark_run_start
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,6 +32,7 @@ def run_one(name: str, argv: list[str]) -> str | None:
     """Run benchmark ``name`` with its own options parsed from ``argv``; why it failed, or
     None."""
     opts = parser().parse_args([name, *argv])
+    mark_run_start()
     try:
         BENCHMARKS[name].run(opts)
     except BenchError as exc:

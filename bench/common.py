@@ -184,14 +184,15 @@ class Shims(harness.Mount):
 
 @contextlib.contextmanager
 def shims(d: Daemon, names: Sequence[str], *flags: str,
-          prefix: Sequence[str] = ()) -> Iterator[Shims]:
+          prefix: Sequence[str] = (), env: dict[str, str] | None = None) -> Iterator[Shims]:
     """The shims of daemon ``d`` mounted on a temporary mount point (the mount process started
-    after ``prefix``: e.g. into a cgroup and a namespace), ready once every shim in ``names``
-    is listed; always unmounted (and the mount process ended) on the way out.
+    after ``prefix``: e.g. into a cgroup and a namespace; with ``env`` added to ours, e.g.
+    OFFLOADFS_SHIM=script), ready once every shim in ``names`` is listed; always unmounted
+    (and the mount process ended) on the way out.
 
     The mount keeps its policy state under its own temporary ``XDG_STATE_HOME``."""
     with scratch("offloadfs-bench-mount-") as top:
-        env = {**os.environ, "XDG_STATE_HOME": str(top / "state")}
+        env = {**os.environ, **(env or {}), "XDG_STATE_HOME": str(top / "state")}
         m = Shims(top, *flags, hosts=[d.host], wait_for_shim=names, env=env, prefix=prefix)
         try:
             yield m
@@ -556,11 +557,35 @@ def cpu_seconds(pid: int, thread: int | None = None, children: bool = True) -> f
 
 def system_cpu() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, over all CPUs."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    ticks = cpu_ticks()
     idle = ticks[3] + ticks[4]                                            # idle + iowait
     total = sum(ticks[:8])                                                # not guest time
     hz = os.sysconf("SC_CLK_TCK")
     return (total - idle) / hz, total / hz
+
+
+def cpu_ticks() -> list[int]:
+    """The machine's CPU ticks since boot (/proc/stat's cpu line: user ... steal, guest)."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+_run_started: list[int] = []   # cpu_ticks() when this benchmark's run began (mark_run_start)
+
+
+def mark_run_start() -> None:
+    """Remember the machine's CPU ticks now: machine_info() gives the steal since then."""
+    _run_started[:] = cpu_ticks()
+
+
+def steal_pct() -> float | None:
+    """The share of the machine's CPU time the hypervisor gave to others (steal) since
+    mark_run_start(), in %; None if it was not called. Steal slows every path that crosses
+    processes far more than a local one (docs/benchmarks.md)."""
+    if not _run_started:
+        return None
+    delta = [b - a for a, b in zip(_run_started, cpu_ticks(), strict=True)]
+    total = sum(delta[:8])
+    return round(100 * delta[7] / total, 1) if total else 0.0
 
 
 # --- profiling -----------------------------------------------------------------------------
@@ -635,6 +660,7 @@ def machine_info() -> dict[str, object]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],   # at the end: was the machine busy?
+        "steal_pct": steal_pct(),                              # during the run: was it slowed?
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
         "commit": git_commit(),

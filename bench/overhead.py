@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from offloadfs import protocol
+from offloadfs import protocol, shim
 
 from .common import (
     START_DEADLINE,
@@ -74,7 +74,7 @@ SHIM_TARGET_MS, SHIM_P99_TARGET_MS = 3.0, 6.0   # issue 16: over local true, p50
 # each job (ShimRequest.stamp; "t0"/"t1": the bench starting the shim and seeing it end); the
 # host's own stages come out of the ZeroMQ part.
 PARTS = (
-    ("spawn, dash start, the script up to its control open", "t0", "open"),
+    ("spawn, the shim's start (the compiled program), up to its control open", "t0", "open"),
     ("control open: the caller's /proc, pidfd_getfd of its stdio", "open", "opened"),
     ("the arguments' write, the first read, parse and policy", "opened", "submitted"),
     ("hand-off to the agent thread (queue, wake pipe, poll)", "submitted", "dispatch"),
@@ -84,7 +84,7 @@ PARTS = (
     ("the host's queue, attach, run, drain (as the daemon reports them)", None, None),
     ("agent concludes, the FUSE thread wakes", "finished", "woke"),
     ("the reply line built (sinks joined)", "woke", "replied"),
-    ("the shim reads the rest of the reply (dash reads a byte per read)", "replied",
+    ("the shim reads the rest of the reply", "replied",
      "read_last"),
     ("the shim closes its control file and exits, the bench sees it end", "read_last", "t1"),
 )
@@ -230,6 +230,8 @@ def setup(names: list[str]):
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="offloadfs-bench-o-")))
         (tmp / "small.c").write_text(SMALL_C)
+        if shim.program() is None:   # the shim a user gets, not the script it falls back to
+            raise BenchError(f"{shim.PROGRAM} is not built (make install builds it)")
         d = stack.enter_context(daemon(DAEMON_COMMANDS))
         m = stack.enter_context(shims(d, names))
         ssh = stack.enter_context(sshd())

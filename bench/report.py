@@ -58,17 +58,20 @@ def machine_section(results: dict) -> list[str]:
     for name, r in results.items():
         if r:
             m = r["machine"]
+            steal = m.get("steal_pct")
             rows.append([name, m.get("date", "?"), m.get("command", "?"),
-                         " ".join(f"{x:g}" for x in m.get("loadavg", [])) or "?"])
+                         " ".join(f"{x:g}" for x in m.get("loadavg", [])) or "?",
+                         "?" if steal is None else f"{steal:g}"])
     first = next((r["machine"] for r in results.values() if r), machine_info())
     return ["## The machine", "",
             md_table(["CPU", "cores", "memory", "kernel", "OS", "Python"],
                      [[first["cpu"], str(first["nproc"]), f"{first.get('memory_gb', '?')} GB",
                        first["kernel"], first.get("os", "?"), first["python"]]]), "",
-            "Each benchmark's run (load average at its end: other work on the machine slows "
-            "every path alike, since they are interleaved, but it does show in the absolute "
-            "figures):", "",
-            md_table(["benchmark", "date", "command", "load 1/5/15 min"], rows), ""]
+            "Each benchmark's run (load average at its end, and the hypervisor's steal: the "
+            "share of the machine's CPU time given to other guests during the run. Paths are "
+            "interleaved, so both slow every path, but one that crosses processes far more "
+            "than a local one; both show in the absolute figures):", "",
+            md_table(["benchmark", "date", "command", "load 1/5/15 min", "steal %"], rows), ""]
 
 
 # --- targets --------------------------------------------------------------------------------

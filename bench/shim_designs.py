@@ -15,8 +15,10 @@ for every row, whose own floor is the ``/bin/true`` row), interleaved one of eac
   (reads the caller's /proc entries, takes its fds with pidfd_getfd, decides "run locally",
   finds ``true`` on the caller's PATH) and replies at once; the script checks that the reply is
   ``x PATH`` and exits without running it.
-- ``sh_shim`` is the real shim end to end: ``MOUNTPOINT/true`` of the first mount, the job run
-  by the daemon; the mount's counters must show every run offloaded.
+- ``sh_shim`` is the sh shim end to end: ``MOUNTPOINT/true`` of a mount serving the script
+  (``OFFLOADFS_SHIM=script``), the job run by the daemon; the mount's counters must show every
+  run offloaded. ``program_shim`` is the same through the compiled shim (``offloadfs/_shim``,
+  what a mount serves where it was built): the shim a user gets.
 """
 from __future__ import annotations
 
@@ -217,7 +219,8 @@ def write_script(path: Path, text: str) -> tuple[str, str]:
     return str(path), text
 
 
-def rows(tmp: Path, socket_path: Path, real: Shims, never: Shims) -> list[Row]:
+def rows(tmp: Path, socket_path: Path, real: Shims, scripted: Shims,
+         never: Shims) -> list[Row]:
     """The commands measured, with their scripts written to ``tmp``."""
     interpreters = pythons()
     out = [
@@ -256,9 +259,14 @@ def rows(tmp: Path, socket_path: Path, real: Shims, never: Shims) -> list[Row]:
                    "network, no job)",
                    [control, *ARGS], "sh", text))
     out.append(Row("sh_shim", "sh shim, real job on offloadd",
-                   "sh design, end to end: the real shim MOUNTPOINT/true, its job run by "
+                   "sh design, end to end: the script MOUNTPOINT/true, its job run by "
                    "offloadd on this machine (loopback TCP), exit status relayed",
-                   [real.shim("true"), *ARGS], "sh", shim.script("true", str(real.path)).decode()))
+                   [scripted.shim("true"), *ARGS], "sh",
+                   shim.script("true", str(scripted.path)).decode()))
+    out.append(Row("program_shim", "compiled shim, real job on offloadd",
+                   "the sh design's protocol in a static program (offloadfs/_shim.c), end to "
+                   "end: MOUNTPOINT/true, its job run by offloadd on this machine",
+                   [real.shim("true"), *ARGS], "sh"))
     return out
 
 
@@ -271,12 +279,15 @@ def run(opts) -> dict:
     names = list(DAEMON_COMMANDS)
     with tempfile.TemporaryDirectory(prefix="offloadfs-bench-shims-") as tmp, \
             daemon(DAEMON_COMMANDS) as d, shims(d, names) as real, shims(d, names) as never, \
+            shims(d, names, env={shim.CHOICE: "script"}) as scripted, \
             echo_server(Path(tmp) / "echo.sock") as server:
         never.set_policy("true", "never")
-        measured = rows(Path(tmp), server.path, real, never)
+        if shim.program() is None:
+            raise BenchError(f"{shim.PROGRAM} is not built (make install builds it)")
+        measured = rows(Path(tmp), server.path, real, scripted, never)
         print(f"shim_designs: {runs} runs of each row after {warmup} warm-up, interleaved ...")
         samples = measure(measured, runs, warmup, d.client_env())
-        check(measured, server, real, never, warmup + runs)
+        check(measured, server, (real, scripted), never, warmup + runs)
     result = results(measured, samples, warmup)
     report(measured, result)
     publish(NAME, result, plot(measured, result))
@@ -294,14 +305,15 @@ def measure(measured: list[Row], runs: int, warmup: int, env: dict[str, str]) ->
     return samples
 
 
-def check(measured: list[Row], server: EchoServer, real: Shims, never: Shims, total: int) -> None:
+def check(measured: list[Row], server: EchoServer, real: tuple[Shims, ...], never: Shims,
+          total: int) -> None:
     """Every run did what its row claims: the echo thread served each Python shim run, the
-    real shim's jobs all ran on the daemon, the policy-never mount only decided locally."""
+    real shims' jobs all ran on the daemon, the policy-never mount only decided locally."""
     py_rows = sum(r.group == "python" for r in measured)
     if server.errors or server.served != py_rows * total:
         raise BenchError(f"echo server served {server.served} of {py_rows * total}: "
                          f"{server.errors[:3]}")
-    for m, want in ((real, {"jobs": total, "failures": 0, "fallbacks": 0}),
+    for m, want in (*((m, {"jobs": total, "failures": 0, "fallbacks": 0}) for m in real),
                     (never, {"jobs": 0, "failures": 0, "fallbacks": total})):
         stats = m.stats("true")
         if {k: stats[k] for k in want} != want:

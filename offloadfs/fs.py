@@ -120,11 +120,12 @@ class ShimFS(Operations):
     use_ns = True   # times in ns
 
     def __init__(self, registry: reg.Registry, agent: Agent | None, owner: int = 0,
-                 root: str = "", debug: bool = False):
+                 root: str = "", debug: bool = False, program: bytes | None = None):
         """Serve ``registry``'s shims at mount point ``root``; ``agent`` runs their jobs
-        (None: always local); ``debug`` tells every caller where its job ran and why."""
+        (None: always local); ``debug`` tells every caller where its job ran and why;
+        ``program`` is every shim's content (``shim.program()``), None: each its script."""
         self.registry, self.agent, self.owner, self.root = registry, agent, owner, root
-        self.debug = debug
+        self.debug, self.program = debug, program
         self.dev: int | None = None
         self._sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
@@ -158,11 +159,11 @@ class ShimFS(Operations):
         if path.startswith(CTL_DIR + "/"):
             self._ctl_name(path)
             return self._attrs(stat.S_IFREG | 0o666, 0, 1)
-        return self._attrs(stat.S_IFREG | 0o555, len(self._script(self._name(path))), 1)
+        return self._attrs(stat.S_IFREG | 0o555, len(self._content(self._name(path))), 1)
 
-    def _script(self, name: str) -> bytes:
-        """The text of shim ``name``."""
-        return shim.script(name, self.root)
+    def _content(self, name: str) -> bytes:
+        """The bytes of shim ``name``: the program, or its script."""
+        return self.program if self.program is not None else shim.script(name, self.root)
 
     def _ctl_name(self, path: str) -> str:
         """The shim a control path names, or ENOENT."""
@@ -210,7 +211,7 @@ class ShimFS(Operations):
 
     @counted
     def open(self, path, fi):
-        """Shims open read-only (their script); control files read-write (a shim asking
+        """Shims open read-only (their program or script); control files read-write (a shim asking
         for its job)."""
         mode = fi.flags & os.O_ACCMODE
         if not path.startswith(CTL_DIR + "/"):
@@ -233,9 +234,9 @@ class ShimFS(Operations):
 
     @counted
     def read(self, path, size, offset, fi):
-        """The script, or (control open) the next reply line, once the agent has one."""
+        """The shim's bytes, or (control open) the next reply line, once the agent has one."""
         if fi.fh == 0:
-            return self._script(self._name(path))[offset:offset + size]
+            return self._content(self._name(path))[offset:offset + size]
         session = self._session(fi.fh)
         with session.lock:
             while session.pos >= len(session.out) and not session.ended:
@@ -351,7 +352,8 @@ class ShimFS(Operations):
         if path == "/":
             if name != XATTR_STATUS or self.agent is None:
                 raise FuseOSError(errno.ENODATA)
-            status = {**self.agent.status(), "fuse_ops": self.ops.snapshot()}
+            status = {**self.agent.status(), "fuse_ops": self.ops.snapshot(),
+                      "shims": "script" if self.program is None else "program"}
             return json.dumps(status, sort_keys=True).encode()
         shim_name = self._name(path)
         try:

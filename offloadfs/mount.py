@@ -28,6 +28,7 @@ def mount(args) -> int:
     from .fusebinding import FUSE
     from .listener import Listener
     from .registry import Registry
+    from .shim import program
 
     logsetup.setup("offloadfs", args.debug, args.log)
     cfg = ClientConfig.load(args.config)
@@ -40,9 +41,10 @@ def mount(args) -> int:
         cfg.keys.for_endpoint(endpoint)   # a host without a server key: say so now, not later
     registry = Registry(cfg.allow, cfg.deny, cfg.state_file)
     agent = Agent(cfg, registry, hosts, brokers(args, cfg))
-    fs = ShimFS(registry, agent, os.getuid(), mnt, args.debug)
+    fs = ShimFS(registry, agent, os.getuid(), mnt, args.debug, program())
     agent.listener = Listener(agent, mnt, fs._dev)   # offld's hand-off (listener, handoff)
-    log.info("mounting %s for %s", mnt, " ".join(agent.endpoints) or "(no hosts)")
+    log.info("mounting %s for %s (shims: %s)", mnt, " ".join(agent.endpoints) or "(no hosts)",
+             "sh scripts" if fs.program is None else "the compiled program")
     FUSE(fs, mnt, raw_fi=True,
          foreground=args.foreground, nothreads=False, auto_unmount=True, fsname="offloadfs",
          subtype="offloadfs", attr_timeout=1, entry_timeout=1, **_allow_other())

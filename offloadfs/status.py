@@ -59,6 +59,9 @@ def mount_lines(mnt: str) -> list[str]:
     except (OSError, ValueError) as exc:
         return [f"mount {mnt}: no status ({exc})"]
     lines = [f"mount {mnt}:"]
+    if "shims" in data:
+        lines.append("  shims: " + ("the compiled program" if data["shims"] == "program"
+                                    else "sh scripts"))
     for h in data.get("hosts", []):
         lines.append(f"  host {h['host']} ({h['endpoint']}): {h['state']}, "
                      f"{h.get('busy', '?')}/{h.get('slots', '?')} slots busy, "

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from offloadfs import shim
+
 from .harness import Broker, Daemon, Leftovers, Mount, mounts_under, started
 
 
@@ -22,6 +24,19 @@ def start_mount(tmp_path):
     yield from started(functools.partial(Mount, tmp_path), Mount.unmount)
     left = mounts_under(tmp_path)
     assert not left, f"leftover mounts: {left}"
+
+
+@pytest.fixture(params=["program", "script"])
+def shim_kind(request, monkeypatch):
+    """The test twice: mounts serving the compiled shim (what `make install` builds), and
+    the sh script (OFFLOADFS_SHIM=script, as where no compiler was); modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("shim_kind")``."""
+    if request.param == "script":
+        monkeypatch.setenv(shim.CHOICE, "script")
+    else:
+        monkeypatch.delenv(shim.CHOICE, raising=False)
+        assert shim.program() is not None, f"{shim.PROGRAM} is not built (make install)"
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -135,20 +135,31 @@ def mounts_under(path: Path) -> list[str]:
 
 
 def processes_in(path: Path) -> dict[int, str]:
-    """Processes (not zombies, not this one) whose cwd or command line is inside ``path``."""
+    """Processes (not zombies, not this one) whose cwd, program or command line is inside
+    ``path`` (a shim program's command line is only its arguments)."""
     found, me = {}, os.getpid()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me or not alive(int(entry)):
             continue
         try:
             cwd = os.readlink(f"/proc/{entry}/cwd")
+            exe = _exe(entry)
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(
                 errors="replace")
         except OSError:
             continue
-        if cwd.startswith(str(path)) or str(path) in cmd:
+        if cwd.startswith(str(path)) or exe.startswith(str(path)) or str(path) in cmd:
             found[int(entry)] = cmd.strip()
     return found
+
+
+
+def _exe(entry: str) -> str:
+    """/proc/ENTRY/exe, or "" where it cannot be read (a kernel thread)."""
+    try:
+        return os.readlink(f"/proc/{entry}/exe")
+    except OSError:
+        return ""
 
 
 class Leftovers:
@@ -250,7 +261,6 @@ class Proc:
             name = signal.Signals(sig).name
             problem(f"{self.what} ignored {name} for {deadline:.0f} s, killed it", warn)
         return self.proc.returncode
-
 
 def problem(text: str, warn: Warn | None) -> None:
     """``warn(text)``, or without ``warn`` a HarnessError."""

@@ -24,6 +24,8 @@ from ..harness import (
     wait_for,
 )
 
+pytestmark = pytest.mark.usefixtures("shim_kind")   # each test with the program and the script
+
 
 @pytest.fixture
 def marker(tmp_path):
@@ -345,16 +347,21 @@ def test_killed_mount_leaves_commands_working_locally(mount, marker, work):
 
 
 def test_a_shim_whose_mount_died_before_its_control_open_exits_255_with_one_line(mount,
-                                                                                tmp_path):
+                                                                                tmp_path,
+                                                                                shim_kind):
     """The mount dies between a shim's exec and its control open: 255 (an offload error;
-    dash alone would end with 2 on the failed ``exec`` redirection) and the shell's one line
-    naming why; nothing ran."""
-    copy = tmp_path / "sleep-shim"
-    copy.write_bytes((mount.path / "sleep").read_bytes())   # the script, as dash read it
+    dash alone would end with 2 on the failed ``exec`` redirection) and one line naming
+    why; nothing ran. The shim as it was read before the mount died: the script run by
+    dash, or the program, which finds its control file beside itself (none there: ENOENT,
+    as a dead mount's ENOTCONN)."""
+    copy = tmp_path / ("sleep-shim" if shim_kind == "script" else "sleep")
+    copy.write_bytes((mount.path / "sleep").read_bytes())
+    copy.chmod(0o755)
     os.kill(mount.proc.pid, signal.SIGKILL)
     mount.proc.wait(10)
     wait_for(lambda: str(mount.path) not in fuse_mounts(), 10, "the kernel to drop the mount")
-    done = subprocess.run(["/bin/sh", str(copy), "5"], capture_output=True, timeout=30)
+    argv = ["/bin/sh", str(copy), "5"] if shim_kind == "script" else [str(copy), "5"]
+    done = subprocess.run(argv, capture_output=True, timeout=30)
     assert done.returncode == 255 and done.stdout == b""
     assert len(done.stderr.splitlines()) == 1 and b".ctl/sleep" in done.stderr, done.stderr
 
@@ -386,12 +393,15 @@ def test_umount_ends_the_mount_process(mount):
     assert mount.unmount() == 0 and str(mount.path) not in fuse_mounts()
 
 
-def test_status_shows_hosts_and_last_jobs(mount, host, work):
-    """offloadfs status lists the mount's host with its slots and the last job with timings."""
+def test_status_shows_hosts_and_last_jobs(mount, host, work, shim_kind):
+    """offloadfs status lists the mount's host with its slots, which shims it serves, and the
+    last job with timings."""
     sh(mount, "cat /dev/null", work)
     got = subprocess.run([OFFLOADFS, "status"], capture_output=True, timeout=30, text=True)
     assert got.returncode == 0
     assert f"tcp://{host.hostport}" in got.stdout and "slots busy" in got.stdout
+    served = "the compiled program" if shim_kind == "program" else "sh scripts"
+    assert f"  shims: {served}" in got.stdout.splitlines()
     job = next(line for line in got.stdout.splitlines() if line.strip().startswith("cat"))
     assert "status   0" in job and "run " in job
 
@@ -465,9 +475,10 @@ def test_the_same_command_runs_again_while_one_waits(mount, work):
         first.communicate(b"\n", timeout=30)
 
 
-def test_stdio_from_the_mount_itself_runs_locally(mount, work):
+def test_stdio_from_the_mount_itself_runs_locally(mount, work, shim_kind):
     """A caller whose stdin is a shim file is not served from ourselves: it runs locally."""
     got = sh(mount, f"cat < {mount.path}/cat", work)
-    assert got.returncode == 0 and got.stdout.startswith(b"#!/bin/sh")
+    start = b"#!/bin/sh" if shim_kind == "script" else b"\x7fELF"
+    assert got.returncode == 0 and got.stdout.startswith(start)
     stats = json.loads(xattr_get(mount.path / "cat", "user.offload.stats"))
     assert (stats["jobs"], stats["fallbacks"]) == (0, 1)

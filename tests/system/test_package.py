@@ -140,6 +140,10 @@ def test_the_installed_programs_run_and_say_their_version(venv):
     spawn = ok([venv / "bin/python", "-c", "import offloadd._spawn as s; print(s.__file__)"],
                cwd="/").stdout
     assert Path(spawn.strip()).is_relative_to(venv), "the wheel lacks the compiled spawn"
+    program = ok([venv / "bin/python", "-c", "from offloadfs import shim; print(shim.PROGRAM)"],
+                 cwd="/").stdout.strip()
+    assert Path(program).is_relative_to(venv) and Path(program).read_bytes()[:4] == b"\x7fELF", \
+        "the wheel lacks the compiled shim"
 
 
 def test_the_wheel_brings_man_pages_completions_hooks_and_examples(venv):
@@ -205,7 +209,7 @@ def test_the_sdist_holds_a_test_tree_whose_unit_tests_pass(dists, venv, tmp_path
                  "tests/guest/image.py", "tests/unit/test_protocol.py",
                  "tests/system/test_e2e.py", "bench/common.py", "docs/decisions.md",
                  "hooks/debian/control", "hooks/etc/offloadd.toml.example",
-                 "hooks/man/offld.1", "scripts/build-deb"):
+                 "hooks/man/offld.1", "scripts/build-deb", "offloadfs/_shim.c"):
         assert (top / name).is_file(), f"the sdist lacks {name}"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = run([venv / "bin/python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -255,6 +259,8 @@ def test_the_deb_has_the_programs_units_hooks_examples_and_pages(deb, tmp_path):
         assert entries.get(path, "").startswith("-rw-r--r--"), path
     assert any(re.fullmatch(r"/usr/lib/python3/dist-packages/offloadd/_spawn\.cpython-.+\.so", p)
                for p in entries), "the .deb lacks the compiled spawn"
+    assert entries.get("/usr/lib/python3/dist-packages/offloadfs/_shim", "").startswith("-"), \
+        "the .deb lacks the compiled shim"
     assert "/etc/offloadfs/" in entries and not any(p.startswith("/usr/share/offloadfs")
                                                     for p in entries)
     depends = field(deb, "Depends")
@@ -331,6 +337,7 @@ mount -t offloadfs none /opt/offload -o host=$1
 n=0
 until [ -e /opt/offload/echo ]; do n=$((n+1)); [ $n -lt 200 ] || exit 9; sleep 0.05; done
 su {USER} -s /bin/sh -c 'cd && /opt/offload/echo via the shim'
+offloadfs status | grep '^  shims: '
 su - {USER} -s /bin/sh -c 'echo "PATH starts with ${{PATH%%:*}}"'
 umount /opt/offload
 """
@@ -390,7 +397,8 @@ def test_the_demos_shim_runs_from_the_deb_in_the_chroot(chroot, tmp_path):
     with chroot_daemon(chroot, tmp_path) as host:
         shim = run(in_chroot(chroot, "sh", "-c", SHIM_SCRIPT, "sh", host), timeout=120)
         assert shim.returncode == 0, shim.stdout + shim.stderr
-        assert shim.stdout.splitlines() == ["via the shim", "PATH starts with /opt/offload"]
+        assert shim.stdout.splitlines() == ["via the shim", "  shims: the compiled program",
+                                            "PATH starts with /opt/offload"]
 
 
 def test_the_debs_daemon_serves_metrics_with_debians_prometheus_client(chroot, tmp_path):

@@ -248,6 +248,7 @@ def repl_round_trip(sh: Shell) -> None:
     assert sh.prompt(), sh.buf
 
 
+@pytest.mark.usefixtures("shim_kind")   # the shim's z and t replies, both shims
 def test_ctrl_z_stops_the_job_fg_resumes_it_ctrl_c_ends_it(route, shell_of):
     """^Z: the shell says Stopped and nothing is printed; fg: ticks again; ^C: the prompt."""
     sh = shell_of(route)
@@ -288,6 +289,7 @@ def test_a_window_change_reaches_the_job(route, shell_of):
     assert sh.prompt(), sh.buf
 
 
+@pytest.mark.usefixtures("shim_kind")   # the shim's z and t replies, both shims
 def test_a_background_job_reading_the_terminal_stops_as_locally(route, shell_of):
     """`cmd &` that reads: Stopped (SIGTTIN), and fg gives it the terminal; one that does not
     read runs to its end in the background."""
@@ -325,6 +327,7 @@ def _stopped(marker: str, parent: int | None = None) -> int:
     return count
 
 
+@pytest.mark.usefixtures("shim_kind")   # the shim's z and t replies, both shims
 def test_the_terminal_is_restored_when_a_raw_job_is_killed_on_the_host(route, shell_of):
     """A job in raw mode (its own pty's), SIGKILLed on the host: the caller's settings are
     what they were before."""
@@ -410,15 +413,18 @@ def test_kill_tstp_of_the_client_stops_the_job_and_fg_resumes_it(direct, shell_o
 
 
 def _client_of(route: Route, marker: bytes):
-    """A finder of the client process here: the shim (sh running MOUNT/sh) or offld."""
-    name = b"/offld\0" if route.client == "offld" else str(route.mount.path).encode() + b"/sh\0"
+    """A finder of the client process here: the shim (the program MOUNT/sh, or dash running
+    the script MOUNT/sh) or offld."""
+    shim = b"" if route.client == "offld" else str(route.mount.path / "sh").encode()
+    name = b"/offld\0" if route.client == "offld" else shim + b"\0"
     def find() -> int | None:
         for entry in os.listdir("/proc"):
             try:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+                exe = os.readlink(f"/proc/{entry}/exe").encode() if shim else b""
             except OSError:
                 continue
-            if name in cmd and marker in cmd:
+            if (name in cmd or exe == shim) and marker in cmd:
                 return int(entry)
         return None
     return find
@@ -475,6 +481,7 @@ def _offld_pid() -> int | None:
     return None
 
 
+@pytest.mark.usefixtures("shim_kind")
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
 def test_the_terminal_is_restored_when_the_mount_stops_or_dies(how, start_daemon, start_mount,
                                                                shell_of):

@@ -18,3 +18,16 @@ def test_bench_compiles_the_package_as_an_install_would(tmp_path):
     cached = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
                             capture_output=True, text=True, check=True).stdout.strip()
     assert os.path.exists(cached)
+
+
+def test_steal_is_the_share_of_cpu_time_since_the_runs_start(monkeypatch):
+    """machine_info's steal_pct: steal ticks over all ticks (not guest time) since
+    mark_run_start; None before any mark."""
+    from bench import common
+    monkeypatch.setattr(common, "_run_started", [])
+    assert common.steal_pct() is None
+    ticks = iter([[100, 0, 50, 800, 0, 0, 0, 50, 7, 0],
+                  [160, 0, 70, 880, 0, 0, 0, 90, 9, 0]])   # +60 +20 +80 idle +40 steal
+    monkeypatch.setattr(common, "cpu_ticks", lambda: next(ticks))
+    common.mark_run_start()
+    assert common.steal_pct() == 20.0

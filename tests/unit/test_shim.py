@@ -1,4 +1,5 @@
 """The shim program's request and reply lines, without a mount."""
+import re
 import signal
 
 import pytest
@@ -57,3 +58,31 @@ def test_the_commonest_reply_is_one_byte():
     ``exit`` turns it into 0."""
     assert shim.reply_status(0) == b"\n" and shim.reply_status(256) == b"\n"
     assert 'exit "${st:-0}"' in shim.script("true", "/opt/offload").decode()
+
+
+def test_the_programs_forwarded_signals_are_the_scripts():
+    """The compiled shim (_shim.c) catches the same signals as the script's traps, in the
+    same order, and a caught one's name is what parse_request takes."""
+    from offloadfs import protocol
+    source = shim.PROGRAM.with_name("_shim.c").read_text()
+    listed = re.search(r"forwarded\[\] = \{([^}]*)\}", source).group(1)
+    assert [n.strip().removeprefix("SIG") for n in listed.split(",")] == \
+        list(protocol.FORWARDED_SIGNALS)
+    for name in protocol.FORWARDED_SIGNALS:
+        assert f'{{"{name}", SIG{name}}}' in source
+
+
+def test_the_program_is_served_unless_unbuilt_or_the_script_is_asked_for(monkeypatch,
+                                                                         tmp_path):
+    """shim.program(): the built program's bytes; None when it is missing, or with
+    OFFLOADFS_SHIM=script."""
+    built = tmp_path / "_shim"
+    built.write_bytes(b"\x7fELF...")
+    monkeypatch.setattr(shim, "PROGRAM", built)
+    monkeypatch.delenv(shim.CHOICE, raising=False)
+    assert shim.program() == b"\x7fELF..."
+    monkeypatch.setenv(shim.CHOICE, "script")
+    assert shim.program() is None
+    monkeypatch.delenv(shim.CHOICE)
+    monkeypatch.setattr(shim, "PROGRAM", tmp_path / "absent")
+    assert shim.program() is None
