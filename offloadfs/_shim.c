@@ -22,6 +22,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -148,12 +149,7 @@ static int paths(char *ctl, size_t size)
 static char *request(int argc, char **argv, size_t *len)
 {
     char count[24];
-    int digits = 0;
-    unsigned long v = (unsigned long)(argc - 1);
-    char rev[24];
-    do { rev[digits++] = (char)('0' + v % 10); v /= 10; } while (v);
-    for (int i = 0; i < digits; i++) count[i] = rev[digits - 1 - i];
-    count[digits] = 0;
+    int digits = snprintf(count, sizeof count, "%d", argc - 1);
     const char *sig = caught ? signame(caught) : NULL;
     size_t n = strlen(self) + 1 + (size_t)digits + 1 + (sig ? strlen(sig) + 1 : 0);
     for (int i = 1; i < argc; i++) n += strlen(argv[i]) + 1;

@@ -161,6 +161,11 @@ class ShimFS(Operations):
             return self._attrs(stat.S_IFREG | 0o666, 0, 1)
         return self._attrs(stat.S_IFREG | 0o555, len(self._content(self._name(path))), 1)
 
+    @property
+    def shims(self) -> str:
+        """What the shim files are: "program" (the compiled shim) or "script"."""
+        return "script" if self.program is None else "program"
+
     def _content(self, name: str) -> bytes:
         """The bytes of shim ``name``: the program, or its script."""
         return self.program if self.program is not None else shim.script(name, self.root)
@@ -211,8 +216,8 @@ class ShimFS(Operations):
 
     @counted
     def open(self, path, fi):
-        """Shims open read-only (their program or script); control files read-write (a shim asking
-        for its job)."""
+        """Shims open read-only (their program or script); control files read-write (a shim
+        asking for its job)."""
         mode = fi.flags & os.O_ACCMODE
         if not path.startswith(CTL_DIR + "/"):
             self._name(path)
@@ -353,7 +358,7 @@ class ShimFS(Operations):
             if name != XATTR_STATUS or self.agent is None:
                 raise FuseOSError(errno.ENODATA)
             status = {**self.agent.status(), "fuse_ops": self.ops.snapshot(),
-                      "shims": "script" if self.program is None else "program"}
+                      "shims": self.shims}
             return json.dumps(status, sort_keys=True).encode()
         shim_name = self._name(path)
         try:

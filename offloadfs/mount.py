@@ -44,7 +44,7 @@ def mount(args) -> int:
     fs = ShimFS(registry, agent, os.getuid(), mnt, args.debug, program())
     agent.listener = Listener(agent, mnt, fs._dev)   # offld's hand-off (listener, handoff)
     log.info("mounting %s for %s (shims: %s)", mnt, " ".join(agent.endpoints) or "(no hosts)",
-             "sh scripts" if fs.program is None else "the compiled program")
+             fs.shims)
     FUSE(fs, mnt, raw_fi=True,
          foreground=args.foreground, nothreads=False, auto_unmount=True, fsname="offloadfs",
          subtype="offloadfs", attr_timeout=1, entry_timeout=1, **_allow_other())
