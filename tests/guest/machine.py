@@ -245,6 +245,8 @@ class Guest:
                 chunk = self.sock.recv(1 << 20)
             except TimeoutError:
                 continue
+            except ConnectionError:   # QEMU died with the channel open (a KVM probe that fails)
+                chunk = b""
             if not chunk:
                 raise GuestError("guest: the control channel closed")
             self.buf += chunk
