@@ -58,7 +58,7 @@ from .common import (
 NAME = "build"
 PACKAGE = "zlib"
 CACHE = Path(os.environ.get("OFFLOADFS_BENCH_CACHE", "/var/cache/offloadfs-bench"))
-ROUNDS, QUICK_ROUNDS = 3, 1
+ROUNDS, QUICK_ROUNDS = 5, 1
 JOBS = 2
 PHASES = (("configure", ["./configure"]), ("make", ["make", f"-j{JOBS}"]),
           ("check", ["make", "check"]))

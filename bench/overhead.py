@@ -179,6 +179,8 @@ def paths(s: Setup) -> list[JobPath]:
         JobPath("shim", "shim MOUNTPOINT/true", "noop", [s.m.shim("true")]),
         JobPath("offld", "offld -- true (a mount's agent)", "noop", [offld, "--", "true"],
                 s.m.env(s.d.client_env())),
+        JobPath("python", "python -c pass (offld's interpreter alone)", "noop",
+                [interpreter(offld), "-c", "pass"]),
         JobPath("offld_direct", "offld -H -- true (its own path)", "noop",
                 [offld, "-p", "-H", s.d.host, "--", "true"]),
         JobPath("ssh", "ssh 127.0.0.1 true", "noop", s.ssh.argv(["true"])),
@@ -198,6 +200,12 @@ def paths(s: Setup) -> list[JobPath]:
                 ["distcc", "gcc", *gcc_argv(s.tmp, "distcc")], s.distcc.env()),
     ]
     return out
+
+
+def interpreter(script: str) -> str:
+    """The interpreter a console script's ``#!`` line names (offld's floor: its start)."""
+    with open(script, "rb") as f:
+        return os.fsdecode(f.readline()[2:].split()[0])
 
 
 def curve_available() -> bool:
@@ -530,8 +538,8 @@ def report(measured: list[JobPath], r: dict) -> None:
     daemon_ms = sum(r["shim_stages_mean_ms"].values())
     print("\nshim: the daemon's stages (mean of the mount's jobs) "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in r["shim_stages_mean_ms"].items())
-          + f"; the other {r['shim_p50_ms'] - daemon_ms:.1f} ms of its p50 are sh, FUSE, the "
-          "mount's agent and the round trip")
+          + f"; the other {r['shim_p50_ms'] - daemon_ms:.1f} ms of its p50 are the shim "
+          "program, FUSE, the mount's agent and the round trip")
     print(f"\nshim no-op, part by part (median of {r['shim_breakdown_ms']['runs']} runs):")
     print_table(["part", "ms"], breakdown_rows(r))
     for line in breakdown_lines(r):
@@ -565,8 +573,8 @@ def markdown(r: dict) -> list[str]:
               md_table(["stage", "ms"], stage_rows(r)), "",
               "The shim's jobs as the daemon timed them (mean): "
               + ", ".join(f"{k} {v:.2f} ms" for k, v in r["shim_stages_mean_ms"].items())
-              + f"; the rest of its {r['shim_p50_ms']:.1f} ms are sh, FUSE, the mount's agent "
-              "and the loopback round trip.", "",
+              + f"; the rest of its {r['shim_p50_ms']:.1f} ms are the shim program, FUSE, the "
+              "mount's agent and the loopback round trip.", "",
               *(breakdown_section(r) if "shim_breakdown_ms" in r else [])]
     return lines
 
@@ -634,7 +642,8 @@ def plot_stages(ax, r: dict) -> None:
                    label=k if x == 0 else None)
             bottom += ms
         ax.bar(x, max(wall - bottom, 0.0), bottom=bottom, width=0.5, color=colors["rest"],
-               zorder=2, label="outside the stages (start-up, sh, FUSE...)" if x == 0 else None)
+               zorder=2, label="outside the stages (start-up, the shim, FUSE...)" if x == 0
+               else None)
         ax.annotate(f"{wall:.1f} ms", (x, wall), xytext=(0, 3), textcoords="offset points",
                     ha="center", fontsize=9)
     ax.set_xticks(range(len(bars)), [b[0] for b in bars])

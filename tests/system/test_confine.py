@@ -219,3 +219,22 @@ def test_without_the_compiled_spawn_jobs_start_by_fork(tmp_path, monkeypatch, ca
     said = [r.getMessage() for r in caplog.records if "jobs start by fork" in r.getMessage()]
     assert said == ["jobs start by fork and a preexec_fn (slower): offloadd._spawn is not built "
                     "(reinstall with a C compiler and python3-dev)"]
+
+
+def test_a_read_takes_what_the_pipe_holds_up_to_the_credit(tmp_path):
+    """Output is read as the pipe holds it, never more than asked (the client's credit): 25
+    bytes read 10 at a time come whole and in order, then end of file closes the pipe."""
+    (tmp_path / "tree").mkdir()
+    proc = Process("/bin/sh", [b"sh", b"-c", b"printf %025d 7; exec >&-; sleep 0.1"],
+                   str(tmp_path / "tree"), {}, None, str(tmp_path))
+    proc.close("stdin")
+    parts = []
+    while proc.is_open("stdout"):
+        assert select.select([proc.fds["stdout"]], [], [], 20)[0], "no output for 20 s"
+        if (data := proc.read("stdout", 10)) is not None:
+            parts.append(data)
+    assert b"".join(parts) == b"0" * 24 + b"7" and all(len(p) <= 10 for p in parts), parts
+    assert parts[-1] == b"" and not proc.is_open("stdout")
+    wait_for(proc.reap, 20, "the process to exit")
+    proc.kill()
+    assert proc.status == 0
