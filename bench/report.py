@@ -125,8 +125,10 @@ def target_offld(results: dict) -> list | None:
     if not o:
         return None
     direct, bare = o.get("offld_direct_p50_ms"), o.get("python_p50_ms")
-    notes = ([f"the interpreter alone, `python -c pass`: {bare:.1f} ms"] if bare else []) \
-        + ([f"without a mount: {direct:.1f} ms"] if direct is not None else [])
+    notes = [f"the interpreter alone, `python -c pass`: {bare:.1f} ms"] if bare is not None \
+        else []
+    if direct is not None:
+        notes.append(f"without a mount: {direct:.1f} ms")
     return ["`offld -- true` within 25 ms (p50)",
             f"{o['offld_p50_ms']:.1f} ms" + (f" ({'; '.join(notes)})" if notes else ""),
             by_how_much(o["offld_p50_ms"], 25, True, "ms")]

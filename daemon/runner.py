@@ -439,8 +439,7 @@ def _tty_group() -> int:
 
 
 def _ready(fd: int, n: int) -> int:
-    """The bytes a pipe or pty holds unread (FIONREAD), at most ``n`` (a no-op job's end of
-    file once had a 1 MiB buffer, zeroed, per stream: 0.2 ms of the daemon's loop per job)."""
+    """The bytes a pipe or pty holds unread (FIONREAD), at most ``n``."""
     try:
         return min(n, _COUNT.unpack(fcntl.ioctl(fd, termios.FIONREAD, bytes(_COUNT.size)))[0])
     except OSError:   # not a pipe or a terminal: the chunk
