@@ -660,10 +660,23 @@ def _compiled_spawn():
     return None
 
 
+USERS_KEPT = 10.0   # seconds a uid's home and name are kept (a lookup reads /etc/passwd)
+_users: dict[int, tuple[float, tuple[str, str]]] = {}
+
+
 def user_of(uid: int) -> tuple[str, str]:
-    """(home, name) of ``uid`` on this host; ("/", "uid") when unknown."""
+    """(home, name) of ``uid`` on this host; ("/", "uid") when unknown. Kept for
+    ``USERS_KEPT`` seconds, as nscd would (the daemon's loop thread calls this)."""
+    now = time.monotonic()
+    kept = _users.get(uid)
+    if kept is not None and now - kept[0] < USERS_KEPT:
+        return kept[1]
     try:
         pw = pwd.getpwuid(uid)
+        user = pw.pw_dir, pw.pw_name
     except KeyError:
-        return "/", str(uid)
-    return pw.pw_dir, pw.pw_name
+        user = "/", str(uid)
+    if len(_users) >= 1024:
+        _users.clear()
+    _users[uid] = (now, user)
+    return user

@@ -849,6 +849,8 @@ class Server:
             self._job_error(job.peer, job.id, "shutdown",
                             f"offloadd on {self.hostname} stopped; {what}", job.spawned)
             self.jobs.pop(job.key, None)
+        if self.records is not None:
+            self.records.close()
         self._stop_warden()
         self.mounts.close()
         self.offloadfs_mounts.close()

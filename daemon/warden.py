@@ -16,20 +16,27 @@ pid is never taken for the job. Two parties read the records:
   offloadd that no longer runs, waits (bounded) until they are gone, and removes the records.
   So a restarted daemon never runs more jobs than its slots next to leftovers.
 
-A record names its owner (the daemon's pid and start time) in its file name, so that daemons
-sharing a directory (tests, several instances) never touch each other's jobs, and carries the
-boot id, so that a record from before a reboot never kills anything.
+A daemon's records are the fixed slots of one file named after their owner (the daemon's pid
+and start time), so that daemons sharing a directory (tests, several instances) never touch
+each other's jobs; a record carries the boot id, so that one from before a reboot never kills
+anything.
 
 A group is killed only if its leader still runs with the recorded start time, or if the leader
 is gone and the group still has members: Linux does not reuse a pid while a process group of
 that id exists, so those members can only be the job's. A pid that runs with another start
 time was reused: nothing is killed.
 
-File ``NAME`` (``DPID.DSTART.PID.START``), written as ``.NAME.tmp`` then renamed::
+File ``DPID.DSTART``: slots of ``SLOT`` bytes, each written whole by one ``pwrite`` (a job's
+start and end cost a write each, not a file made, renamed and removed); a slot never straddles
+a page, so a daemon killed at any moment leaves each slot either as it was or as it became.
+A free slot is newlines; a used one::
 
     boot BOOT-ID
     job JOB-ID TEXT
     group PGID START        (one line per group: the leader's, then the job's for a terminal)
+
+The sweep also reads the files of earlier versions, one record each, named
+``DPID.DSTART.PID.START`` (written as ``.NAME.tmp``, then renamed).
 """
 import os
 import signal
@@ -37,13 +44,19 @@ import sys
 import time
 
 PREFIX = "offloadd: "
+SLOT = 512          # bytes per record; a page holds a whole number of them
+JOB_TEXT = 200      # characters of a job's text kept in its record (printable ASCII)
 
 
 def start_time(pid):
     """The start time of ``pid`` (clock ticks since boot), or None if there is no such process."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        return int(data.rsplit(b")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -72,65 +85,99 @@ def usable(state_dir):
 
 
 class Records:
-    """The records of one daemon's running jobs (its loop thread calls these)."""
+    """The records of one daemon's running jobs, slots of its file (made at the first job);
+    its loop thread calls these."""
 
     def __init__(self, state_dir, warn):
         """Records in ``state_dir``, owned by this process; ``warn(text)`` on a failed write."""
         self.dir = state_dir
         self.owner = f"{os.getpid()}.{start_time(os.getpid())}"
+        self.path = os.path.join(state_dir, self.owner)
         self.boot = boot_id()
         self.warn = warn
-        self.jobs = {}
+        self.jobs = {}      # name: [job text, groups, slot]
+        self.free = []      # slots of ended jobs, taken again first
+        self.slots = 0      # slots the file has
+        self.fd = -1
 
     def add(self, job, groups):
         """Record a job (``job``: a line of text) whose groups are ``groups`` [(pgid, start)];
         its name, or None if it could not be written."""
-        name = f"{self.owner}.{groups[0][0]}.{groups[0][1]}"
-        job = "".join(c if c.isprintable() else "?" for c in job)[:200]
-        self.jobs[name] = (job, list(groups))
-        return name if self._write(name) else None
+        name = f"{groups[0][0]}.{groups[0][1]}"
+        job = job[:JOB_TEXT]
+        if not (job.isprintable() and job.isascii()):
+            job = "".join(c if c.isprintable() and c.isascii() else "?" for c in job)
+        if self.fd < 0 and not self._open():
+            return None
+        slot = self.free.pop() if self.free else self.slots
+        self.slots = max(self.slots, slot + 1)
+        self.jobs[name] = [job, list(groups), slot]
+        if self._write(slot, self._text(name)):
+            return name
+        del self.jobs[name]
+        self.free.append(slot)
+        return None
 
     def add_group(self, name, pgid, start):
         """The job (a terminal's) has a group of its own as well."""
         if name in self.jobs:
             self.jobs[name][1].append((pgid, start))
-            self._write(name)
+            self._write(self.jobs[name][2], self._text(name))
 
     def remove(self, name):
-        """The job is reaped: forget it."""
-        if self.jobs.pop(name, None) is not None:
-            try:
-                os.unlink(os.path.join(self.dir, name))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                self.warn(f"cannot remove job record {name}: {exc.strerror}")
+        """The job is reaped: forget it (its slot is free again)."""
+        record = self.jobs.pop(name, None)
+        if record is not None:
+            self._write(record[2], b"")
+            self.free.append(record[2])
 
-    def _write(self, name):
-        """Write a record atomically (a temporary file renamed over it); True if it worked."""
-        job, groups = self.jobs[name]
-        text = f"boot {self.boot}\njob {job}\n" + "".join(f"group {g} {s}\n" for g, s in groups)
-        tmp = os.path.join(self.dir, f".{name}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC |
-                         os.O_NOFOLLOW, 0o600)
+    def close(self):
+        """Every job is gone: remove the file."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
             try:
-                os.write(fd, text.encode(errors="replace"))
-            finally:
-                os.close(fd)
-            os.replace(tmp, os.path.join(self.dir, name))
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def _open(self):
+        """Make this daemon's file; True if it worked."""
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC |
+                              os.O_NOFOLLOW, 0o600)
             return True
         except OSError as exc:
-            self.warn(f"cannot write job record {name}: {exc.strerror}; if offloadd is killed, "
-                      f"what this job leaves behind may keep running")
+            self._failed(exc)
             return False
+
+    def _text(self, name):
+        """The record of job ``name``, as its slot holds it."""
+        job, groups, _ = self.jobs[name]
+        return (f"boot {self.boot}\njob {job}\n" +
+                "".join(f"group {g} {s}\n" for g, s in groups)).encode()[:SLOT]
+
+    def _write(self, slot, text):
+        """Write one whole slot (``text``, newlines after it); True if it worked."""
+        try:
+            os.pwrite(self.fd, text.ljust(SLOT, b"\n"), slot * SLOT)
+            return True
+        except OSError as exc:
+            self._failed(exc)
+            return False
+
+    def _failed(self, exc):
+        """Say that a record could not be kept."""
+        self.warn(f"cannot write job records in {self.path}: {exc.strerror}; if offloadd is "
+                  f"killed, what its jobs leave behind may keep running")
 
 
 def owner_of(entry):
-    """(daemon pid, start time) from a record's file name (or its temporary's), else None."""
+    """(daemon pid, start time) from a record file's name (``DPID.DSTART``, or an earlier
+    version's ``DPID.DSTART.PID.START`` or its temporary), else None."""
     name = entry[1:-4] if entry.startswith(".") and entry.endswith(".tmp") else entry
     parts = name.split(".")
-    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+    if len(parts) not in (2, 4) or not all(p.isdigit() for p in parts):
         return None
     return int(parts[0]), int(parts[1])
 
@@ -162,33 +209,46 @@ def sweep(state_dir, spare, say):
 
 
 def _kill_record(path, owner, boot, say):
-    """Kill what is left of one record's groups; the pgids killed."""
+    """Kill what is left of the groups a record file names; the pgids killed."""
     try:
         with open(path, "rb") as f:
-            lines = f.read().decode(errors="replace").splitlines()
+            text = f.read().decode(errors="replace")
     except OSError:
         return []
-    fields = dict(line.split(" ", 1) for line in lines if " " in line and not
-                  line.startswith("group "))
-    if fields.get("boot") != boot:
-        return []
     killed = []
-    for line in lines:
-        parts = line.split()
-        if len(parts) != 3 or parts[0] != "group" or not parts[1].isdigit() \
-                or not parts[2].isdigit():
+    for fields, groups in records_in(text):
+        if fields.get("boot") != boot:
             continue
-        pgid, start = int(parts[1]), int(parts[2])
-        if pgid <= 1 or pgid == os.getpgrp() or not leftover(pgid, start):
-            continue
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except OSError:
-            continue
-        killed.append(pgid)
-        say(f"killed process group {pgid} of {fields.get('job', '?')}, left by offloadd "
-            f"pid {owner[0]}")
+        for pgid, start in groups:
+            if pgid <= 1 or pgid == os.getpgrp() or not leftover(pgid, start):
+                continue
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                continue
+            killed.append(pgid)
+            say(f"killed process group {pgid} of {fields.get('job', '?')}, left by offloadd "
+                f"pid {owner[0]}")
     return killed
+
+
+def records_in(text):
+    """The records in a file's text: ({"boot": .., "job": ..}, [(pgid, start)]) each; a
+    ``boot`` line begins one, free slots (blank lines) and bad lines are skipped."""
+    found = []
+    for line in text.splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "boot":
+            found.append(({"boot": rest}, []))
+        elif not found or not rest:
+            continue
+        elif word == "job":
+            found[-1][0]["job"] = rest
+        elif word == "group":
+            parts = rest.split()
+            if len(parts) == 2 and all(p.isdigit() for p in parts):
+                found[-1][1].append((int(parts[0]), int(parts[1])))
+    return found
 
 
 def leftover(pgid, start):

@@ -105,6 +105,7 @@ MAX_FRAMES = 2
 MAX_ARGV_BYTES = 2 * 1024 * 1024   # sum of argv lengths, like Linux ARG_MAX
 MAX_ARGS = 65536
 MAX_ENV_BYTES = 256 * 1024
+MAX_ENV_ITEMS = 4096
 MAX_GROUPS = 1024
 MAX_TEXT = 64 * 1024
 CHUNK = 1024 * 1024                # payload size senders use for stream data (at most)
@@ -267,13 +268,27 @@ def _argv(v: Any) -> list[bytes]:
 
 
 def _env(v: Any) -> dict[bytes, bytes]:
-    """Checker for the environment: bytes to bytes, bounded, names without '=' or NUL."""
+    """Checker for the environment: bytes to bytes, bounded, names without '=' or NUL
+    (:func:`_env_fine` first; the check item by item names what is wrong)."""
+    if _env_fine(v):
+        return v
     env = _ENV_MAP(v)
     if sum(len(k) + len(x) for k, x in env.items()) > MAX_ENV_BYTES:
         raise TooLarge(f"environment is larger than {MAX_ENV_BYTES} bytes")
     if any(not k or b"=" in k or b"\0" in k or b"\0" in x for k, x in env.items()):
         raise FieldError("environment holds an empty name, '=' in a name, or a NUL byte")
     return env
+
+
+def _env_fine(v: Any) -> bool:
+    """True if ``v`` keeps every rule of :func:`_env`, checked a whole map at a time (the
+    check item by item was most of the cost of decoding a submit)."""
+    if type(v) is not dict or len(v) > MAX_ENV_ITEMS or not set(map(type, v)) <= _BYTES \
+            or not set(map(type, v.values())) <= _BYTES:
+        return False
+    names, values = b"".join(v), b"".join(v.values())
+    return (len(names) + len(values) <= MAX_ENV_BYTES and b"=" not in names and
+            b"\0" not in names and b"\0" not in values and (not v or min(map(len, v)) > 0))
 
 
 def _path(v: Any) -> bytes:
@@ -344,7 +359,8 @@ def _tty(v: Any) -> dict:
 _PLAIN = (int, float, str, bytes, bool, type(None))
 _SCALAR_MAP = _map(_str(256), _plain, 256)
 _ARGS = _list(_bin(MAX_ARGV_BYTES), MAX_ARGS)
-_ENV_MAP = _map(_bin(MAX_ENV_BYTES), _bin(MAX_ENV_BYTES), 4096)
+_ENV_MAP = _map(_bin(MAX_ENV_BYTES), _bin(MAX_ENV_BYTES), MAX_ENV_ITEMS)
+_BYTES = {bytes}
 _WINSIZE = {"rows": _int(0, 65535), "cols": _int(0, 65535), "xpixel": _int(0, 65535),
             "ypixel": _int(0, 65535)}
 _ID = _int(0, 2**32 - 1)

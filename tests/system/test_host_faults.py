@@ -266,9 +266,9 @@ def test_kill_9_leaves_no_process_of_a_terminal_job(start_daemon, wire_to, work,
 
 def test_the_record_of_a_job_is_removed_when_it_ends(start_daemon, wire_to, work, state):
     """A job's record lives while it runs; jobs that ended leave none (with a terminal too,
-    whose record names its job's group as well)."""
+    whose record names its job's group as well), and a daemon that stops leaves no file."""
     daemon = start_daemon("--state-dir", str(state))
-    got = offld(daemon, "sh", "-c", f"ls {state} | wc -l", cwd=work)
+    got = offld(daemon, "sh", "-c", f"grep -c '^group ' {state}/*", cwd=work)
     assert got.stdout == b"1\n", got.stderr
     wire = wire_to(daemon)
     wait_two = f"for i in $(seq 100); do [ $(cat {state}/* | grep -c group) = 2 ] && break; " \
@@ -279,6 +279,8 @@ def test_the_record_of_a_job_is_removed_when_it_ends(start_daemon, wire_to, work
         screen += msg.payload
     assert msg.kind == "exit" and msg["status"] == 0, msg
     assert screen.count(b"group ") == 2, screen
+    assert [warden.records_in(f.read_text()) for f in state.iterdir()] == [[]]
+    daemon.stop()
     assert os.listdir(state) == []
 
 
@@ -351,6 +353,33 @@ def test_the_sweep_spares_live_daemons_and_reused_pids(tmp_path):
                 pass
         for p in (alive_leader, other):
             p.wait()
+
+
+def test_the_sweep_kills_the_jobs_of_a_slot_file_and_no_ended_one(tmp_path):
+    """A daemon's records are slots of one file: the sweep of a dead daemon's file kills the
+    group of a job still recorded and spares one whose record was removed (a free slot), even
+    if that group runs (its pid may be another's by now), then removes the file."""
+    state = tmp_path / "records"
+    state.mkdir(mode=0o700)
+    said: list[str] = []
+    records = warden.Records(str(state), said.append)
+    groups = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(3)]
+    try:
+        names = [records.add(f"job j{i} (sleep)", [(g.pid, warden.start_time(g.pid))])
+                 for i, g in enumerate(groups)]
+        records.remove(names[1])
+        records.add_group(names[2], groups[1].pid + 10**6, 1)   # a group that is gone
+        assert len(os.listdir(state)) == 1 and not said
+        killed = warden.sweep(str(state), lambda owner: False, said.append)
+        assert killed == [groups[0].pid, groups[2].pid], said
+        assert [g.wait(5) for g in (groups[0], groups[2])] == [-signal.SIGKILL] * 2
+        assert groups[1].poll() is None, "the group of a removed record was killed"
+        assert os.listdir(state) == []
+    finally:
+        records.close()
+        for g in groups:
+            g.kill()
+            g.wait()
 
 
 # --- (v) the end of a job: stdin on /dev/null, the client's messages that cross the exit ------
