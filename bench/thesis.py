@@ -375,8 +375,10 @@ def result_of(proc: subprocess.Popen, deadline: float):
         raise BenchError(f"{shlex.join(proc.args)} gave no result within {deadline:.0f} s") \
             from None
     if proc.returncode != 0:
-        raise BenchError(f"{proc.args[-1]} in a namespace exited "
-                         f"{proc.returncode}: {err.decode(errors='replace').strip()[-800:]}")
+        text = err.decode(errors="replace").strip()
+        sys.stderr.write(text + "\n")   # the whole traceback in the bench's log
+        last = text.splitlines()[-1] if text else "nothing on stderr"
+        raise BenchError(f"{proc.args[-1]} in a namespace exited {proc.returncode}: {last}")
     return json.loads(out)
 
 
