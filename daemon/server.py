@@ -113,6 +113,7 @@ class Server:
         self.keys, self.ring, self.gate = self._security(config.security)
         self.sender_key: str | None = None
         self.sender_frame = None   # the message's first frame: its properties (Peer-Address)
+        self._withdrawn: set = set()   # (peer, job) a cancel names in this round's messages
         self.sock, self.endpoint = router.bind(
             self.ctx, config.listen, self.keys, "clients", rcvhwm=router.DAEMON_RCVHWM,
             linger=router.DAEMON_LINGER) if config.listen else (None, "")
@@ -293,22 +294,28 @@ class Server:
 
     def _drain_socket(self) -> None:
         """Handle every message waiting on the socket (bounded per round)."""
+        batch = []
         for _ in range(1000):
             try:
-                frames, key = router.recv_routed(self.sock, self.keys is not None)
+                batch.append(router.recv_routed(self.sock, self.keys is not None))
             except zmq.Again:
-                return
+                break
+        self._withdrawn = _cancelled_in(batch)
+        for frames, key in batch:
             self._received(frames, key)
 
     def _drain_link(self, link: BrokerLink) -> None:
         """Handle what a broker sent (bounded per round), as from the peer ``link.peer``."""
+        batch = []
         for _ in range(1000):
             try:
-                frames = link.sock.recv_multipart(zmq.NOBLOCK)
+                batch.append(([link.peer] + link.sock.recv_multipart(zmq.NOBLOCK), None))
             except zmq.Again:
-                return
+                break
             link.received()
-            self._received([link.peer] + frames, via_link=True)
+        self._withdrawn = _cancelled_in(batch)
+        for frames, _ in batch:
+            self._received(frames, via_link=True)
 
     def _announcement(self) -> list:
         """The announcement a broker gets: who we are and what we offer."""
@@ -431,8 +438,13 @@ class Server:
             failed=self.failed))
 
     def _on_submit(self, peer: bytes, msg: Message) -> None:
-        """A new job: check it, then start or queue it."""
+        """A new job: check it, then start or queue it; one its client cancelled in the same
+        round (we were stopped or busy past its ``ack_timeout``, so it may be running the
+        job elsewhere) never starts."""
         key = (peer, msg.job)
+        if key in self._withdrawn and key not in self.jobs and key not in self.ended:
+            self._withdraw(peer, msg)
+            return
         if key in self.jobs:   # the error names the job already here, which may have run
             self._refuse(peer, msg.job, "duplicate", f"job {msg.job} is already known",
                          self.jobs[key].spawned)
@@ -461,6 +473,17 @@ class Server:
         except Exception:   # a bug costs this job (it may have been spawned), not its slot
             log.exception("internal error starting %s", job.describe())
             self._fail(job, "internal", f"internal error on {self.hostname} starting the job")
+
+    def _withdraw(self, peer: bytes, msg: Message) -> None:
+        """A submit whose cancel waits behind it: never started, its cancel dropped quietly
+        (the job counts as ended), a broker told so that it frees the slot."""
+        log.info("job %s from %s withdrawn before it started (its cancel came with it)",
+                 msg.job, self._client(peer, msg))
+        self._ended((peer, msg.job))
+        self.metrics.job_ended(self._command_label(msg), metrics.CANCELLED, {})
+        if peer in self.links:
+            self._job_error(peer, msg.job, "cancelled", f"the job was cancelled before "
+                            f"{self.hostname} started it", False)
 
     def _client(self, peer: bytes, msg: Message) -> str:
         """Who sent a submit, for the log: its key's name (with keys), the uid it claims, and
@@ -750,9 +773,7 @@ class Server:
         exited)."""
         if self.jobs.pop(job.key, None) is None:
             return
-        self.ended[job.key] = None
-        if len(self.ended) > ENDED_KEPT:
-            del self.ended[next(iter(self.ended))]
+        self._ended(job.key)
         self.budget.give(job.peer, job.cost)
         if job.process:
             job.process.kill()
@@ -767,6 +788,13 @@ class Server:
         self.metrics.job_ended(self._command_label(job.spec), outcome, job.timings)
         self.recent = (self.recent + [_summary(job, status, self.hostname)])[-100:]
         self._act(self.sched.cancel(job.key))
+
+    def _ended(self, key: tuple) -> None:
+        """Keep an ended job's key (the last ``ENDED_KEPT``): its client's late words are
+        dropped without a reply."""
+        self.ended[key] = None
+        if len(self.ended) > ENDED_KEPT:
+            del self.ended[next(iter(self.ended))]
 
     def _job_error(self, peer: bytes, job_id: str, kind: str, text: str,
                    started: bool) -> None:
@@ -872,6 +900,25 @@ SIGNALS = frozenset(signal.valid_signals())   # a signal a client may send its j
 
 def _child_changed(signum, frame) -> None:
     """SIGCHLD: nothing to do here; the wake-up fd makes the loop look at its jobs."""
+def _cancelled_in(batch: list) -> set:
+    """The jobs (peer, id) that a round's messages cancel: a header frame that holds the word
+    is decoded to be sure (a lone message needs no look)."""
+    if len(batch) < 2:
+        return set()
+    out = set()
+    for frames, _ in batch:
+        head = frames[1] if len(frames) > 1 else b""
+        if b"cancel" not in (head if isinstance(head, bytes) else head.bytes):
+            continue
+        try:
+            msg = protocol.decode(frames[1:])
+        except ProtocolError:
+            continue   # its own turn says what is wrong with it
+        if msg.kind == "cancel" and msg.job:
+            out.add((frames[0], msg.job))
+    return out
+
+
 def _summary(job: HostJob, status: int | None, host: str) -> dict:
     """A job as ``status`` reports it (``host``: where it ran, this daemon)."""
     return metrics.ended_record(job.id, job.spec["argv"][0], status, host, job.timings) | \

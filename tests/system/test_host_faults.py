@@ -403,3 +403,30 @@ def test_a_job_on_dev_null_and_the_late_words_of_its_client(start_daemon, wire_t
     err = wire.until("never", "error")
     assert (err["kind"], err["started"]) == ("unknown-job", True), err
     assert not [m for m in wire.kept if m.kind == "error"], wire.kept
+
+
+def test_a_submit_cancelled_while_the_daemon_was_stopped_never_starts(start_daemon, wire_to,
+                                                                      work):
+    """A daemon stopped past the client's ack_timeout (SIGSTOP here): the client cancels and
+    may run the job elsewhere, so when the daemon comes back to the submit with its cancel
+    behind it, it starts nothing (no run counted, none listed, no error for the cancel) and
+    goes on serving: a later job runs, once."""
+    daemon = start_daemon()
+    wire = wire_to(daemon)
+    assert wire.queued() == 0   # connected: what follows waits in the daemon's socket
+    job = [b"sh", b"-c", b"echo ran >> runs"]
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        wire.submit("j1", job, work)
+        wire.sock.send_multipart(protocol.encode("cancel", "j1"))
+        wire.sock.send_multipart(protocol.encode("status"))
+        assert not wire.sock.poll(300), "a stopped daemon answered"
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    reply = wire.until(None, "status-reply")
+    assert (reply["done"], reply["failed"]) == (0, 0), reply
+    assert not [j for j in reply["jobs"] if j.get("job") == "j1"], reply["jobs"]
+    wire.submit("j2", job, work)
+    assert wire.until("j2", "exit")["status"] == 0
+    assert (work / "runs").read_text() == "ran\n"
+    assert not [m for m in wire.kept if m.kind == "error"], wire.kept
