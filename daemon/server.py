@@ -900,6 +900,8 @@ SIGNALS = frozenset(signal.valid_signals())   # a signal a client may send its j
 
 def _child_changed(signum, frame) -> None:
     """SIGCHLD: nothing to do here; the wake-up fd makes the loop look at its jobs."""
+
+
 def _cancelled_in(batch: list) -> set:
     """The jobs (peer, id) that a round's messages cancel: a header frame that holds the word
     is decoded to be sure (a lone message needs no look)."""

@@ -73,13 +73,18 @@ def accepts(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
+def state_of(pid: int) -> str | None:
+    """The state letter /proc gives ``pid`` (R, S, T for stopped, Z...), None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
+        return None
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    return state_of(pid) not in (None, "Z")
 
 
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:

@@ -18,7 +18,7 @@ from offloadd import warden
 
 from offloadfs import protocol
 
-from ..harness import OFFLD, alive, offld, wait_for
+from ..harness import OFFLD, alive, offld, state_of, wait_for
 
 TTY = {"fds": 7, "rows": 24, "cols": 80, "xpixel": 0, "ypixel": 0, "iflag": 0x500,
        "oflag": 5, "cflag": 0xbf, "lflag": 0x8a3b, "ispeed": 15, "ospeed": 15,
@@ -417,10 +417,10 @@ def test_a_submit_cancelled_while_the_daemon_was_stopped_never_starts(start_daem
     job = [b"sh", b"-c", b"echo ran >> runs"]
     os.kill(daemon.proc.pid, signal.SIGSTOP)
     try:
+        wait_for(lambda: state_of(daemon.proc.pid) == "T", 10, "the daemon to stop")
         wire.submit("j1", job, work)
         wire.sock.send_multipart(protocol.encode("cancel", "j1"))
         wire.sock.send_multipart(protocol.encode("status"))
-        assert not wire.sock.poll(300), "a stopped daemon answered"
     finally:
         os.kill(daemon.proc.pid, signal.SIGCONT)
     reply = wire.until(None, "status-reply")
